@@ -1,0 +1,1 @@
+"""gptneox: supervised fine-tuning of GPT-NeoX-family models in plain PyTorch."""
