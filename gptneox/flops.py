@@ -1,0 +1,28 @@
+"""Training FLOPs per token of a GPT-NeoX model, shared by the training log (MFU) and `bench/`.
+
+The count is the usual "6N + attention" model-FLOPs estimate (Kaplan et al. 2020; PaLM appendix B):
+forward + backward cost 6 FLOPs per weight per token, plus 12 x layers x hidden x seq_len for the
+attention score and value matmuls. Recomputation from gradient checkpointing is deliberately not counted,
+so MFU stays comparable between runs with and without it.
+"""
+from __future__ import annotations
+
+from gptneox.config import GPTNeoXConfig
+
+
+def non_embedding_parameters(config: GPTNeoXConfig) -> int:
+    """Weights of the transformer blocks and the final LayerNorm (no input embedding, no output head)."""
+    h, inner = config.hidden_size, config.intermediate_size
+    attention = h * 3 * h + h * h + (3 * h + h if config.attention_bias else 0)
+    mlp = h * inner + inner + inner * h + h
+    layer_norms = 2 * (2 * h)
+    per_layer = attention + mlp + layer_norms
+    return config.num_hidden_layers * per_layer + 2 * h
+
+
+def flops_per_token(config: GPTNeoXConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) to process one token in a sequence of `seq_len` tokens."""
+    dense = 6 * non_embedding_parameters(config)
+    head = 6 * config.vocab_size * config.hidden_size
+    attention = 12 * config.num_hidden_layers * config.hidden_size * seq_len
+    return float(dense + head + attention)
