@@ -1,0 +1,263 @@
+"""The GPT-NeoX decoder, written out by hand with Hugging Face parameter names and layouts.
+
+    x = embed_in(input_ids)
+    for each block:
+        parallel residual:    x = x + attn(ln1(x)) + mlp(ln2(x))
+        sequential residual:  x = x + attn(ln1(x));  x = x + mlp(ln2(x))
+    logits = embed_out(final_layer_norm(x))
+
+Attention uses a fused per-head QKV projection (the output features are [head][q|k|v][head_dim]) and
+GPT-NeoX "rotate-half" rotary embeddings on the first `rotary_ndims` dims of each head.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import BACKENDS, AttentionMask, KVCache, attend
+from .config import GELU_APPROXIMATION, GPTNeoXConfig
+
+# torch's layer_norm kernels (CPU and CUDA) accumulate mean and variance in fp32 for fp16/bf16 inputs,
+# so nn.LayerNorm already keeps its statistics in fp32; tests/test_attention.py checks this.
+LayerNorm = nn.LayerNorm
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, config: GPTNeoXConfig, dtype: torch.dtype):
+    """cos, sin [B, T, 1, 1, rotary_ndims] for each token's position.
+
+    Angles are computed in fp32 (fp16 cannot even represent positions above 2048 exactly) and only the
+    final cos/sin are cast to the activation dtype, as transformers does.
+    """
+    r = config.rotary_ndims
+    inv_freq = 1.0 / (config.rotary_emb_base ** (
+        torch.arange(0, r, 2, dtype=torch.float32, device=position_ids.device) / r))
+    angles = position_ids.float()[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)[:, :, None, None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of the last axis of x; the rest pass through."""
+    r = cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    rotated_half = torch.cat((-rot[..., r // 2:], rot[..., : r // 2]), dim=-1)
+    return torch.cat((rot * cos + rotated_half * sin, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTNeoXConfig, layer_index: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.layer_index = layer_index
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x, rope, mask: AttentionMask, backend: str, kv_cache: KVCache | None):
+        B, T, C = x.shape
+        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3, self.head_dim)
+        qk, v = qkv[:, :, :, :2], qkv[:, :, :, 2]
+        if rope is not None:  # rotate q and k together: one kernel per op instead of two
+            qk = apply_rotary(qk, *rope)
+        q, k = qk.unbind(dim=3)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_index, k, v)
+        y = attend(q, k, v, mask, backend)  # [B, T, H, D]
+        return self.dense(y.reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTNeoXConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.approximate = GELU_APPROXIMATION[config.hidden_act]
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTNeoXConfig, layer_index: int):
+        super().__init__()
+        self.use_parallel_residual = config.use_parallel_residual
+        self.input_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = Attention(config, layer_index)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, mask, backend, kv_cache=None):
+        a = self.attention(self.input_layernorm(x), rope, mask, backend, kv_cache)
+        if self.use_parallel_residual:  # both LayerNorms read the same input
+            return x + a + self.mlp(self.post_attention_layernorm(x))
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """The `gpt_neox.` part of the Hugging Face names: embeddings, blocks, final LayerNorm."""
+
+    def __init__(self, config: GPTNeoXConfig):
+        super().__init__()
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class GPTNeoX(nn.Module):
+    def __init__(self, config: GPTNeoXConfig):
+        super().__init__()
+        self.config = config
+        self.gpt_neox = Backbone(config)
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.embed_out.weight = self.gpt_neox.embed_in.weight
+        self.attention_backend = "sdpa"
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Same scheme as transformers: N(0, initializer_range) weights, zero biases, unit LayerNorms."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def attention_backend(self) -> str:
+        return self._attention_backend
+
+    @attention_backend.setter
+    def attention_backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"attention_backend={name!r}; expected one of {BACKENDS}")
+        self._attention_backend = name
+
+    @property
+    def output_embedding(self) -> nn.Parameter:
+        """The LM head weight [vocab, hidden]; the same Parameter as embed_in's when tied."""
+        return self.embed_out.weight
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None,
+                kv_cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] (or final hidden states [B, T, hidden] with return_hidden).
+
+        position_ids [B, T]: default arange continuing after the cache; packed rows restart at 0 per segment.
+        attention_mask [B, cache + T]: 1 = real token, 0 = padding (left or right).
+        segment_ids [B, T]: packed rows; a token attends only to earlier tokens of its own segment.
+        kv_cache: from new_kv_cache(); the new tokens' keys and values are appended and its length advances.
+        """
+        mask = self._attention_mask(input_ids, attention_mask, segment_ids, kv_cache)
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(mask.offset, mask.key_length, device=input_ids.device).expand(B, T)
+        elif position_ids.shape != (B, T):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(B, T)}")
+
+        x = self.gpt_neox.embed_in(input_ids)
+        rope = rotary_cos_sin(position_ids, self.config, x.dtype) if self.config.rotary_ndims else None
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.gpt_neox.layers:
+            if checkpointing and kv_cache is None:
+                x = checkpoint(block, x, rope, mask, self.attention_backend, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, self.attention_backend, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = self.gpt_neox.final_layer_norm(x)
+        return x if return_hidden else self.embed_out(x)
+
+    def _attention_mask(self, input_ids, attention_mask, segment_ids, kv_cache) -> AttentionMask:
+        """Validate the optional inputs and reduce them to the least the kernels need.
+
+        Padding that only trails each row cannot reach a real token through a causal mask, so it is
+        dropped and the fast plain-causal path stays in use for right-padded training batches.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        past = 0 if kv_cache is None else kv_cache.length
+        if kv_cache is not None:
+            if kv_cache.batch_size != B:
+                raise ValueError(f"kv_cache holds batch {kv_cache.batch_size}, input_ids has batch {B}")
+            if past + T > kv_cache.max_length:
+                raise ValueError(f"kv_cache is full: {past} cached + {T} new tokens > max_length "
+                                 f"{kv_cache.max_length}")
+        padding = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                                 f"{(B, past + T)} (cached + new tokens)")
+            padding = attention_mask.bool()
+            only_trailing = bool((padding[:, 1:] <= padding[:, :-1]).all())
+            if (only_trailing and kv_cache is None) or bool(padding.all()):
+                padding = None
+        segments = None
+        if segment_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("segment_ids (packed rows) cannot be combined with a kv_cache")
+            if segment_ids.shape != (B, T):
+                raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected {(B, T)}")
+            # number the contiguous runs so that a reused id in a later run is still a new segment
+            segments = F.pad((segment_ids[:, 1:] != segment_ids[:, :-1]).cumsum(1), (1, 0))
+        return AttentionMask(B, T, past + T, padding, segments)
+
+    def new_kv_cache(self, batch_size: int, max_length: int, dtype=None, device=None) -> KVCache:
+        weight = self.embed_out.weight
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch_size, max_length, c.num_attention_heads, c.head_dim,
+                       dtype=dtype or weight.dtype, device=device or weight.device)
+
+    def generate(self, input_ids, **kwargs):
+        """See gptneox.generate.generate."""
+        from .generate import generate
+        return generate(self, input_ids, **kwargs)
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, num_tokens: int, pad_to_multiple_of: int = 1) -> int:
+        """Make the vocabulary exactly ceil(num_tokens / pad_to_multiple_of) * pad_to_multiple_of rows.
+
+        New rows start at the mean of the old rows (a neutral embedding, logits near the average);
+        surplus rows beyond that size are dropped, as the Open-Assistant trainer did (50432 -> 50288).
+        Callers pass the tokenizer length, so no token id ever loses its row. Returns the new row count.
+        """
+        if num_tokens <= 0 or pad_to_multiple_of <= 0:
+            raise ValueError(f"resize_token_embeddings({num_tokens}, pad_to_multiple_of={pad_to_multiple_of}): "
+                             "both must be positive")
+        rows = math.ceil(num_tokens / pad_to_multiple_of) * pad_to_multiple_of
+        if rows == self.config.vocab_size:
+            return rows
+
+        def resized(weight: torch.Tensor) -> nn.Parameter:
+            new = weight.new_empty(rows, weight.shape[1])
+            kept = min(rows, weight.shape[0])
+            new[:kept] = weight[:kept]
+            new[kept:] = weight.float().mean(dim=0).to(weight.dtype)
+            return nn.Parameter(new, requires_grad=weight.requires_grad)
+
+        self.gpt_neox.embed_in.weight = resized(self.gpt_neox.embed_in.weight)
+        self.gpt_neox.embed_in.num_embeddings = rows
+        if self.config.tie_word_embeddings:
+            self.embed_out.weight = self.gpt_neox.embed_in.weight
+        else:
+            self.embed_out.weight = resized(self.embed_out.weight)
+        self.embed_out.out_features = rows
+        self.config = dataclasses.replace(self.config, vocab_size=rows)
+        return rows
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype=None, device=None) -> "GPTNeoX":
+        """Load a Hugging Face GPT-NeoX directory; dtype None = float32, "auto" = as stored."""
+        from .weights import load_pretrained
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "2GB") -> None:
+        """Write config.json and safetensors shards that transformers loads with no renaming."""
+        from .weights import save_pretrained
+        save_pretrained(self, path, max_shard_size=max_shard_size)
