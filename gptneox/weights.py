@@ -1,0 +1,202 @@
+"""Read and write Hugging Face GPT-NeoX checkpoints (safetensors or torch .bin, single file or sharded).
+
+Loading builds the model on the meta device and fills it one tensor at a time, so host memory peaks near
+one copy of the weights in the target dtype (plus one tensor in flight), whatever the checkpoint's size.
+Every name and shape is checked against the model before any data is read, and all problems are
+reported together.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import GPTNeoXConfig
+from .model import GPTNeoX
+
+# Searched in this order; the first one present wins.
+CHECKPOINT_FILES = ("model.safetensors.index.json", "model.safetensors",
+                    "pytorch_model.bin.index.json", "pytorch_model.bin")
+# Buffers older transformers saved; they are recomputed, never loaded.
+_LEGACY_BUFFER = re.compile(r"\.attention\.(bias|masked_bias)$|\.rotary_emb\.inv_freq$")
+# transformers 5 names the head lm_head and may save it under that name.
+_ALIASES = {"lm_head.weight": "embed_out.weight"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the files, keys and shapes."""
+
+
+def checkpoint_files(directory: str | Path) -> list[Path]:
+    """The weight files of a checkpoint directory, following a shard index if there is one."""
+    directory = Path(directory)
+    for name in CHECKPOINT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path}: not a shard index with a 'weight_map' ({err!r})") from None
+        shards = [directory / f for f in dict.fromkeys(weight_map.values())]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise CheckpointError(f"{path} names shard files that do not exist: {missing}")
+        return shards
+    raise FileNotFoundError(f"{directory}: no checkpoint found (looked for {', '.join(CHECKPOINT_FILES)})")
+
+
+class _ShardReader:
+    """One safetensors or .bin file: its names and shapes first, then its tensors one at a time.
+
+    The file is opened afresh for each pass and closed after it, so pages of an already-loaded shard do
+    not stay mapped while the next one is read.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.is_safetensors = path.suffix == ".safetensors"
+        with self._open() as tensors:
+            self.shapes = {k: tuple(tensors.get_slice(k).get_shape()) if self.is_safetensors
+                           else tuple(tensors[k].shape) for k in tensors.keys()}
+
+    def _open(self):
+        try:
+            if self.is_safetensors:
+                return safe_open(str(self.path), framework="pt")
+            # mmap: a tensor is only read from disk when it is copied out
+            tensors = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(tensors, dict):
+                raise TypeError(f"expected a dict of tensors, got {type(tensors).__name__}")
+            return contextlib.nullcontext(tensors)
+        except Exception as err:  # truncated, corrupt or not a checkpoint at all
+            raise CheckpointError(f"{self.path}: cannot read checkpoint file ({type(err).__name__}: {err})") from None
+
+    def tensors(self, keys: list[str]):
+        """Yield (key, tensor) for each key; tensors never share memory with the file."""
+        with self._open() as tensors:
+            for key in keys:
+                try:
+                    tensor = tensors.get_tensor(key) if self.is_safetensors else tensors[key].clone()
+                except Exception as err:
+                    raise CheckpointError(f"{self.path}: cannot read tensor {key!r} "
+                                          f"({type(err).__name__}: {err})") from None
+                yield key, tensor
+
+
+def _model_name(name: str) -> str | None:
+    """The model parameter a checkpoint key fills, or None for buffers that are dropped."""
+    if _LEGACY_BUFFER.search(name):
+        return None
+    return _ALIASES.get(name, name)
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
+                    device: torch.device | str | None = None) -> GPTNeoX:
+    """Build a GPTNeoX from a Hugging Face directory. dtype None = float32, "auto" = the stored dtype."""
+    path = Path(path)
+    config = GPTNeoXConfig.from_hf(path)
+    readers = [_ShardReader(f) for f in checkpoint_files(path)]
+    with torch.device("meta"):
+        model = GPTNeoX(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("embed_out.weight")  # shared with embed_in; a stored copy is ignored, as transformers does
+
+    sources, problems = {}, []
+    for reader in readers:
+        for key, shape in reader.shapes.items():
+            name = _model_name(key)
+            if name is None or (name == "embed_out.weight" and config.tie_word_embeddings):
+                continue
+            if name not in expected:
+                problems.append(f"unexpected key {key!r} {list(shape)} in {reader.path.name}")
+            elif shape != expected[name]:
+                problems.append(f"shape mismatch for {key!r}: checkpoint {list(shape)} in {reader.path.name}, "
+                                f"model {list(expected[name])}")
+            sources[name] = (reader, key)
+    problems += [f"missing key {name!r} {list(shape)}" for name, shape in expected.items() if name not in sources]
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
+
+    dtype = _resolve_dtype(dtype, sources)
+    for reader in readers:
+        names = {key: name for name, (r, key) in sources.items() if r is reader}
+        for key, tensor in reader.tensors(list(names)):
+            module_name, _, leaf = names[key].rpartition(".")
+            parameter = nn.Parameter(tensor.to(device=device, dtype=dtype))
+            setattr(model.get_submodule(module_name), leaf, parameter)
+    if config.tie_word_embeddings:
+        model.embed_out.weight = model.gpt_neox.embed_in.weight
+    return model
+
+
+def _resolve_dtype(dtype, sources) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        reader, key = sources["gpt_neox.embed_in.weight"]
+        return next(reader.tensors([key]))[1].dtype
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+            raise ValueError(f"dtype={dtype!r}: expected a floating torch dtype name like 'float16', or 'auto'")
+        return resolved
+    return dtype
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in "2GB" (10^9), "500MiB" (2^20) or a plain integer."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size={size!r}: expected bytes or a size like '2GB' or '500MiB'")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(number * scale)
+
+
+def save_pretrained(model: GPTNeoX, directory: str | Path, max_shard_size: int | str = "2GB") -> None:
+    """config.json plus model.safetensors, or numbered shards and model.safetensors.index.json.
+
+    A tied head is not written (transformers re-ties it from embed_in). Shards are copied to the CPU one
+    at a time, so saving from a GPU needs host memory for one shard only.
+    """
+    limit = parse_size(max_shard_size)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("embed_out.weight")
+    shards, current, current_size = [], {}, 0
+    for name, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if current and current_size + size > limit:
+            shards.append(current)
+            current, current_size = {}, 0
+        current[name] = tensor
+        current_size += size
+    shards.append(current)
+
+    for stale in list(directory.glob("model*.safetensors")) + list(directory.glob("model.safetensors.index.json")):
+        stale.unlink()  # left over from an earlier save with a different shard count
+    model.config.save(directory)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for file_name, shard in zip(names, shards):
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in shard.items()}
+        save_file(tensors, str(directory / file_name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {k: f for f, shard in zip(names, shards) for k in shard}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
