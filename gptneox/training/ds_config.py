@@ -1,0 +1,132 @@
+"""Resolve the seed's `ds_config.json` ("auto" values and all) the way the Hugging Face Trainer did.
+
+DeepSpeed has no notion of "auto": top-level "auto" values crash late with a TypeError and pydantic
+sub-configs silently drop them (`"fp16": {"enabled": "auto"}` would mean fp16 *off*). So every "auto" is
+filled here from the training config, a value that disagrees with the training config is an error, and
+nothing reaches `deepspeed.initialize` unresolved. The tables are those of transformers'
+`HfTrainerDeepSpeedConfig` (reference/deepspeed.md section 1).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from gptneox.training.config import TrainConfig
+
+
+class DeepSpeedConfigError(ValueError):
+    """An unresolved or contradictory ds_config value; the message names the key and both values."""
+
+
+def load_ds_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DeepSpeedConfigError(f"deepspeed_config {path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DeepSpeedConfigError(f"{path}: invalid JSON ({err})") from None
+
+
+def resolve_ds_config(template: dict, cfg: TrainConfig, *, world_size: int, hidden_size: int,
+                      total_num_steps: int, cpu: bool) -> tuple[dict, list[str]]:
+    """The config to hand to deepspeed.initialize, plus human-readable notes on what was added.
+
+    `template` is not modified. Keys marked "fill" below are only filled where "auto", never compared:
+    they are not training-config values (HF's `fill_only`).
+    """
+    resolved = copy.deepcopy(template)
+    micro, gas = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    # The loop's batch layout must be DeepSpeed's: with a smaller GAS in the config ZeRO-2 would keep only
+    # the last micro-batch's gradients. So these are set even when the template leaves them out.
+    required = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": micro * gas * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+    }
+    if_present = {
+        "optimizer.params.lr": cfg.learning_rate,
+        "optimizer.params.betas": [cfg.adam_beta1, cfg.adam_beta2],
+        "optimizer.params.eps": cfg.adam_epsilon,
+        "optimizer.params.weight_decay": cfg.weight_decay,
+        "scheduler.params.warmup_max_lr": cfg.learning_rate,
+        "scheduler.params.warmup_num_steps": cfg.warmup_steps,
+        "scheduler.params.total_num_steps": total_num_steps,
+        "fp16.enabled": cfg.dtype == "fp16",
+        "bf16.enabled": cfg.dtype == "bf16",
+    }
+    fill = {
+        "scheduler.params.warmup_min_lr": 0,
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+    }
+    for key, value in required.items():
+        _set(resolved, key, value, create=True)
+    for key, value in if_present.items():
+        _set(resolved, key, value, create=False)
+    for key, value in fill.items():
+        _set(resolved, key, value, create=False, compare=False)
+
+    leftover = [key for key, value in _walk(resolved) if value == "auto"]
+    if leftover:
+        raise DeepSpeedConfigError(f"ds_config keys still 'auto' after resolution: {', '.join(leftover)}")
+    if resolved.get("fp16", {}).get("enabled") and resolved.get("bf16", {}).get("enabled"):
+        raise DeepSpeedConfigError("ds_config enables both fp16 and bf16")
+    if "optimizer" not in resolved:
+        raise DeepSpeedConfigError("ds_config has no 'optimizer' section; the loop takes AdamW from it")
+
+    notes = []
+    optimizer = resolved["optimizer"]
+    if cpu and optimizer.get("type", "").lower() in ("adam", "adamw"):
+        params = optimizer.setdefault("params", {})
+        if "torch_adam" not in params:
+            params["torch_adam"] = True
+            notes.append("CPU accelerator: optimizer.params.torch_adam=true (torch.optim.AdamW instead of "
+                         "DeepSpeed's FusedAdam, whose C++ build takes about two minutes on CPU)")
+    scheduler = resolved.get("scheduler", {})
+    if scheduler.get("type") == "WarmupDecayLR" and "warmup_type" not in scheduler.get("params", {}):
+        notes.append("scheduler warmup_type unset: DeepSpeed's default, logarithmic warmup (as in the seed run)")
+    return resolved, notes
+
+
+def _set(config: dict, dotted: str, value: Any, *, create: bool, compare: bool = True) -> None:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        if part not in node:
+            if not create:
+                return
+            node[part] = {}
+        node = node[part]
+    if leaf not in node:
+        if create:
+            node[leaf] = value
+        return
+    current = node[leaf]
+    if current == "auto":
+        node[leaf] = value
+    elif compare and not _same(current, value):
+        raise DeepSpeedConfigError(f"ds_config {dotted}={current!r} contradicts the training config, "
+                                   f"which gives {value!r}; set it to \"auto\" or make them agree")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or (isinstance(a, bool) and isinstance(b, bool) and a == b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def _walk(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk(value, f"{prefix}{key}.") if isinstance(value, (dict, list)) else [(prefix + key, value)]
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _walk(value, f"{prefix}{index}.") if isinstance(value, (dict, list)) else [(f"{prefix}{index}", value)]

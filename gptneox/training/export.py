@@ -1,0 +1,56 @@
+"""DeepSpeed ZeRO checkpoint -> Hugging Face model directory (config.json, safetensors, tokenizer files).
+
+The weights are the fp32 master copy gathered from the ZeRO partitions (not the fp16 module copy), cast
+to the training dtype or a chosen one. The checkpoint directory carries what the export needs besides
+weights in `model/`: config.json (after the vocabulary resize), the tokenizer, and the training dtype.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from tokenizers import Tokenizer
+
+from gptneox import GPTNeoX, GPTNeoXConfig
+from gptneox.data import load_tokenizer, save_tokenizer
+from gptneox.training.checkpoint import CheckpointManager
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MODEL_SUBDIR = "model"
+
+
+def write_model_metadata(checkpoint_dir: str | Path, config: GPTNeoXConfig, tokenizer: Tokenizer,
+                         dtype: str) -> None:
+    """Called once by rank 0 at the start of training."""
+    directory = Path(checkpoint_dir) / MODEL_SUBDIR
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save(directory)
+    save_tokenizer(tokenizer, directory)
+    (directory / "training.json").write_text(json.dumps({"dtype": dtype}) + "\n")
+
+
+def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: str | None = None,
+                      dtype: str | None = None, max_shard_size: str = "2GB") -> Path:
+    """Write the Hugging Face directory for `tag` (default: the newest complete checkpoint)."""
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    metadata = checkpoint_dir / MODEL_SUBDIR
+    if not (metadata / "config.json").is_file():
+        raise FileNotFoundError(f"{metadata / 'config.json'} not found: {checkpoint_dir} is not a checkpoint "
+                                "directory written by train.py")
+    tag = tag or CheckpointManager(checkpoint_dir, keep=None, rank=0).latest_tag()
+    if tag is None or not (checkpoint_dir / tag).is_dir():
+        raise FileNotFoundError(f"{checkpoint_dir}: no complete checkpoint {tag or ''} to export")
+    dtype = dtype or json.loads((metadata / "training.json").read_text())["dtype"]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(DTYPES)}")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    model = GPTNeoX(GPTNeoXConfig.from_hf(metadata))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{checkpoint_dir / tag}: weights do not match {metadata / 'config.json'} "
+                           f"(missing {missing}, unexpected {unexpected})")
+    model.to(DTYPES[dtype]).save_pretrained(output_dir, max_shard_size=max_shard_size)
+    save_tokenizer(load_tokenizer(metadata), output_dir)
+    return output_dir

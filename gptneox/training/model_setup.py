@@ -1,0 +1,67 @@
+"""From `model_name` to a model ready for deepspeed.initialize: weights, tokenizer, vocabulary size,
+attention backend, gradient checkpointing, and the two weight-decay parameter groups.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from gptneox import GPTNeoX, GPTNeoXConfig
+from gptneox.config import PRESETS
+from gptneox.data import load_tokenizer
+from gptneox.training.config import TrainConfig, TrainConfigError
+
+VOCAB_MULTIPLE = 16
+
+
+def find_model_dir(model_name: str, cache_dir: str) -> Path | None:
+    """A local Hugging Face directory for `model_name` (absolute, relative to cwd, or to cache_dir);
+    None for a preset name; an error naming the places looked at otherwise. Nothing is downloaded."""
+    candidates = [Path(model_name), Path(cache_dir) / model_name]
+    for path in candidates:
+        if (path / "config.json").is_file():
+            return path
+    if model_name in PRESETS:
+        return None
+    looked = ", ".join(str(p.resolve() / "config.json") for p in candidates)
+    raise TrainConfigError(
+        f"model_name={model_name!r}: no local model directory (looked for {looked}) and not a preset "
+        f"({', '.join(PRESETS)}). Nothing is downloaded: put the Hugging Face files (config.json, "
+        f"*.safetensors or pytorch_model*.bin, tokenizer.json) in {Path(cache_dir) / model_name} "
+        f"or pass --model_name /path/to/dir")
+
+
+def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]:
+    """Model in fp32 (DeepSpeed casts to the training dtype), its tokenizer, and a line for the log."""
+    if not cfg.model_name:
+        raise TrainConfigError("model_name is not set (add a model config such as tiny or stablelm-7b)")
+    model_dir = find_model_dir(cfg.model_name, cfg.cache_dir)
+    tokenizer_source = cfg.tokenizer_path or model_dir
+    if tokenizer_source is None:
+        raise TrainConfigError(f"model_name={cfg.model_name!r} is a preset without files: set tokenizer_path")
+    tokenizer = load_tokenizer(tokenizer_source)
+    if model_dir is None:
+        model = GPTNeoX(GPTNeoXConfig.from_name(cfg.model_name))
+        origin = f"preset {cfg.model_name!r}, random init"
+    else:
+        model = GPTNeoX.from_pretrained(model_dir, dtype=torch.float32)
+        origin = str(model_dir)
+    rows = math.ceil(tokenizer.get_vocab_size() / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if rows > model.config.vocab_size:  # never shrink: StableLM's 50432 rows stay
+        model.resize_token_embeddings(rows)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.attention_backend = "flash" if cfg.use_flash_attention and torch.cuda.is_available() else "sdpa"
+    return model, tokenizer, f"model from {origin}, vocab {model.config.vocab_size}, " \
+                             f"attention {model.attention_backend}"
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases and LayerNorm weights (all 1-D parameters) get no weight decay."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,97 @@
+"""One optimizer step and one evaluation pass over a DeepSpeed engine.
+
+The loss of a step is the mean over every trained token of the step, on all micro-batches and ranks, even
+when micro-batches hold different numbers of trained tokens. DeepSpeed divides each micro-batch loss by
+the accumulation steps (GAS) and averages gradients over ranks, so micro-batch i is given the loss
+`sum_i * GAS * world / N`, where N is the step's trained-token count all-reduced up front: after
+DeepSpeed's two divisions the gradient is exactly `d(sum over all tokens) / N`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gptneox.training import loss as losses
+
+MODEL_INPUTS = ("position_ids", "attention_mask", "segment_ids")
+
+
+@dataclass
+class StepResult:
+    loss: float                # mean cross-entropy over the step's trained tokens (all ranks)
+    trained_tokens: int        # all ranks
+    tokens: int                # non-padding tokens, all ranks
+    padded_length: float       # mean row length seen by the model (for the attention FLOPs)
+    skipped: bool              # fp16 overflow: no update, the schedule did not advance
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _forward_loss(engine: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    hidden = engine(batch["input_ids"], return_hidden=True, **kwargs)
+    return losses.masked_cross_entropy_from_hidden(hidden, engine.module.output_embedding, batch["targets"],
+                                                   batch["loss_mask"])
+
+
+def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
+    """Forward, backward and `engine.step()` for each of this rank's micro-batches of one optimizer step."""
+    if len(micro_batches) != engine.gradient_accumulation_steps():
+        raise ValueError(f"{len(micro_batches)} micro-batches for gradient_accumulation_steps="
+                         f"{engine.gradient_accumulation_steps()}")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = engine.device
+    micro_batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
+    local = [float(sum(b["loss_mask"].sum() for b in micro_batches)),
+             float(sum(b["attention_mask"].sum() for b in micro_batches)),
+             float(sum(b["input_ids"].numel() for b in micro_batches)),
+             float(sum(b["input_ids"].shape[0] for b in micro_batches))]
+    trained, tokens, cells, rows = all_reduce_sum(local, device)
+    scale = len(micro_batches) * world / max(trained, 1.0)
+    skipped_before = engine.skipped_steps
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in micro_batches:
+        if batch["input_ids"].numel() == 0:
+            # Every sample of this micro-batch was dropped by the collator: a zero loss that still runs
+            # DeepSpeed's backward, so all ranks stay in step.
+            total = engine.module.output_embedding.sum() * 0.0
+        else:
+            total, _ = _forward_loss(engine, batch)
+        engine.backward(total * scale)
+        engine.step()
+        loss_sum += total.detach().double()
+    (global_loss_sum,) = all_reduce_sum([loss_sum.item()], device)
+    return StepResult(loss=global_loss_sum / max(trained, 1.0), trained_tokens=int(trained), tokens=int(tokens),
+                      padded_length=cells / max(rows, 1.0), skipped=engine.skipped_steps > skipped_before)
+
+
+@torch.no_grad()
+def evaluate(engine: Any, batches: list[dict]) -> tuple[float, float]:
+    """(masked loss, token accuracy) over this rank's `batches`, summed over all ranks. Collective."""
+    was_training = engine.module.training
+    engine.eval()
+    loss_sum = correct = count = 0.0
+    for batch in batches:
+        if batch["input_ids"].numel() == 0:
+            continue
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        hidden = engine(batch["input_ids"], return_hidden=True, **kwargs)
+        mask = batch["loss_mask"].bool()
+        logits = losses.trained_logits(hidden, engine.module.output_embedding, mask)
+        targets = batch["targets"][mask]
+        total, n = losses.masked_cross_entropy(logits, targets, torch.ones_like(targets, dtype=torch.bool))
+        loss_sum += total.item()
+        count += n.item()
+        correct += (logits.argmax(-1) == targets).sum().item()
+    engine.train(was_training)
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], engine.device)
+    return loss_sum / max(count, 1.0), correct / max(count, 1.0)
