@@ -139,11 +139,25 @@ def _decode(model, input_ids, prompt_mask, max_new_tokens, sampling, stop_ids, p
 
 def _next_token(logits, seen, *, do_sample, temperature, top_k, top_p, repetition_penalty, generator):
     """Pick one token per row from fp32 logits [batch, vocab]."""
-    if seen is not None:  # CTRL-style: shrink the logit of every seen token towards "less likely"
+    logits = process_logits(logits, seen, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                            top_p=top_p, repetition_penalty=repetition_penalty)
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
+
+
+def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, *, do_sample: bool, temperature: float = 1.0,
+                   top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0) -> torch.Tensor:
+    """The logits [batch, vocab] that the next token is drawn from; excluded tokens get -inf.
+
+    seen [batch, vocab] bool marks the tokens already in each row (for the repetition penalty).
+    """
+    if seen is not None and repetition_penalty != 1.0:
+        # CTRL-style: move the logit of every seen token towards "less likely" whatever its sign
         penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         logits = torch.where(seen, penalized, logits)
     if not do_sample:
-        return logits.argmax(dim=-1)
+        return logits
     logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -154,8 +168,7 @@ def _next_token(logits, seen, *, do_sample, temperature, top_k, top_p, repetitio
         # drop a token when the more likely tokens before it already reach top_p (the first always stays)
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    return logits
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
