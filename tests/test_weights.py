@@ -1,0 +1,177 @@
+"""Checkpoint reading and writing, vocabulary resize, the conversion tools and the golden logits."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptneox import GPTNeoX
+from gptneox.weights import CheckpointError, parse_size
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def same_parameters(a: GPTNeoX, b: GPTNeoX) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
+
+
+def test_golden_logits_from_fixture():
+    """Logits written by transformers (tools/reference_logits.py) for a checkpoint transformers saved."""
+    golden = load_file(FIXTURES / "tiny-gptneox-logits.safetensors")
+    model = GPTNeoX.from_pretrained(FIXTURES / "tiny-gptneox").eval()
+    prompts = sorted(k for k in golden if k.startswith("input_ids."))
+    assert len(prompts) == 2
+    for backend in ("sdpa", "eager"):
+        model.attention_backend = backend
+        for key in prompts:
+            with torch.no_grad():
+                ours = model(golden[key])
+            expected = golden[key.replace("input_ids", "logits")]
+            assert ours.shape == expected.shape
+            assert (ours - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("num_shards", [1, 3])
+@pytest.mark.parametrize("tied", [False, True])
+def test_load_every_layout(tiny_checkpoint, fmt, num_shards, tied):
+    directory, model = tiny_checkpoint(fmt=fmt, num_shards=num_shards, tie_word_embeddings=tied)
+    loaded = GPTNeoX.from_pretrained(directory)
+    assert same_parameters(loaded, model)
+    assert (loaded.embed_out.weight is loaded.gpt_neox.embed_in.weight) == tied
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+
+
+def test_save_round_trip_bit_exact(tmp_path, tiny_model):
+    model = tiny_model().half()
+    model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "many", max_shard_size="20KB")
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["config.json", "model.safetensors"]
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    shard_files = set(index["weight_map"].values())
+    assert len(shard_files) > 1 and all((tmp_path / "many" / f).is_file() for f in shard_files)
+    assert index["metadata"]["total_size"] == sum(p.numel() * 2 for p in model.parameters())
+    for name in ("one", "many"):
+        assert same_parameters(GPTNeoX.from_pretrained(tmp_path / name, dtype="auto"), model)
+    # saving again with one shard removes the stale shards and index
+    model.save_pretrained(tmp_path / "many")
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_tied_save_writes_no_head(tmp_path, tiny_model):
+    tiny_model(tie_word_embeddings=True).save_pretrained(tmp_path)
+    assert "embed_out.weight" not in load_file(tmp_path / "model.safetensors")
+
+
+def test_dtype_cast_and_legacy_buffers(tiny_checkpoint, tmp_path, checkpoint_writer):
+    directory, model = tiny_checkpoint()
+    state = {k: v for k, v in load_file(directory / "model.safetensors").items()}
+    state["gpt_neox.layers.0.attention.bias"] = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    state["gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)
+    state["gpt_neox.layers.1.attention.rotary_emb.inv_freq"] = torch.ones(2).half()
+    state["lm_head.weight"] = state.pop("embed_out.weight")  # transformers 5 naming
+    legacy = checkpoint_writer(tmp_path / "legacy", model.config.to_hf(), state, fmt="bin")
+    loaded = GPTNeoX.from_pretrained(legacy, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert torch.equal(loaded.embed_out.weight, model.embed_out.weight.bfloat16())
+    assert GPTNeoX.from_pretrained(legacy, dtype="float16").embed_out.weight.dtype == torch.float16
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        GPTNeoX.from_pretrained(legacy, dtype="int8")
+
+
+def test_mismatches_reported_together(tiny_checkpoint, tmp_path, checkpoint_writer):
+    directory, model = tiny_checkpoint()
+    state = load_file(directory / "model.safetensors")
+    del state["gpt_neox.layers.1.mlp.dense_4h_to_h.bias"]
+    state["gpt_neox.layers.0.attention.dense.weight"] = torch.zeros(48, 40)
+    state["gpt_neox.layers.0.attention.rotary.extra"] = torch.zeros(3)
+    bad = checkpoint_writer(tmp_path / "bad", model.config.to_hf(), state, num_shards=2)
+    with pytest.raises(CheckpointError) as err:
+        GPTNeoX.from_pretrained(bad)
+    message = str(err.value)
+    assert "missing key 'gpt_neox.layers.1.mlp.dense_4h_to_h.bias' [48]" in message
+    assert ("shape mismatch for 'gpt_neox.layers.0.attention.dense.weight': checkpoint [48, 40]" in message
+            and "model [48, 48]" in message)
+    assert "unexpected key 'gpt_neox.layers.0.attention.rotary.extra' [3]" in message
+
+
+def test_broken_files_are_named(tiny_checkpoint, tmp_path):
+    directory, _ = tiny_checkpoint(num_shards=2)
+    shard = directory / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated download
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: cannot read checkpoint file"):
+        GPTNeoX.from_pretrained(directory)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match="index.json names shard files that do not exist: "
+                                              "\\['model-00002-of-00002.safetensors'\\]"):
+        GPTNeoX.from_pretrained(directory)
+
+    bin_dir, _ = tiny_checkpoint(fmt="bin")
+    (bin_dir / "pytorch_model.bin").write_bytes(b"not a zip file at all")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: cannot read checkpoint file"):
+        GPTNeoX.from_pretrained(bin_dir)
+    (bin_dir / "pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="no checkpoint found \\(looked for model.safetensors.index.json"):
+        GPTNeoX.from_pretrained(bin_dir)
+    (bin_dir / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        GPTNeoX.from_pretrained(bin_dir)
+
+
+def test_parse_size():
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size(123) == 123
+    with pytest.raises(ValueError, match="max_shard_size='2 parsecs'"):
+        parse_size("2 parsecs")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_resize_token_embeddings(tiny_model, tied):
+    model = tiny_model(tie_word_embeddings=tied)
+    old_in, old_out = model.gpt_neox.embed_in.weight.clone(), model.embed_out.weight.clone()
+    assert model.resize_token_embeddings(101, pad_to_multiple_of=16) == 112
+    assert model.config.vocab_size == 112 and model.gpt_neox.embed_in.weight.shape == (112, 48)
+    assert torch.equal(model.gpt_neox.embed_in.weight[:96], old_in)
+    assert torch.allclose(model.gpt_neox.embed_in.weight[96:], old_in.mean(0).expand(16, 48))
+    assert torch.allclose(model.embed_out.weight[96:], old_out.mean(0).expand(16, 48))
+    assert (model.embed_out.weight is model.gpt_neox.embed_in.weight) == tied
+    assert model(torch.tensor([[111, 3]])).shape == (1, 2, 112)
+    assert model.resize_token_embeddings(90) == 90  # shrinking keeps the first rows, as OA's 50432 -> 50288
+    assert torch.equal(model.embed_out.weight, old_out[:90])
+    with pytest.raises(ValueError, match="resize_token_embeddings\\(0"):
+        model.resize_token_embeddings(0)
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_convert_checkpoint_tool_bit_exact(tiny_checkpoint, tmp_path):
+    source, model = tiny_checkpoint(fmt="bin", num_shards=2)
+    result = run_tool("tools/convert_checkpoint.py", str(source), str(tmp_path / "out"), "--max-shard-size", "30KB")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert same_parameters(GPTNeoX.from_pretrained(tmp_path / "out", dtype="auto"), model)
+    result = run_tool("tools/convert_checkpoint.py", str(tmp_path / "out"), str(tmp_path / "half"), "--dtype", "float16")
+    assert result.returncode == 0, result.stderr
+    assert GPTNeoX.from_pretrained(tmp_path / "half", dtype="auto").embed_out.weight.dtype == torch.float16
+
+
+def test_tools_answer_help():
+    for tool in ("tools/convert_checkpoint.py", "tools/reference_logits.py", "bench/model_throughput.py"):
+        result = run_tool(tool, "--help")
+        assert result.returncode == 0 and "usage:" in result.stdout, (tool, result.stderr)
+
+
+def test_reference_logits_tool_with_our_engine(tmp_path):
+    out = tmp_path / "logits.safetensors"
+    result = run_tool("tools/reference_logits.py", "--model", str(FIXTURES / "tiny-gptneox"), "--prompts",
+                      "1 5 9 33 2 17 80 95 4 4 61 0", "--out", str(out), "--engine", "gptneox")
+    assert result.returncode == 0, result.stderr
+    ours, golden = load_file(out), load_file(FIXTURES / "tiny-gptneox-logits.safetensors")
+    assert torch.equal(ours["input_ids.0"], golden["input_ids.0"])
+    assert (ours["logits.0"] - golden["logits.0"]).abs().max() <= 1e-4

@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""Convert a Hugging Face GPT-NeoX checkpoint in any supported layout to (sharded) safetensors.
+
+Reads model.safetensors, pytorch_model.bin or their sharded index forms, writes config.json plus
+safetensors shards. Without --dtype the stored dtype is kept, so the conversion is bit-exact.
+
+    python tools/convert_checkpoint.py path/to/stablelm-base-alpha-7b out/stablelm-7b --max-shard-size 2GB
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gptneox import GPTNeoX  # noqa: E402
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="Hugging Face model directory (config.json + weights)")
+    parser.add_argument("dst", help="output directory")
+    parser.add_argument("--dtype", default="auto",
+                        help="float32, float16, bfloat16, or auto (keep the stored dtype; default)")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest shard, e.g. 2GB or 500MiB (default 2GB)")
+    args = parser.parse_args(argv)
+    if Path(args.src).resolve() == Path(args.dst).resolve():
+        parser.error("src and dst must be different directories")
+    model = GPTNeoX.from_pretrained(args.src, dtype=args.dtype)
+    model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
+    count = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.dst}: {count:,} parameters in {next(model.parameters()).dtype}")
+
+
+if __name__ == "__main__":
+    main()
