@@ -1,0 +1,208 @@
+"""The training loop against a real DeepSpeed engine, in this process (world size 1, CPU, fp32 unless noted):
+exact token-mean loss under uneven accumulation, gradient checkpointing, resume, export, fp16 overflow."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import deepspeed
+import pytest
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from gptneox import GPTNeoX, GPTNeoXConfig
+from gptneox.data.datasets import build_datasets
+from gptneox.training import loss as losses
+from gptneox.training.checkpoint import POINTER, tag_for
+from gptneox.training.distributed import init_distributed
+from gptneox.training.step import train_step
+from gptneox.training.toy_tokenizer import train_toy_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+SAMPLE_DATASETS = [
+    {"code_alpaca": {"input_file_path": str(SAMPLE / "code_alpaca_sample.jsonl"), "val_split": 0.2}},
+    {"grade_school_math_instructions": {"input_file_path": str(SAMPLE / "gsm_sample.csv"), "val_split": 0.2}},
+    {"vicuna": {"input_file_path": str(SAMPLE / "vicuna_sample.json"), "val_split": 0.2}},
+    {"oasst_export": {"input_file_path": str(SAMPLE / "oasst_sample.jsonl.gz"), "lang": "en,de"}},
+]
+
+
+def load_train_script():
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A toy tokenizer and a data section over the bundled sample files; the process group (world 1)."""
+    root = tmp_path_factory.mktemp("training")
+    train, _ = build_datasets(SAMPLE_DATASETS, cache_dir=".", seed=0)
+    tokenizer = train_toy_tokenizer(train, root / "tokenizer.json", vocab_size=512)
+    (root / "mix.yaml").write_text(json.dumps({"mix": {"datasets": SAMPLE_DATASETS}}))
+    init_distributed()
+    return root, tokenizer
+
+
+def run_train(workspace, output_dir, *extra) -> int:
+    root, tokenizer = workspace
+    argv = ["--configs", "defaults", "tiny", str(root / "mix.yaml"), "--tokenizer_path", str(tokenizer),
+            "--output_dir", str(output_dir), "--max_length", "64", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--eval_size", "4", *extra]
+    return load_train_script().main(argv)
+
+
+def read_metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ exact loss under accumulation
+def _sgd_engine(model, gas, micro):
+    """Plain SGD with lr 1 and no clipping: the parameter change of one step is minus the gradient."""
+    config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
+              "train_batch_size": micro * gas, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
+              "optimizer": {"type": "SGD", "params": {"lr": 1.0}}, "zero_optimization": {"stage": 2}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    return engine
+
+
+def _batch(ids, trained):
+    ids = torch.tensor([ids])
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, trained] = True
+    return {"input_ids": ids, "targets": torch.roll(ids, -1, 1), "loss_mask": mask,
+            "attention_mask": torch.ones_like(ids)}
+
+
+def _gradient(model_factory, micro_batches, gas):
+    model = model_factory()
+    before = [p.detach().clone() for p in model.parameters()]
+    engine = _sgd_engine(model, gas, micro=1 if gas > 1 else micro_batches[0]["input_ids"].shape[0])
+    result = train_step(engine, micro_batches)
+    return result.loss, [b - p.detach() for b, p in zip(before, engine.module.parameters())]
+
+
+def test_uneven_micro_batches_give_the_gradient_of_one_batch(workspace):
+    def model_factory():
+        torch.manual_seed(0)
+        return GPTNeoX(GPTNeoXConfig.from_name("tiny"))
+
+    torch.manual_seed(1)
+    a_ids, b_ids = torch.randint(0, 1024, (12,)).tolist(), torch.randint(0, 1024, (12,)).tolist()
+    a, b = _batch(a_ids, [3]), _batch(b_ids, list(range(2, 11)))  # 1 and 9 trained tokens
+    both = {k: torch.cat([a[k], b[k]]) for k in a}
+    loss_accumulated, grad_accumulated = _gradient(model_factory, [a, b], gas=2)
+    loss_single, grad_single = _gradient(model_factory, [both], gas=1)
+
+    model = model_factory()  # the definition: mean over all 10 trained tokens, plain autograd
+    total, count = losses.masked_cross_entropy(model(both["input_ids"]), both["targets"], both["loss_mask"])
+    (total / count).backward()
+    assert loss_accumulated == pytest.approx((total / count).item(), rel=1e-5)
+    assert loss_single == pytest.approx(loss_accumulated, rel=1e-5)
+    for accumulated, single, p in zip(grad_accumulated, grad_single, model.parameters()):
+        torch.testing.assert_close(accumulated, p.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(single, p.grad, rtol=1e-4, atol=1e-6)
+    # the reference's weighting (each micro-batch's own mean, averaged) gives a different loss here
+    sums = [losses.masked_cross_entropy(model(x["input_ids"]), x["targets"], x["loss_mask"]) for x in (a, b)]
+    per_micro_mean = sum(s.item() / n.item() for s, n in sums) / 2
+    assert abs(per_micro_mean - loss_accumulated) > 1e-3
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = GPTNeoX(GPTNeoXConfig.from_name("tiny")).train()
+    batch = _batch(torch.randint(0, 1024, (20,)).tolist(), list(range(5, 19)))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        hidden = model(batch["input_ids"], return_hidden=True)
+        total, _ = losses.masked_cross_entropy_from_hidden(hidden, model.output_embedding, batch["targets"],
+                                                           batch["loss_mask"])
+        total.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(plain, checkpointed)
+
+
+# ------------------------------------------------------------------ resume and export
+def test_resume_reproduces_the_uninterrupted_run_and_export_loads_in_transformers(workspace, tmp_path):
+    straight = tmp_path / "straight"
+    assert run_train(workspace, straight, "--max_steps", "8", "--save_steps", "4", "--eval_steps", "4",
+                     "--gradient_checkpointing", "true", "--save_total_limit", "3") == 0
+    records = read_metrics(straight)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    for key in ("lr", "grad_norm", "loss_scale", "skipped_steps", "tokens_per_s", "trained_tokens_per_s", "mfu",
+                "peak_memory_gb"):
+        assert steps[-1][key] is not None and steps[-1][key] >= 0, key
+    assert [r["step"] for r in records if "eval_oasst_export_loss" in r] == [4, 8]
+    assert steps[0]["lr"] == 0.0 and steps[1]["lr"] == 0.0 and steps[2]["lr"] > 0  # WarmupDecayLR's first two
+    assert "auto" not in (straight / "ds_config.resolved.json").read_text()
+    assert "gradient_checkpointing: true" in (straight / "train_config.yaml").read_text()
+
+    # Resume from the step-4 checkpoint of the same run: steps 5..8 must come out identical.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints", resumed / "checkpoints")
+    (resumed / "checkpoints" / POINTER).write_text(json.dumps({"latest": tag_for(4), "complete": [tag_for(4)]}))
+    assert run_train(workspace, resumed, "--max_steps", "8", "--save_steps", "4", "--eval_steps", "4",
+                     "--gradient_checkpointing", "true", "--resume") == 0
+    again = [r for r in read_metrics(resumed) if "loss" in r]
+    assert [r["step"] for r in again] == [5, 6, 7, 8]
+    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in again] == \
+           [(r["loss"], r["grad_norm"], r["lr"]) for r in steps[4:]]
+
+    # The final export: our loader and transformers agree on the logits.
+    transformers = pytest.importorskip("transformers")
+    ours = GPTNeoX.from_pretrained(straight).eval()
+    theirs = transformers.GPTNeoXForCausalLM.from_pretrained(straight).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=1e-4, atol=1e-4)
+    assert (straight / "tokenizer.json").is_file()
+
+
+# ------------------------------------------------------------------ fp16 overflow
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    """DeepSpeed refuses fp16 on CPUs without AVX512-FP16; the loss scaler logic runs fine regardless.
+    Every loss is made infinite, so every step overflows."""
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: True)
+    original = losses.masked_cross_entropy_from_hidden
+
+    def overflowing(*args):
+        total, count = original(*args)
+        return total * float("inf"), count
+
+    monkeypatch.setattr(losses, "masked_cross_entropy_from_hidden", overflowing)
+
+
+def test_fp16_overflow_skips_steps_then_stops_after_saving(workspace, tmp_path, fp16_on_cpu, capsys):
+    out = tmp_path / "overflow"
+    assert run_train(workspace, out, "--dtype", "fp16", "--max_steps", "10", "--max_consecutive_skipped_steps",
+                     "3", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1") == 3
+    assert "3 optimizer steps in a row skipped for fp16 overflow" in capsys.readouterr().err
+    steps = read_metrics(out)
+    assert [r["skipped_steps"] for r in steps] == [1, 2, 3]
+    assert [r["loss_scale"] for r in steps] == [2.0**16, 2.0**15, 2.0**14]  # hysteresis 2, then halving
+    checkpoint = out / "checkpoints" / tag_for(3)
+    assert json.loads((out / "checkpoints" / POINTER).read_text())["latest"] == tag_for(3)
+    state = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["lr_scheduler"]["last_batch_iteration"] == -1  # the schedule never advanced
+    assert state["skipped_steps"] == 3
+
+
+def test_fp16_deepspeed_minimum_scale_error_is_handled(workspace, tmp_path, fp16_on_cpu, capsys):
+    ds_config = json.loads((REPO / "ds_config.json").read_text())
+    ds_config["fp16"].update(initial_scale_power=1, hysteresis=1)
+    (tmp_path / "ds.json").write_text(json.dumps(ds_config))
+    out = tmp_path / "minimum"
+    assert run_train(workspace, out, "--dtype", "fp16", "--max_steps", "10", "--deepspeed_config",
+                     str(tmp_path / "ds.json"), "--per_device_train_batch_size", "1",
+                     "--gradient_accumulation_steps", "1") == 3
+    assert "fp16 overflow at the minimum loss scale at step 2" in capsys.readouterr().err
+    assert json.loads((out / "checkpoints" / POINTER).read_text())["latest"] == tag_for(1)
