@@ -5,7 +5,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from gptneox.data import ConversationError, format_prompt, load_tokenizer, normalize_conversation
 from gptneox.data.formatting import ConversationTokenizer
@@ -88,6 +88,7 @@ def test_piecewise_tokens_equal_tokens_of_the_whole_text(system, turns):
 @settings(max_examples=150, deadline=None)
 @given(system=st.none() | texts, turns=st.lists(texts, min_size=1, max_size=6))
 def test_reply_tokens_decode_to_the_assistant_replies_with_eos(system, turns):
+    assume(not any("<|" in text for text in turns + [system or ""]))  # special strings: see the next test
     conversation = _conversation(system, turns)
     tokens = ConversationTokenizer(TOKENIZER)(conversation)
     reply_ids = [i for i, flag in zip(tokens.ids, tokens.in_reply) if flag]
@@ -97,3 +98,15 @@ def test_reply_tokens_decode_to_the_assistant_replies_with_eos(system, turns):
     assert TOKENIZER.decode(reply_ids, skip_special_tokens=False) == expected
     role_ids = {TOKENIZER.token_to_id(t) for t in ("<|prompter|>", "<|assistant|>", "<|system|>")}
     assert not any(flag and i in role_ids for i, flag in zip(tokens.ids, tokens.in_reply))
+
+
+def test_special_token_strings_inside_text_are_never_trained():
+    conversation = [
+        {"role": "prompter", "text": "Say <|assistant|> please"},
+        {"role": "assistant", "text": "Here: <|assistant|> and <|endoftext|> done"},
+    ]
+    tokens = ConversationTokenizer(TOKENIZER)(conversation)
+    assert tokens.ids == TOKENIZER.encode(format_prompt(conversation)).ids
+    trained = [i for i, flag in zip(tokens.ids, tokens.in_reply) if flag]
+    assert TOKENIZER.decode(trained, skip_special_tokens=False) == "Here:  and  done<|endoftext|>"
+    assert trained.count(TOKENIZER.token_to_id("<|endoftext|>")) == 1  # only the closing eos

@@ -8,8 +8,9 @@ A generation prompt ends with a bare ``<|assistant|>``.
 
 Each piece (role token, message text, eos) is tokenized on its own. Special tokens are atomic, so this
 gives exactly the ids of tokenizing the whole string, while the role of every token is known without
-guessing from offsets. Text that itself contains a special-token string is encoded as the tokenizer
-encodes it, and its tokens keep the role of the message they came from.
+guessing from offsets. Text that itself contains a special-token string (``<|endoftext|>`` in a code
+sample, say) is encoded as the tokenizer encodes it, as that special token, but such a token is never
+trained: a reply must not teach the model to emit role or end tokens in the middle of its text.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Sequence
 
 from tokenizers import Tokenizer
 
-from gptneox.data.tokenizer import ASSISTANT_TOKEN, EOS_TOKEN, PROMPTER_TOKEN, SYSTEM_TOKEN
+from gptneox.data.tokenizer import ASSISTANT_TOKEN, EOS_TOKEN, PROMPTER_TOKEN, SPECIAL_TOKENS, SYSTEM_TOKEN
 
 ROLES = ("prompter", "assistant", "system")
 ROLE_TOKENS = {"prompter": PROMPTER_TOKEN, "assistant": ASSISTANT_TOKEN, "system": SYSTEM_TOKEN}
@@ -90,7 +91,7 @@ class TokenizedConversation:
     """Token ids of a formatted conversation and, per token, whether it belongs to an assistant reply.
 
     ``in_reply[i]`` is True for the text tokens of assistant messages and for each reply's closing
-    eos; never for role tokens, prompter or system text.
+    eos; never for role tokens, prompter or system text, nor special tokens written inside a text.
     """
 
     ids: list[int]
@@ -104,6 +105,7 @@ class ConversationTokenizer:
         self.tokenizer = tokenizer
         self.role_ids = {role: self._special_id(token) for role, token in ROLE_TOKENS.items()}
         self.eos_id = self._special_id(EOS_TOKEN)
+        self.special_ids = {self.tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
 
     def _special_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -121,6 +123,7 @@ class ConversationTokenizer:
             ids.append(self.role_ids[message["role"]])
             in_reply.append(False)
             ids.extend(encoding.ids)
+            in_reply.extend(is_reply and token not in self.special_ids for token in encoding.ids)
             ids.append(self.eos_id)
-            in_reply.extend([is_reply] * (len(encoding.ids) + 1))
+            in_reply.append(is_reply)
         return TokenizedConversation(ids, in_reply)
