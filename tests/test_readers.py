@@ -1,0 +1,246 @@
+"""Readers and dataset sources: the bundled sample in every format, conversion rules, and bad input."""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptneox.data.datasets import read_units
+from gptneox.data.readers import BadRecords, DataError, read_records
+from gptneox.data.sources import code_alpaca, dolly15k, oasst_export, vicuna
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+def flat(units):
+    return [conversation for unit in units for conversation in unit]
+
+
+def texts(conversation):
+    return [(m["role"], m["text"]) for m in conversation]
+
+
+# --- the bundled sample, one file per format ---------------------------------------------------------
+
+
+def test_sample_csv_gsm_rows_become_pairs():
+    with open(SAMPLE / "gsm_sample.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    conversations = flat(read_units("grade_school_math_instructions", SAMPLE / "gsm_sample.csv"))
+    assert [texts(c) for c in conversations] == [
+        [("prompter", r["INSTRUCTION"]), ("assistant", r["RESPONSE"])] for r in rows]
+
+
+def test_sample_parquet_dolly_puts_cleaned_context_before_instruction():
+    conversations = flat(read_units("dolly15k", SAMPLE / "dolly_sample.parquet"))
+    assert len(conversations) > 40
+    first = conversations[0][0]["text"]
+    assert first.startswith("The Selfish Gene is a 1976 book by Richard Dawkins. In it")
+    assert first.endswith("What did Richard Dawkins coin in The Selfish Gene?")
+    assert not any("[" in c[0]["text"] for c in conversations)  # [1], [a], [citation needed] removed
+
+
+def test_sample_json_vicuna_merges_unescapes_and_drops_trailing_question():
+    records = json.loads((SAMPLE / "vicuna_sample.json").read_text())
+    conversations = flat(read_units("vicuna", SAMPLE / "vicuna_sample.json"))
+    assert len(conversations) == len(records)
+    assert all(c[-1]["role"] == "assistant" for c in conversations)
+    assert not any("\\*" in m["text"] for c in conversations for m in c)
+    merged = conversations[0][-1]["text"]
+    assert "\n" in merged and "*a picture of a cat" in merged
+
+
+def test_sample_jsonl_code_alpaca_joins_input_and_filters_openai():
+    records = [json.loads(line) for line in (SAMPLE / "code_alpaca_sample.jsonl").read_text().splitlines()]
+    conversations = flat(read_units("code_alpaca", SAMPLE / "code_alpaca_sample.jsonl"))
+    assert len(conversations) == len(records) - 1  # the OpenAI record
+    assert not any("openai" in m["text"].lower() for c in conversations for m in c)
+    with_input = next(r for r in records if r["input"])
+    assert any(c[0]["text"] == with_input["instruction"] + "\n" + with_input["input"] for c in conversations)
+
+
+def test_sample_jsonl_gz_oasst_threads_follow_the_filters():
+    units = read_units("oasst_export", SAMPLE / "oasst_sample.jsonl.gz", converter_options={"lang": "en,de,es,fr"})
+    threads = flat(units)
+    all_text = " ".join(m["text"] for t in threads for m in t)
+    assert "removed by a moderator" not in all_text  # deleted message
+    assert "[synthetic]" not in all_text  # synthetic message
+    assert "Is this tree reviewed?" not in all_text and "Is this tree finished?" not in all_text
+    assert "ミーム" not in all_text  # ja is not among the languages
+    assert "Ein Meme ist" in all_text and "Un meme es" in all_text
+    assert all(t[0]["role"] == "prompter" and t[-1]["role"] == "assistant" for t in threads)
+    assert any(len(t) >= 4 for t in threads)  # multi-turn threads
+    card = "What is a meme, and what's the history behind this word?"
+    assert sum(t[0]["text"] == card for t in threads) >= 4  # one tree per answer template
+    english_only = flat(read_units("oasst_export", SAMPLE / "oasst_sample.jsonl.gz", converter_options={"lang": "en"}))
+    assert len(english_only) < len(threads)
+
+
+# --- oasst thread extraction on hand-made trees --------------------------------------------------------
+
+
+def node(role, text, rank=None, replies=(), **fields):
+    return {"role": role, "text": text, "rank": rank, "replies": list(replies), **fields}
+
+
+def export(root, state="ready_for_export"):
+    root.setdefault("lang", "en")
+    root.setdefault("review_result", True)
+    return {"message_tree_id": "t", "tree_state": state, "prompt": root}
+
+
+def test_oasst_threads_ranks_and_first_prompter_leaf():
+    tree = export(node("prompter", "Q", replies=[
+        node("assistant", "A0", rank=0, replies=[node("prompter", "follow", replies=[node("assistant", "B")]),
+                                                  node("prompter", "second leaf")]),
+        node("assistant", "A1", rank=1, replies=[node("prompter", "first leaf"), node("prompter", "other leaf")]),
+        node("assistant", "A2", rank=2),
+    ]))
+    threads = [[m["text"] for m in t] for t in oasst_export(tree)]
+    assert threads == [["Q", "A0", "follow", "B"], ["Q", "A1"], ["Q", "A2"]]
+    top2 = [[m["text"] for m in t] for t in oasst_export(tree, top_k=2)]
+    assert top2 == [["Q", "A0", "follow", "B"], ["Q", "A1"]]
+
+
+def test_oasst_top_k_drops_unranked_siblings_but_keeps_an_only_child():
+    tree = export(node("prompter", "Q", replies=[node("assistant", "A"), node("assistant", "B")]))
+    assert oasst_export(tree, top_k=1) == []
+    only = export(node("prompter", "Q", replies=[node("assistant", "A")]))
+    assert len(oasst_export(only, top_k=1)) == 1
+
+
+def test_oasst_tree_filters():
+    answer = [node("assistant", "A")]
+    assert oasst_export(export(node("prompter", "Q", replies=answer), state="growing")) == []
+    assert oasst_export(export(node("prompter", "Q", replies=answer, review_result=False))) == []
+    assert oasst_export(export(node("prompter", "Q", replies=answer, lang="de")), lang="en") == []
+    assert len(oasst_export(export(node("prompter", "Q", replies=answer, lang="de")), lang=["en", "de"])) == 1
+    deleted = export(node("prompter", "Q", replies=[node("assistant", "A", deleted=True), node("assistant", "B")]))
+    assert [[m["text"] for m in t] for t in oasst_export(deleted)] == [["Q", "B"]]
+
+
+# --- conversion rules -------------------------------------------------------------------------------------
+
+
+def test_vicuna_rules():
+    record = {"conversations": [
+        {"from": "human", "value": "a\\_b"}, {"from": "human", "value": "c"},
+        {"from": "gpt", "value": "x" * 3000}, {"from": "human", "value": "left over"}]}
+    (conversation,) = vicuna(record)
+    assert texts(conversation) == [("prompter", "a_b\nc"), ("assistant", "x" * 2048)]
+    assert vicuna({"conversations": [{"from": "gpt", "value": "hi"}]}) == []
+    assert vicuna({"conversations": []}) == []
+
+
+def test_dolly_both_schemas():
+    oa = {"INSTRUCTION": "Who?", "RESPONSE": "Him.", "METADATA": {"CONTEXT": "He did it.[12][citation needed][b]"}}
+    original = {"instruction": "Who?", "context": "He did it.[3, 4]", "response": "Him.", "category": "qa"}
+    flat_csv = {"INSTRUCTION": "Who?", "RESPONSE": "Him.", "METADATA.CONTEXT": "He did it."}
+    json_string = {"INSTRUCTION": "Who?", "RESPONSE": "Him.", "METADATA": json.dumps({"CONTEXT": "He did it."})}
+    expected = [[{"role": "prompter", "text": "He did it. Who?"}, {"role": "assistant", "text": "Him."}]]
+    for record in (oa, original, flat_csv, json_string):
+        assert dolly15k(record) == expected
+    no_context = {"instruction": "Who?", "context": "", "response": "Him."}
+    assert dolly15k(no_context)[0][0]["text"] == "Who?"
+
+
+def test_code_alpaca_rules():
+    assert code_alpaca({"instruction": "Do", "input": "x = 1", "output": "y"})[0][0]["text"] == "Do\nx = 1"
+    assert code_alpaca({"instruction": "Do", "input": "", "output": "y"})[0][0]["text"] == "Do"
+    assert code_alpaca({"instruction": "Use OpenAI", "input": "", "output": "y"}) == []
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+GOOD = json.dumps({"instruction": "Do", "input": "", "output": "ok"})
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ("{not json", "line 2: malformed JSON"),
+    (json.dumps({"instruction": "Do", "input": ""}), "line 2: field 'output': missing"),
+    (json.dumps({"instruction": 3, "input": "", "output": "x"}), "line 2: field 'instruction': expected str, got int"),
+    (json.dumps(["a list"]), "line 2: field 'instruction': cannot be read"),
+])
+def test_bad_jsonl_record_names_file_line_and_field(tmp_path, bad_line, message):
+    path = write_lines(tmp_path / "code.jsonl", [GOOD, bad_line, GOOD])
+    with pytest.raises(DataError, match=message) as error:
+        read_units("code_alpaca", path)
+    assert str(path) in str(error.value)
+
+
+def test_skip_bad_records_counts_and_logs(tmp_path, caplog):
+    path = write_lines(tmp_path / "code.jsonl", [GOOD, "{oops", json.dumps({"instruction": "x"}), GOOD])
+    with caplog.at_level(logging.WARNING):
+        units = read_units("code_alpaca", path, skip=True)
+    assert len(units) == 2
+    assert "skipped 2 bad record(s)" in caplog.text and str(path) in caplog.text
+
+
+def test_unknown_roles_are_errors(tmp_path):
+    path = tmp_path / "share.json"
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]}]))
+    with pytest.raises(DataError, match=r"record 0: field 'conversations\[1\].from': unknown speaker 'bot'"):
+        read_units("vicuna", path)
+    tree = export(node("prompter", "Q", replies=[node("user", "A")]))
+    oasst = write_lines(tmp_path / "trees.jsonl", [json.dumps(tree)])
+    with pytest.raises(DataError, match=r"line 1: field 'prompt.replies\[0\].role': unknown role 'user'"):
+        read_units("oasst_export", oasst)
+    swapped = export(node("prompter", "Q", replies=[node("prompter", "again")]))
+    with pytest.raises(DataError, match=r"prompt.replies\[0\].role"):
+        read_units("oasst_export", write_lines(tmp_path / "swapped.jsonl", [json.dumps(swapped)]))
+
+
+def test_broken_gzip_names_the_file_and_last_good_line(tmp_path, caplog):
+    lines = "".join(GOOD + "\n" for _ in range(400)).encode()
+    data = gzip.compress(lines)
+    path = tmp_path / "code.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"code.jsonl.gz: unreadable after line \d+"):
+        read_units("code_alpaca", path)
+    with caplog.at_level(logging.WARNING):
+        units = read_units("code_alpaca", path, skip=True)
+    assert 0 < len(units) < 400 and "skipped 1 bad record(s)" in caplog.text
+    path.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="code.jsonl.gz"):
+        read_units("code_alpaca", path)
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read_units("code_alpaca", tmp_path / "missing.jsonl")
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(DataError, match="unsupported file type"):
+        read_units("code_alpaca", tmp_path / "data.txt")
+    (tmp_path / "object.json").write_text('{"a": 1}')
+    with pytest.raises(DataError, match="expected a JSON array"):
+        read_units("code_alpaca", tmp_path / "object.json")
+    (tmp_path / "broken.json").write_text('[{"a": 1},')
+    with pytest.raises(DataError, match="broken.json: malformed JSON at line 1"):
+        read_units("code_alpaca", tmp_path / "broken.json")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 nope")
+    with pytest.raises(DataError, match="broken.parquet: cannot read parquet"):
+        read_units("dolly15k", tmp_path / "broken.parquet")
+
+
+def test_csv_missing_column_names_row(tmp_path):
+    path = tmp_path / "gsm.csv"
+    path.write_text("INSTRUCTION,ANSWER\nq,a\n")
+    with pytest.raises(DataError, match=r"gsm.csv: row 0 \(ending on line 2\): field 'RESPONSE': missing"):
+        read_units("grade_school_math_instructions", path)
+
+
+def test_parquet_without_pyarrow_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError, match="needs pyarrow"):
+        list(read_records(SAMPLE / "dolly_sample.parquet", BadRecords(SAMPLE, skip=False)))
