@@ -45,7 +45,9 @@ def build_datasets(
     conversations (``val_split: 0``) has no entry in the dict.
     """
     if not isinstance(datasets_config, list):
-        raise DataError(f"datasets config must be a list of {{dataset_name: options}}, got {type(datasets_config).__name__}")
+        raise DataError(
+            f"datasets config must be a list of {{dataset_name: options}}, got {type(datasets_config).__name__}"
+        )
     entries = [parse_entry(entry) for entry in datasets_config]
     names = [name for name, _ in entries]
     repeated = sorted({name for name in names if names.count(name) > 1})
@@ -86,7 +88,8 @@ def _number(name: str, options: dict, key: str, default: Any, low: float, high: 
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise DataError(f"dataset {name!r}: option {key} must be a {kind.__name__}, got {value!r}")
+        expected = "an integer" if kind is int else "a number"
+        raise DataError(f"dataset {name!r}: option {key} must be {expected}, got {value!r}")
     if not low <= value <= high:
         raise DataError(f"dataset {name!r}: option {key} = {value} is outside [{low}, {high}]")
     return value
@@ -101,7 +104,8 @@ def read_dataset(name: str, options: dict[str, Any], cache_dir: str | Path) -> l
     if "top_k" in converter_options:
         converter_options["top_k"] = _number(name, options, "top_k", None, 1, float("inf"), int)
     if "lang" in converter_options and not isinstance(options["lang"], (str, list)):
-        raise DataError(f"dataset {name!r}: option lang must be a comma-separated string or a list, got {options['lang']!r}")
+        lang = options["lang"]
+        raise DataError(f"dataset {name!r}: option lang must be a comma-separated string or a list, got {lang!r}")
     return read_units(name, _resolve_path(name, options, cache_dir), skip, converter_options)
 
 
@@ -140,7 +144,9 @@ def _resolve_path(name: str, options: dict, cache_dir: str | Path) -> Path:
     return path
 
 
-def read_units(name: str, path: Path, skip: bool = False, converter_options: dict | None = None) -> list[list[Conversation]]:
+def read_units(
+    name: str, path: Path, skip: bool = False, converter_options: dict | None = None
+) -> list[list[Conversation]]:
     """Conversations of every record of one file, grouped per record (per tree for oasst_export)."""
     bad = BadRecords(path, skip)
     convert = SOURCES[name].convert
