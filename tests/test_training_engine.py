@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import deepspeed
@@ -16,7 +21,7 @@ from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.data.datasets import build_datasets
 from gptneox.training import loss as losses
 from gptneox.training.checkpoint import POINTER, tag_for
-from gptneox.training.distributed import init_distributed
+from gptneox.training.distributed import free_port, init_distributed
 from gptneox.training.step import train_step
 from gptneox.training.toy_tokenizer import train_toy_tokenizer
 
@@ -206,3 +211,65 @@ def test_fp16_deepspeed_minimum_scale_error_is_handled(workspace, tmp_path, fp16
                      "--gradient_accumulation_steps", "1") == 3
     assert "fp16 overflow at the minimum loss scale at step 2" in capsys.readouterr().err
     assert json.loads((out / "checkpoints" / POINTER).read_text())["latest"] == tag_for(1)
+
+
+# ------------------------------------------------------------------ separate processes
+def _script_argv(workspace, output_dir, *extra) -> list[str]:
+    root, tokenizer = workspace
+    return ["train.py", "--configs", "defaults", "tiny", str(root / "mix.yaml"), "--tokenizer_path", str(tokenizer),
+            "--output_dir", str(output_dir), "--max_length", "64", "--eval_size", "4", *extra]
+
+
+def test_two_ranks_give_the_losses_of_one_rank_with_the_same_global_batch(workspace, tmp_path):
+    common = ["--max_steps", "4", "--random_offset_probability", "0", "--gradient_accumulation_steps", "2",
+              "--eval_steps", "4"]
+    two = tmp_path / "two"
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    run = subprocess.run(launcher + _script_argv(workspace, two, "--per_device_train_batch_size", "1", *common,
+                                                 "--deepspeed"),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = tmp_path / "one"
+    assert run_train(workspace, one, "--per_device_train_batch_size", "2", *common) == 0
+    two_steps, one_steps = read_metrics(two), read_metrics(one)
+    assert len(two_steps) == len(one_steps) == 5  # 4 steps + 1 evaluation
+    for a, b in zip(two_steps, one_steps):
+        for key in ("loss", "grad_norm", "eval_oasst_export_loss", "eval_vicuna_accuracy"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+    assert json.loads((two / "ds_config.resolved.json").read_text())["train_batch_size"] == 4
+
+
+def test_sigterm_saves_at_a_step_boundary_and_exits_cleanly(workspace, tmp_path):
+    out = tmp_path / "signalled"
+    # without the launch variables this (in-process, world 1) test process has set: train.py picks its own
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                    "MASTER_ADDR", "MASTER_PORT")}
+    environment["PYTHONUNBUFFERED"] = "1"
+    process = subprocess.Popen([sys.executable] + _script_argv(workspace, out, "--max_steps", "5000"),
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("training did not start: " + process.communicate()[0][-3000:])
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert "SIGTERM: saved, exiting" in output
+    last_step = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert 2 <= last_step < 5000
+    assert json.loads((out / "checkpoints" / POINTER).read_text())["latest"] == tag_for(last_step)
+    state = torch.load(out / "checkpoints" / tag_for(last_step) / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["global_steps"] == last_step and state["step_in_epoch"] >= 1  # the position after that step
+    assert not (out / "model.safetensors").exists()  # stopped, not finished: no final export
+
+
+def test_help_and_a_bad_config_fail_fast():
+    help_run = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert help_run.returncode == 0 and "always drives DeepSpeed" in help_run.stdout
+    bad = subprocess.run([sys.executable, "train.py", "--configs", "defaults", "tiny", "--warmup_step", "3"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "did you mean 'warmup_steps'" in bad.stderr
