@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Plot a train.py run's metrics.jsonl: training loss, every evaluation loss, and the learning rate.
+
+    python tools/plot_metrics.py OUTPUT_DIR/metrics.jsonl --output loss.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read_records(path: Path) -> list[dict]:
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON line ({err})") from None
+    return records
+
+
+def plot(records: list[dict], output: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in records if "loss" in r]
+    if not steps:
+        raise ValueError("no training steps (records with a 'loss') to plot")
+    figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
+    loss_axis.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train", linewidth=1)
+    eval_keys = sorted({k for r in records for k in r if k.startswith("eval_") and k.endswith("_loss")})
+    for key in eval_keys:
+        points = [(r["step"], r[key]) for r in records if key in r]
+        loss_axis.plot(*zip(*points), marker="o", markersize=3, label=key[len("eval_"):-len("_loss")])
+    loss_axis.set_ylabel("loss (mean over trained tokens)")
+    loss_axis.legend(fontsize="small")
+    loss_axis.grid(alpha=0.3)
+    lr_axis.plot([r["step"] for r in steps], [r["lr"] for r in steps], color="tab:gray")
+    lr_axis.set_ylabel("learning rate")
+    lr_axis.set_xlabel("optimizer step")
+    lr_axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(output, dpi=120)
+    plt.close(figure)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("metrics", type=Path, help="metrics.jsonl written by train.py (or its run directory)")
+    parser.add_argument("--output", type=Path, help="PNG path (default: metrics.png beside the input)")
+    args = parser.parse_args(argv)
+    path = args.metrics / "metrics.jsonl" if args.metrics.is_dir() else args.metrics
+    try:
+        written = plot(read_records(path), args.output or path.with_suffix(".png"))
+    except (OSError, ValueError) as err:
+        print(f"plot_metrics.py: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
