@@ -24,7 +24,7 @@ GPU_PEAK_TFLOPS = {
 }
 
 
-def measured_cpu_peak_tflops(size: int = 1024, repeats: int = 10) -> float:
+def measured_cpu_peak_tflops(size: int = 2048, repeats: int = 4) -> float:
     """Best fp32 matmul rate of this CPU over a few runs: the practical ceiling for MFU on CPU."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # warm-up: thread pool and caches
