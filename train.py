@@ -113,7 +113,8 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
             metrics.write(f"step {engine.global_steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
     collate = DialogueCollator(tokenizer, max_length=cfg.max_length, pad_to_multiple_of=cfg.pad_to_multiple_of,
-                               random_offset_probability=cfg.random_offset_probability, seed=cfg.rng_seed)
+                               random_offset_probability=cfg.random_offset_probability, pack=cfg.pack,
+                               seed=cfg.rng_seed)
     eval_collate = DialogueCollator(tokenizer, max_length=cfg.eval_max_length, random_offset_probability=0.0,
                                     pad_to_multiple_of=None)  # deterministic: no random windows
     peak, peak_source = peak_tflops(cfg.dtype, cfg.peak_tflops)

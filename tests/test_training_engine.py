@@ -273,3 +273,12 @@ def test_help_and_a_bad_config_fail_fast():
     bad = subprocess.run([sys.executable, "train.py", "--configs", "defaults", "tiny", "--warmup_step", "3"],
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean 'warmup_steps'" in bad.stderr
+
+
+def test_packed_rows_give_the_loss_of_padded_rows(workspace, tmp_path):
+    common = ["--max_steps", "1", "--max_length", "256", "--eval_steps", "100"]
+    assert run_train(workspace, tmp_path / "padded", *common) == 0
+    assert run_train(workspace, tmp_path / "packed", *common, "--pack") == 0
+    padded, packed = read_metrics(tmp_path / "padded")[0], read_metrics(tmp_path / "packed")[0]
+    assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
+    assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)

@@ -38,6 +38,7 @@ class TrainConfig:
     val_max_length: int | None = None       # None: same as max_length
     random_offset_probability: float = 0.8
     pad_to_multiple_of: int = 16
+    pack: bool = False                      # lay a micro-batch's conversations end to end in max_length rows
     eval_size: int | None = None            # keep only the first N samples of every evaluation set
     sort_by_length: bool = False            # reference option; only False is implemented
     use_custom_sampler: bool = False        # reference option; only False is implemented
