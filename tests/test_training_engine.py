@@ -18,12 +18,10 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from gptneox import GPTNeoX, GPTNeoXConfig
-from gptneox.data.datasets import build_datasets
 from gptneox.training import loss as losses
 from gptneox.training.checkpoint import POINTER, tag_for
 from gptneox.training.distributed import free_port, init_distributed
 from gptneox.training.step import train_step
-from gptneox.training.toy_tokenizer import train_toy_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
@@ -44,10 +42,9 @@ def load_train_script():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A toy tokenizer and a data section over the bundled sample files; the process group (world 1)."""
+    """The bundled tokenizer, a data section over the bundled sample files; the process group (world 1)."""
     root = tmp_path_factory.mktemp("training")
-    train, _ = build_datasets(SAMPLE_DATASETS, cache_dir=".", seed=0)
-    tokenizer = train_toy_tokenizer(train, root / "tokenizer.json", vocab_size=512)
+    tokenizer = SAMPLE / "tokenizer.json"
     (root / "mix.yaml").write_text(json.dumps({"mix": {"datasets": SAMPLE_DATASETS}}))
     init_distributed()
     return root, tokenizer

@@ -28,22 +28,9 @@ def train(output_dir: Path, epochs: int, extra: list[str]) -> None:
 
     command = [sys.executable, str(REPO / "train.py"), "--configs", "defaults", "tiny", "sample-mix",
                "--output_dir", str(output_dir), "--num_train_epochs", str(epochs), *extra]
-    tokenizer = REPO / "data" / "sample" / "tokenizer.json"
-    if not tokenizer.is_file():  # a checkout without the bundled tokenizer: train one on the sample data
-        command += ["--tokenizer_path", str(toy_tokenizer(output_dir))]
     environment = {**os.environ, **single_process_environment()}
     print("$ " + " ".join(command), flush=True)
     subprocess.run(command, cwd=REPO, env=environment, check=True)
-
-
-def toy_tokenizer(output_dir: Path) -> Path:
-    from gptneox.data.datasets import build_datasets
-    from gptneox.training.config import load_section
-    from gptneox.training.toy_tokenizer import train_toy_tokenizer
-
-    section = load_section("sample-mix")
-    conversations, _ = build_datasets(section["datasets"], cache_dir=REPO / section["cache_dir"], seed=0)
-    return train_toy_tokenizer(conversations, output_dir / "toy_tokenizer" / "tokenizer.json")
 
 
 def summarize(output_dir: Path) -> None:
