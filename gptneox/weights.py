@@ -81,15 +81,29 @@ class _ShardReader:
             raise CheckpointError(f"{self.path}: cannot read checkpoint file ({type(err).__name__}: {err})") from None
 
     def tensors(self, keys: list[str]):
-        """Yield (key, tensor) for each key; tensors never share memory with the file."""
-        with self._open() as tensors:
+        """Yield (key, tensor) for each key. Safetensors data is read with plain reads into fresh tensors
+        (a memory map would keep the whole file resident); .bin tensors are views of the mapped file."""
+        if not self.is_safetensors:
+            with self._open() as tensors:
+                for key in keys:
+                    yield key, tensors[key]
+            return
+        with open(self.path, "rb") as file:
+            header_size = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(header_size))
             for key in keys:
-                try:
-                    tensor = tensors.get_tensor(key) if self.is_safetensors else tensors[key].clone()
-                except Exception as err:
-                    raise CheckpointError(f"{self.path}: cannot read tensor {key!r} "
-                                          f"({type(err).__name__}: {err})") from None
+                entry = header[key]
+                begin, end = entry["data_offsets"]
+                tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+                file.seek(8 + header_size + begin)
+                if file.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+                    raise CheckpointError(f"{self.path}: tensor {key!r} is truncated")
                 yield key, tensor
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def _model_name(name: str) -> str | None:
@@ -132,7 +146,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
         names = {key: name for name, (r, key) in sources.items() if r is reader}
         for key, tensor in reader.tensors(list(names)):
             module_name, _, leaf = names[key].rpartition(".")
-            parameter = nn.Parameter(tensor.to(device=device, dtype=dtype))
+            # a .bin tensor aliases the mapped file: copy it so that parameters own their memory
+            parameter = nn.Parameter(tensor.to(device=device, dtype=dtype, copy=not reader.is_safetensors))
             setattr(model.get_submodule(module_name), leaf, parameter)
     if config.tie_word_embeddings:
         model.embed_out.weight = model.gpt_neox.embed_in.weight
