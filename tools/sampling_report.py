@@ -82,7 +82,11 @@ def sample_replies(model, tokenizer, prompts: list[list[int]], settings: dict, *
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         input_ids, mask = left_pad(batch, pad_id, device=device)
-        budget = min(max_new_tokens, context - max(len(ids) for ids in batch))
+        longest = max(len(ids) for ids in batch)
+        budget = min(max_new_tokens, context - longest)
+        if budget < max_new_tokens:
+            print(f"[replies to prompts {start + 1}-{start + len(batch)} are limited to {budget} tokens: the "
+                  f"longest prompt is {longest} tokens of the {context}-token context]", file=sys.stderr)
         begin = time.perf_counter()
         out = generate(model, input_ids, mask, max_new_tokens=budget, stop_token_ids=stop_ids,
                        pad_token_id=pad_id, seed=seed + start, **settings)
