@@ -6,6 +6,7 @@ import socket
 
 import deepspeed
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -23,7 +24,8 @@ def single_process_environment() -> dict[str, str]:
 
 
 def init_distributed() -> tuple[int, int]:
-    """(rank, world size), initialising torch.distributed through DeepSpeed if not yet done."""
+    """(rank, world size), initialising torch.distributed through DeepSpeed if not yet done, with this
+    process's accelerator selected by LOCAL_RANK."""
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         for key, value in single_process_environment().items():
             os.environ.setdefault(key, value)
@@ -31,6 +33,7 @@ def init_distributed() -> tuple[int, int]:
     if missing:
         raise RuntimeError(f"partial launch environment: {', '.join(missing)} not set "
                            f"(use the deepspeed launcher, torchrun, or set all of {', '.join(_LAUNCH_VARIABLES)})")
+    get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))  # before weights load onto "this" device
     if not dist.is_initialized():
         deepspeed.init_distributed()
     return dist.get_rank(), dist.get_world_size()

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import torch
+from deepspeed.accelerator import get_accelerator
 from tokenizers import Tokenizer
 
 from gptneox import GPTNeoX, GPTNeoXConfig
@@ -15,6 +16,7 @@ from gptneox.data import load_tokenizer
 from gptneox.training.config import TrainConfig, TrainConfigError
 
 VOCAB_MULTIPLE = 16
+TRAINING_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def find_model_dir(model_name: str, cache_dir: str) -> Path | None:
@@ -35,7 +37,9 @@ def find_model_dir(model_name: str, cache_dir: str) -> Path | None:
 
 
 def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]:
-    """Model in fp32 (DeepSpeed casts to the training dtype), its tokenizer, and a line for the log."""
+    """Model, its tokenizer, and a line for the log. Pretrained weights load straight in the training dtype
+    and onto this rank's device, so a 7B model costs each rank one 16-bit copy rather than an fp32 one in
+    host memory (DeepSpeed keeps its own fp32 master copy in the optimizer)."""
     if not cfg.model_name:
         raise TrainConfigError("model_name is not set (add a model config such as tiny or stablelm-7b)")
     model_dir = find_model_dir(cfg.model_name, cfg.cache_dir)
@@ -47,7 +51,8 @@ def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]
         model = GPTNeoX(GPTNeoXConfig.from_name(cfg.model_name))
         origin = f"preset {cfg.model_name!r}, random init"
     else:
-        model = GPTNeoX.from_pretrained(model_dir, dtype=torch.float32)
+        device = get_accelerator().current_device_name()
+        model = GPTNeoX.from_pretrained(model_dir, dtype=TRAINING_DTYPES[cfg.dtype], device=device)
         origin = str(model_dir)
     rows = math.ceil(tokenizer.get_vocab_size() / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     if rows > model.config.vocab_size:  # never shrink: StableLM's 50432 rows stay
