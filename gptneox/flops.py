@@ -26,3 +26,17 @@ def flops_per_token(config: GPTNeoXConfig, seq_len: int) -> float:
     head = 6 * config.vocab_size * config.hidden_size
     attention = 12 * config.num_hidden_layers * config.hidden_size * seq_len
     return float(dense + head + attention)
+
+
+def training_flops(config: GPTNeoXConfig, sequence_lengths: list[int], trained_tokens: int) -> float:
+    """Model FLOPs (forward + backward) of training once on sequences of these lengths.
+
+    What the work needs, whatever the batch layout: the blocks for every real token, attention within each
+    sequence (12 x layers x hidden x length per token, as flops_per_token), and the LM head only for the
+    `trained_tokens` whose logits the loss reads. Padding and prompt logits are not useful work, so a
+    padded and a packed batch of the same conversations get the same count.
+    """
+    tokens = sum(sequence_lengths)
+    attention = 12 * config.num_hidden_layers * config.hidden_size * sum(n * n for n in sequence_lengths)
+    return float(6 * non_embedding_parameters(config) * tokens + attention
+                 + 6 * config.vocab_size * config.hidden_size * trained_tokens)

@@ -90,9 +90,20 @@ def test_frozen_head_or_frozen_hidden():
     hidden.grad = None
     total.backward()
     torch.testing.assert_close(hidden.grad, expected_hidden_grad, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():
+    recorder = LargestTensors()
+    with torch.no_grad(), recorder:
         no_grad_total, _ = masked_cross_entropy_from_hidden(hidden, head, targets, mask)
     torch.testing.assert_close(no_grad_total, total.detach(), rtol=1e-6, atol=1e-5)
+    products = [shape for name, shape in recorder.ops if "mm" in name]
+    assert products and (VOCAB, HIDDEN) not in products  # evaluation forms no weight gradient
+
+
+def test_second_backward_is_an_error_not_a_wrong_gradient():
+    hidden, head, targets, mask = make_inputs()
+    total, _ = masked_cross_entropy_from_hidden(hidden, head, targets, mask)
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="can run only once per forward"):
+        total.backward()
 
 
 class LargestTensors(TorchDispatchMode):
@@ -101,12 +112,14 @@ class LargestTensors(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.shapes: list[tuple[int, ...]] = []
+        self.ops: list[tuple[str, tuple[int, ...]]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for value in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(value, torch.Tensor):
                 self.shapes.append(tuple(value.shape))
+                self.ops.append((func.__name__, tuple(value.shape)))
         return out
 
     def largest(self) -> int:

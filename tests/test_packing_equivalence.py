@@ -11,6 +11,7 @@ import yaml
 
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.data import DialogueCollator, build_datasets, load_tokenizer
+from gptneox.flops import flops_per_token, training_flops
 from gptneox.training.loss import masked_cross_entropy, masked_cross_entropy_from_hidden
 from gptneox.training.step import MODEL_INPUTS
 
@@ -82,3 +83,23 @@ def test_packing_without_segments_would_differ(sample_mix):
     separate, _, _ = loss_and_gradients(model, packed)
     merged, _, _ = loss_and_gradients(model, {k: v for k, v in packed.items() if k != "segment_ids"})
     assert abs(float(separate) - float(merged)) > 1e-3
+
+
+def test_training_flops_count_the_same_work_for_both_layouts(sample_mix):
+    conversations, tokenizer = sample_mix
+    chosen = conversations[::37][:8]
+    padded = DialogueCollator(tokenizer, max_length=96, random_offset_probability=0.0)(chosen)
+    packed = DialogueCollator(tokenizer, max_length=96, random_offset_probability=0.0, pack=True)(chosen)
+    padded_lengths = padded["attention_mask"].sum(1).tolist()
+    real = packed["attention_mask"].bool()
+    packed_lengths = [int(((packed["segment_ids"][r] == s) & real[r]).sum())
+                      for r in range(real.shape[0]) for s in packed["segment_ids"][r][real[r]].unique().tolist()]
+    assert sorted(packed_lengths) == sorted(padded_lengths)
+    config = GPTNeoXConfig.from_name("pythia-70m")
+    trained = int(padded["loss_mask"].sum())
+    assert training_flops(config, packed_lengths, trained) == training_flops(config, padded_lengths, trained)
+    # every token trained: the per-token count of flops_per_token, summed over the conversations
+    everything = sum(flops_per_token(config, n) * n for n in padded_lengths)
+    assert training_flops(config, padded_lengths, sum(padded_lengths)) == pytest.approx(everything, rel=1e-12)
+    head = 6 * config.vocab_size * config.hidden_size
+    assert everything - training_flops(config, padded_lengths, trained) == head * (sum(padded_lengths) - trained)

@@ -58,31 +58,45 @@ def masked_cross_entropy_from_hidden(hidden: torch.Tensor, head_weight: torch.Te
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
     mask = loss_mask.bool()
+    if not torch.is_grad_enabled():  # a Function's needs_input_grad ignores no_grad: skip the gradient work
+        hidden, head_weight = hidden.detach(), head_weight.detach()
     total = ChunkedLinearCrossEntropy.apply(hidden[mask], head_weight, targets[mask], chunk_rows)
     return total, mask.sum()
 
 
-def _chunks(rows: int, chunk_rows: int):
-    return (slice(start, min(start + chunk_rows, rows)) for start in range(0, rows, chunk_rows))
+def _chunked_pass(hidden, weight, targets, chunk_rows: int, grad_scale, want_hidden: bool, want_weight: bool):
+    """(loss sum, d/d hidden, d/d weight) with gradients times grad_scale, one [chunk_rows, V] logits at a time.
 
-
-def _logits_gradient_(logits: torch.Tensor, logsumexp: torch.Tensor, targets: torch.Tensor,
-                      scale: torch.Tensor | float) -> torch.Tensor:
-    """d(sum of cross-entropies)/d(logits) = softmax - one_hot(targets), times scale, computed in place."""
-    probabilities = logits.sub_(logsumexp[:, None]).exp_()
-    probabilities[torch.arange(len(targets), device=targets.device), targets] -= 1.0
-    return probabilities.mul_(scale)
-
-
-def _accumulate(grad_hidden, grad_weight, rows, g, h, weight) -> None:
-    """grad_hidden[rows] = g @ weight; grad_weight (fp32) += g.T @ h, without a [V, H] temporary in fp32."""
-    if grad_hidden is not None:
-        torch.mm(g, weight, out=grad_hidden[rows])
-    if grad_weight is not None:
-        if g.dtype == grad_weight.dtype:
-            grad_weight.addmm_(g.t(), h)
-        else:
-            grad_weight += g.t() @ h
+    A chunk's gradient w.r.t. its logits is softmax - one_hot(targets), formed in place in the fp32 logits.
+    The weight gradient accumulates in fp32 (a bf16 sum over thousands of rows would lose digits); the
+    first chunk's product becomes the accumulator, so fp32 makes no [V, H] temporary.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if want_hidden else None
+    grad_weight = None
+    for start in range(0, len(targets), chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        h, t = hidden[rows], targets[rows]
+        logits = (h @ weight.t()).float()
+        logsumexp = torch.logsumexp(logits, dim=-1)
+        total += (logsumexp - logits.gather(1, t[:, None]).squeeze(1)).sum()
+        if not (want_hidden or want_weight):
+            continue
+        g = logits.sub_(logsumexp[:, None]).exp_()
+        g[torch.arange(len(t), device=t.device), t] -= 1.0
+        g = g.mul_(grad_scale).to(hidden.dtype)
+        if want_hidden:
+            torch.mm(g, weight, out=grad_hidden[rows])
+        if want_weight:
+            if grad_weight is None:
+                grad_weight = (g.t() @ h).float()
+            elif g.dtype == grad_weight.dtype:
+                grad_weight.addmm_(g.t(), h)
+            else:
+                grad_weight += g.t() @ h
+    if want_weight and grad_weight is None:  # no trained row: a zero gradient, not a missing one
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    return total, grad_hidden, grad_weight
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -94,50 +108,37 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     fp16 is the exception: its gradients must be multiplied by the loss scale before rounding to fp16 (the
     softmax of rare tokens would underflow otherwise), and the scale arrives only with the backward, so
     fp16 recomputes each chunk's logits in backward (4 matmuls per chunk).
+    The stored gradients are scaled in place and released, so a second backward through it is an error.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows):
-        eager = hidden.dtype != torch.float16
-        wants = ctx.needs_input_grad[:2]
-        grad_hidden = torch.empty_like(hidden) if eager and wants[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if eager and wants[1] else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        logsumexp = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
-        for rows in _chunks(len(targets), chunk_rows):
-            h, t = hidden[rows], targets[rows]
-            logits = (h @ weight.t()).float()
-            logsumexp[rows] = torch.logsumexp(logits, dim=-1)
-            total += (logsumexp[rows] - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if grad_hidden is not None or grad_weight is not None:
-                g = _logits_gradient_(logits, logsumexp[rows], t, 1.0).to(hidden.dtype)
-                _accumulate(grad_hidden, grad_weight, rows, g, h, weight)
-        ctx.chunk_rows = chunk_rows
-        ctx.gradients = (grad_hidden, grad_weight) if eager else None
-        ctx.save_for_backward(hidden, weight, targets, logsumexp)
+        ctx.recompute = hidden.dtype == torch.float16
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        if ctx.recompute:
+            total, _, _ = _chunked_pass(hidden, weight, targets, chunk_rows, 1.0, False, False)
+            ctx.chunk_rows = chunk_rows
+            ctx.save_for_backward(hidden, weight, targets)
+        else:
+            total, grad_hidden, grad_weight = _chunked_pass(hidden, weight, targets, chunk_rows, 1.0,
+                                                            want_hidden, want_weight)
+            ctx.gradients, ctx.weight_dtype = [grad_hidden, grad_weight], weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, targets, logsumexp = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        if ctx.recompute:
+            hidden, weight, targets = ctx.saved_tensors
+            _, grad_hidden, grad_weight = _chunked_pass(hidden, weight, targets, ctx.chunk_rows, grad_total,
+                                                        want_hidden, want_weight)
+            return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
         if ctx.gradients is None:
-            grad_hidden, grad_weight = ChunkedLinearCrossEntropy._recompute(
-                ctx, hidden, weight, targets, logsumexp, grad_total)
-        else:
-            grad_hidden, grad_weight = ctx.gradients
-            grad_hidden = None if grad_hidden is None else grad_hidden * grad_total.to(hidden.dtype)
-            grad_weight = None if grad_weight is None else (grad_weight * grad_total).to(weight.dtype)
+            raise RuntimeError("backward through the chunked cross-entropy can run only once per forward")
+        grad_hidden, grad_weight = ctx.gradients
+        ctx.gradients = None
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_total.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None
-
-    @staticmethod
-    def _recompute(ctx, hidden, weight, targets, logsumexp, grad_total):
-        wants = ctx.needs_input_grad[:2]
-        grad_hidden = torch.empty_like(hidden) if wants[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants[1] else None
-        for rows in _chunks(len(targets), ctx.chunk_rows):
-            h = hidden[rows]
-            logits = (h @ weight.t()).float()
-            g = _logits_gradient_(logits, logsumexp[rows], targets[rows], grad_total).to(hidden.dtype)
-            _accumulate(grad_hidden, grad_weight, rows, g, h, weight)
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)

@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+"""Training throughput, side by side on the same machine, model shape and conversations:
+
+  A   reference stack: transformers.GPTNeoXForCausalLM, padded batches (right padding to the longest row,
+      a multiple of 16, as the reference trainer), token-mean cross-entropy over trained targets of the
+      full [B, T, vocab] logits (the reference loss)
+  B   ours, padded batches, the same full-logits loss: our model against theirs, nothing else changed
+  B2  ours, padded batches, the training loop's loss (logits of trained rows only, in chunks)
+  C   ours, packed batches (conversations end to end, per-segment attention), the training loop's loss
+
+One step = forward + backward + AdamW step on one micro-batch (batches are collated before timing, as a
+data loader would). Each variant runs in a fresh subprocess so its peak memory (RSS high-water VmHWM on
+CPU, max allocated on CUDA) is its own; with --rounds > 1 the variants alternate, so machine noise
+spreads over all of them. Figures are medians over the timed steps. Every variant sees the same
+batches: conversations drawn from the bundled sample mix (configs/sample-mix.yaml, build_datasets) and
+tokenized by its bundled tokenizer.
+
+FLOPs: gptneox.flops.training_flops (blocks for every real token, attention within each conversation,
+LM head for trained tokens only): the same useful work for every variant, divided by the matmul peak
+measured at start (bench/matmul_peak.py).
+
+    python bench/train_throughput.py                                    # CPU fp32, Pythia-70M shape
+    python bench/train_throughput.py --device cuda --dtype bf16 --model stablelm-7b-layers --layers 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.matmul_peak import DTYPES, matmul_peak_tflops  # noqa: E402
+from gptneox import GPTNeoX, GPTNeoXConfig  # noqa: E402
+from gptneox.data import DialogueCollator, build_datasets, load_tokenizer  # noqa: E402
+from gptneox.flops import training_flops  # noqa: E402
+from gptneox.training.loss import DEFAULT_CHUNK_ROWS, masked_cross_entropy, masked_cross_entropy_from_hidden  # noqa: E402
+
+VARIANTS = {
+    "A": "transformers, padded, full-logits loss",
+    "B": "gptneox, padded, full-logits loss",
+    "B2": "gptneox, padded, chunked trained-rows loss",
+    "C": "gptneox, packed, chunked trained-rows loss",
+}
+MODELS = {"pythia-70m": "pythia-70m", "stablelm-7b-layers": "stablelm-base-alpha-7b"}
+
+
+def model_config(args) -> GPTNeoXConfig:
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    return GPTNeoXConfig.from_name(MODELS[args.model], **overrides)
+
+
+def draw_batches(args) -> list[list]:
+    """warmup + iters lists of batch_size conversations, drawn without replacement while they last."""
+    section = yaml.safe_load((ROOT / "configs" / "sample-mix.yaml").read_text())["sample-mix"]
+    conversations, _ = build_datasets(section["datasets"], cache_dir=ROOT / section["cache_dir"], seed=0)
+    rng = np.random.default_rng(args.seed)
+    order = np.concatenate([rng.permutation(len(conversations)) for _ in range(
+        -(-(args.warmup + args.iters) * args.batch_size // len(conversations)))])
+    return [[conversations[i] for i in order[k * args.batch_size:(k + 1) * args.batch_size]]
+            for k in range(args.warmup + args.iters)]
+
+
+def collate_all(args, batches, pack: bool) -> list[dict]:
+    section = yaml.safe_load((ROOT / "configs" / "sample-mix.yaml").read_text())["sample-mix"]
+    tokenizer = load_tokenizer(ROOT / section["tokenizer_path"])
+    collate = DialogueCollator(tokenizer, max_length=args.max_length, random_offset_probability=0.0,
+                               pad_to_multiple_of=16, pack=pack)
+    return [collate(b) for b in batches]
+
+
+def conversation_lengths(batch: dict) -> list[int]:
+    """Real-token length of each conversation, from a padded or a packed batch."""
+    real = batch["attention_mask"].bool()
+    if "segment_ids" not in batch:
+        return real.sum(1).tolist()
+    return [int(((batch["segment_ids"][r] == s) & real[r]).sum())
+            for r in range(real.shape[0]) for s in batch["segment_ids"][r][real[r]].unique().tolist()]
+
+
+def build_model(variant: str, config: GPTNeoXConfig, args, device, dtype):
+    torch.manual_seed(args.seed)
+    ours = GPTNeoX(config)
+    if variant != "A":
+        ours.attention_backend = args.attention
+        return ours.to(device=device, dtype=dtype).train()
+    import transformers
+    hf_config = transformers.GPTNeoXConfig(**{k: v for k, v in config.to_hf().items()
+                                              if k not in ("rotary_pct", "rotary_emb_base")})
+    hf_config._attn_implementation = "flash_attention_2" if args.attention == "flash" else "sdpa"
+    reference = transformers.GPTNeoXForCausalLM(hf_config)
+    reference.load_state_dict({k.replace("embed_out.", "lm_head."): v for k, v in ours.state_dict().items()})
+    return reference.to(device=device, dtype=dtype).train()
+
+
+def reference_loss(model, batch):
+    """The reference trainer's loss: full logits, keep trained positions, per-token CE, sum / (n + 1e-8)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    mask = batch["loss_mask"].flatten()
+    selected = logits.flatten(0, 1)[mask]
+    losses = torch.nn.functional.cross_entropy(selected, batch["targets"].flatten()[mask], reduction="none")
+    return losses.sum() / (mask.sum() + 1e-8)
+
+
+def our_loss(model, batch, full_logits: bool, chunk_rows: int):
+    inputs = {k: batch[k] for k in ("position_ids", "attention_mask", "segment_ids") if k in batch}
+    if full_logits:
+        total, count = masked_cross_entropy(model(batch["input_ids"], **inputs), batch["targets"],
+                                            batch["loss_mask"])
+    else:
+        hidden = model(batch["input_ids"], return_hidden=True, **inputs)
+        total, count = masked_cross_entropy_from_hidden(hidden, model.output_embedding, batch["targets"],
+                                                        batch["loss_mask"], chunk_rows)
+    return total / count.clamp(min=1)
+
+
+def peak_memory_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def run_variant(variant: str, args) -> dict:
+    """One variant, in this process: set up, warm up, time; returns per-step figures."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    config = model_config(args)
+    batches = collate_all(args, draw_batches(args), pack=variant == "C")
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    model = build_model(variant, config, args, device, dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+    setup_mib = peak_memory_mib(device)
+
+    def step(batch) -> tuple[float, float]:
+        start = time.perf_counter()
+        if variant == "A":
+            loss = reference_loss(model, batch)
+        else:
+            loss = our_loss(model, batch, full_logits=variant == "B", chunk_rows=args.loss_chunk_rows)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start, float(loss)
+
+    first_loss = None
+    for batch in batches[:args.warmup]:
+        _, loss = step(batch)
+        first_loss = loss if first_loss is None else first_loss
+    steps = []
+    for batch in batches[args.warmup:]:
+        seconds, _ = step(batch)
+        lengths = conversation_lengths(batch)
+        trained = int(batch["loss_mask"].sum())
+        steps.append({"seconds": seconds, "tokens": sum(lengths), "trained": trained,
+                      "cells": batch["input_ids"].numel(), "flops": training_flops(config, lengths, trained)})
+    return {"variant": variant, "steps": steps, "first_loss": first_loss, "setup_mib": setup_mib,
+            "peak_mib": peak_memory_mib(device)}
+
+
+def run_in_subprocess(variant: str, argv: list[str]) -> dict:
+    result = subprocess.run([sys.executable, __file__, *argv, "--worker", variant], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"variant {variant} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def summarize(runs: list[dict], peak_tflops: float) -> dict:
+    steps = [s for run in runs for s in run["steps"]]
+    tokens, trained, cells = (sum(s[k] for s in steps) for k in ("tokens", "trained", "cells"))
+    return {
+        "tokens_per_s": statistics.median(s["tokens"] / s["seconds"] for s in steps),
+        "trained_per_s": statistics.median(s["trained"] / s["seconds"] for s in steps),
+        "step_s": statistics.median(s["seconds"] for s in steps),
+        "padding": 1 - tokens / cells,
+        "tflops": statistics.median(s["flops"] / s["seconds"] for s in steps) / 1e12,
+        "mfu": statistics.median(s["flops"] / s["seconds"] for s in steps) / 1e12 / peak_tflops,
+        "peak_mib": max(run["peak_mib"] for run in runs),
+        "setup_mib": max(run["setup_mib"] for run in runs),
+        "first_loss": runs[0]["first_loss"],
+        "steps": len(steps),
+    }
+
+
+def machine_line(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 "unknown CPU")
+    return f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--model", default="pythia-70m", choices=sorted(MODELS),
+                        help="pythia-70m (vocab 50304) or stablelm-7b-layers (StableLM-7B shape, vocab 50432)")
+    parser.add_argument("--layers", type=int, default=None, help="number of layers (default: the model's)")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "flash"],
+                        help="attention kernels of both stacks (flash: flash-attn on CUDA, varlen when packed)")
+    parser.add_argument("--batch_size", type=int, default=8, help="conversations per micro-batch")
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the variants this many times")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--loss_chunk_rows", type=int, default=DEFAULT_CHUNK_ROWS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.attention == "flash" and args.device == "cpu":
+        parser.error("--attention flash needs --device cuda")
+
+    if args.worker:
+        print(json.dumps(run_variant(args.worker, args)))
+        return
+    device = torch.device(args.device)
+    peak = matmul_peak_tflops(args.device, args.dtype)
+    config = model_config(args)
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+    runs = {v: [] for v in args.variants}
+    for _ in range(args.rounds):
+        for variant in args.variants:
+            runs[variant].append(run_in_subprocess(variant, forwarded))
+    results = {v: summarize(r, peak) for v, r in runs.items()}
+
+    print(f"machine: {machine_line(device)}")
+    print(f"model: {args.model} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab "
+          f"{config.vocab_size}), {args.dtype}, attention {args.attention}; {args.batch_size} conversations x "
+          f"max_length {args.max_length}; {args.warmup} warm-up + {args.iters} timed steps x {args.rounds} "
+          f"round(s) per variant; loss chunk {args.loss_chunk_rows} rows")
+    print(f"measured {args.dtype} matmul peak: {peak:.4f} TFLOP/s")
+    memory = "max allocated" if device.type == "cuda" else "RSS high-water"
+    print(f"| variant | tokens/s | trained tokens/s | step s | padding | TFLOP/s | MFU | peak MiB ({memory}) "
+          f"| after set-up MiB | first loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for v, r in results.items():
+        print(f"| {v}: {VARIANTS[v]} | {r['tokens_per_s']:,.0f} | {r['trained_per_s']:,.0f} | {r['step_s']:.3f} | "
+              f"{r['padding']:.1%} | {r['tflops']:.4f} | {r['mfu']:.1%} | {r['peak_mib']:,.0f} | "
+              f"{r['setup_mib']:,.0f} | {r['first_loss']:.4f} |")
+    if "A" in results:
+        for v in results:
+            if v != "A":
+                print(f"{v}/A trained tokens/s: {results[v]['trained_per_s'] / results['A']['trained_per_s']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "peak_tflops": peak,
+                                         "machine": machine_line(device), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
