@@ -9,11 +9,12 @@
   C   ours, packed batches (conversations end to end, per-segment attention), the training loop's loss
 
 One step = forward + backward + AdamW step on one micro-batch (batches are collated before timing, as a
-data loader would). Each variant runs in a fresh subprocess so its peak memory (RSS high-water VmHWM on
-CPU, max allocated on CUDA) is its own; with --rounds > 1 the variants alternate, so machine noise
-spreads over all of them. Figures are medians over the timed steps. Every variant sees the same
-batches: conversations drawn from the bundled sample mix (configs/sample-mix.yaml, build_datasets) and
-tokenized by its bundled tokenizer.
+data loader would). Timing: all variants live in this process and take turns, one step each, so machine
+noise hits them alike (--rounds repeats the timed batches); figures are medians over the timed steps.
+Peak memory: each variant again in a fresh subprocess (set-up, then two steps), so its peak is its own:
+RSS high-water (VmHWM) on CPU, max allocated on CUDA. Every variant sees the same batches: conversations
+drawn from the bundled sample mix (configs/sample-mix.yaml, build_datasets) and tokenized by its bundled
+tokenizer, no random truncation windows.
 
 FLOPs: gptneox.flops.training_flops (blocks for every real token, attention within each conversation,
 LM head for trained tokens only): the same useful work for every variant, divided by the matmul peak
@@ -132,65 +133,88 @@ def peak_memory_mib(device) -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def run_variant(variant: str, args) -> dict:
-    """One variant, in this process: set up, warm up, time; returns per-step figures."""
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    config = model_config(args)
-    batches = collate_all(args, draw_batches(args), pack=variant == "C")
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    model = build_model(variant, config, args, device, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
-    setup_mib = peak_memory_mib(device)
+class Variant:
+    """One variant's model, optimizer and collated batches; `step` runs and times one micro-batch."""
 
-    def step(batch) -> tuple[float, float]:
+    def __init__(self, name: str, args, conversations: list[list]):
+        self.name, self.args = name, args
+        self.device, dtype = torch.device(args.device), DTYPES[args.dtype]
+        self.config = model_config(args)
+        self.batches = [{k: v.to(self.device) for k, v in b.items()}
+                        for b in collate_all(args, conversations, pack=name == "C")]
+        self.model = build_model(name, self.config, args, self.device, dtype)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-12,
+                                           weight_decay=0.0)
+        self.setup_mib = peak_memory_mib(self.device)
+        self.first_loss = None
+        self.steps: list[dict] = []
+
+    def step(self, index: int, timed: bool) -> None:
+        batch = self.batches[index]
         start = time.perf_counter()
-        if variant == "A":
-            loss = reference_loss(model, batch)
+        if self.name == "A":
+            loss = reference_loss(self.model, batch)
         else:
-            loss = our_loss(model, batch, full_logits=variant == "B", chunk_rows=args.loss_chunk_rows)
+            loss = our_loss(self.model, batch, full_logits=self.name == "B", chunk_rows=self.args.loss_chunk_rows)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start, float(loss)
-
-    first_loss = None
-    for batch in batches[:args.warmup]:
-        _, loss = step(batch)
-        first_loss = loss if first_loss is None else first_loss
-    steps = []
-    for batch in batches[args.warmup:]:
-        seconds, _ = step(batch)
-        lengths = conversation_lengths(batch)
-        trained = int(batch["loss_mask"].sum())
-        steps.append({"seconds": seconds, "tokens": sum(lengths), "trained": trained,
-                      "cells": batch["input_ids"].numel(), "flops": training_flops(config, lengths, trained)})
-    return {"variant": variant, "steps": steps, "first_loss": first_loss, "setup_mib": setup_mib,
-            "peak_mib": peak_memory_mib(device)}
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        self.first_loss = float(loss) if self.first_loss is None else self.first_loss
+        if timed:
+            lengths = conversation_lengths(batch)
+            trained = int(batch["loss_mask"].sum())
+            self.steps.append({"seconds": seconds, "tokens": sum(lengths), "trained": trained,
+                               "cells": batch["input_ids"].numel(),
+                               "flops": training_flops(self.config, lengths, trained)})
 
 
-def run_in_subprocess(variant: str, argv: list[str]) -> dict:
-    result = subprocess.run([sys.executable, __file__, *argv, "--worker", variant], capture_output=True, text=True)
+def time_variants(names: list[str], args) -> dict[str, Variant]:
+    """All variants in this process, one step each in turn, so machine noise hits them alike."""
+    conversations = draw_batches(args)
+    variants = {name: Variant(name, args, conversations) for name in names}
+    for index in range(args.warmup):
+        for variant in variants.values():
+            variant.step(index, timed=False)
+    for _ in range(args.rounds):
+        for index in range(args.warmup, args.warmup + args.iters):
+            for variant in variants.values():
+                variant.step(index, timed=True)
+    return variants
+
+
+def measure_memory(name: str, args) -> dict:
+    """In a fresh process: set-up memory, then the peak over one warm-up step and one more step."""
+    variant = Variant(name, args, draw_batches(args)[:2])
+    for index in range(2):
+        variant.step(index, timed=False)
+    return {"setup_mib": variant.setup_mib, "peak_mib": peak_memory_mib(variant.device)}
+
+
+def memory_in_subprocess(name: str, argv: list[str]) -> dict:
+    result = subprocess.run([sys.executable, __file__, *argv, "--memory_worker", name], capture_output=True,
+                            text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"variant {variant} failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"memory run of variant {name} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def summarize(runs: list[dict], peak_tflops: float) -> dict:
-    steps = [s for run in runs for s in run["steps"]]
-    tokens, trained, cells = (sum(s[k] for s in steps) for k in ("tokens", "trained", "cells"))
+def summarize(variant: Variant, memory: dict, peak_tflops: float) -> dict:
+    steps = variant.steps
+    tokens, cells = (sum(s[k] for s in steps) for k in ("tokens", "cells"))
+    flop_rate = statistics.median(s["flops"] / s["seconds"] for s in steps)
     return {
         "tokens_per_s": statistics.median(s["tokens"] / s["seconds"] for s in steps),
         "trained_per_s": statistics.median(s["trained"] / s["seconds"] for s in steps),
         "step_s": statistics.median(s["seconds"] for s in steps),
         "padding": 1 - tokens / cells,
-        "tflops": statistics.median(s["flops"] / s["seconds"] for s in steps) / 1e12,
-        "mfu": statistics.median(s["flops"] / s["seconds"] for s in steps) / 1e12 / peak_tflops,
-        "peak_mib": max(run["peak_mib"] for run in runs),
-        "setup_mib": max(run["setup_mib"] for run in runs),
-        "first_loss": runs[0]["first_loss"],
-        "steps": len(steps),
+        "tflops": flop_rate / 1e12,
+        "mfu": flop_rate / 1e12 / peak_tflops,
+        "first_loss": variant.first_loss,
+        "step_seconds": [s["seconds"] for s in steps],
+        **memory,
     }
 
 
@@ -215,34 +239,32 @@ def main(argv=None) -> None:
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5, help="timed steps per variant and round")
-    parser.add_argument("--rounds", type=int, default=1, help="alternate the variants this many times")
+    parser.add_argument("--rounds", type=int, default=1, help="pass over the timed batches this many times")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--loss_chunk_rows", type=int, default=DEFAULT_CHUNK_ROWS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--memory_worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.attention == "flash" and args.device == "cpu":
         parser.error("--attention flash needs --device cuda")
 
-    if args.worker:
-        print(json.dumps(run_variant(args.worker, args)))
+    if args.memory_worker:
+        print(json.dumps(measure_memory(args.memory_worker, args)))
         return
     device = torch.device(args.device)
+    forwarded = list(argv if argv is not None else sys.argv[1:])
+    memory = {v: memory_in_subprocess(v, forwarded) for v in args.variants}
     peak = matmul_peak_tflops(args.device, args.dtype)
     config = model_config(args)
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
-    runs = {v: [] for v in args.variants}
-    for _ in range(args.rounds):
-        for variant in args.variants:
-            runs[variant].append(run_in_subprocess(variant, forwarded))
-    results = {v: summarize(r, peak) for v, r in runs.items()}
+    variants = time_variants(args.variants, args)
+    results = {v: summarize(variants[v], memory[v], peak) for v in args.variants}
 
     print(f"machine: {machine_line(device)}")
     print(f"model: {args.model} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab "
           f"{config.vocab_size}), {args.dtype}, attention {args.attention}; {args.batch_size} conversations x "
-          f"max_length {args.max_length}; {args.warmup} warm-up + {args.iters} timed steps x {args.rounds} "
-          f"round(s) per variant; loss chunk {args.loss_chunk_rows} rows")
+          f"max_length {args.max_length}; {args.warmup} warm-up + {args.iters} timed batches x {args.rounds} "
+          f"round(s) per variant, interleaved; loss chunk {args.loss_chunk_rows} rows")
     print(f"measured {args.dtype} matmul peak: {peak:.4f} TFLOP/s")
     memory = "max allocated" if device.type == "cuda" else "RSS high-water"
     print(f"| variant | tokens/s | trained tokens/s | step s | padding | TFLOP/s | MFU | peak MiB ({memory}) "
