@@ -162,7 +162,7 @@ class Variant:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        self.first_loss = float(loss) if self.first_loss is None else self.first_loss
+        self.first_loss = float(loss.detach()) if self.first_loss is None else self.first_loss
         if timed:
             lengths = conversation_lengths(batch)
             trained = int(batch["loss_mask"].sum())
@@ -218,6 +218,11 @@ def summarize(variant: Variant, memory: dict, peak_tflops: float) -> dict:
     }
 
 
+def data_sheet_peak(dtype: str) -> tuple[float, str]:
+    from gptneox.training.metrics import peak_tflops
+    return peak_tflops(dtype, None)
+
+
 def machine_line(device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
@@ -229,7 +234,8 @@ def machine_line(device) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="weights, activations and AdamW state (no fp16: it would need a loss scaler)")
     parser.add_argument("--model", default="pythia-70m", choices=sorted(MODELS),
                         help="pythia-70m (vocab 50304) or stablelm-7b-layers (StableLM-7B shape, vocab 50432)")
     parser.add_argument("--layers", type=int, default=None, help="number of layers (default: the model's)")
@@ -255,7 +261,8 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     forwarded = list(argv if argv is not None else sys.argv[1:])
     memory = {v: memory_in_subprocess(v, forwarded) for v in args.variants}
-    peak = matmul_peak_tflops(args.device, args.dtype)
+    sizes = (2048, 3072) if device.type == "cpu" else (4096, 8192)
+    peak = matmul_peak_tflops(args.device, args.dtype, sizes)
     config = model_config(args)
     variants = time_variants(args.variants, args)
     results = {v: summarize(variants[v], memory[v], peak) for v in args.variants}
@@ -265,7 +272,12 @@ def main(argv=None) -> None:
           f"{config.vocab_size}), {args.dtype}, attention {args.attention}; {args.batch_size} conversations x "
           f"max_length {args.max_length}; {args.warmup} warm-up + {args.iters} timed batches x {args.rounds} "
           f"round(s) per variant, interleaved; loss chunk {args.loss_chunk_rows} rows")
-    print(f"measured {args.dtype} matmul peak: {peak:.4f} TFLOP/s")
+    print(f"measured {args.dtype} matmul peak: {peak:.4f} TFLOP/s (MFU column divides by this)")
+    if device.type == "cuda":
+        sheet, source = data_sheet_peak(args.dtype)
+        for v, r in results.items():
+            print(f"{v}: MFU against the card's peak {sheet:.0f} TFLOP/s ({source}): {r['tflops'] / sheet:.1%}"
+                  if sheet else f"{v}: no data-sheet peak ({source})")
     memory = "max allocated" if device.type == "cuda" else "RSS high-water"
     print(f"| variant | tokens/s | trained tokens/s | step s | padding | TFLOP/s | MFU | peak MiB ({memory}) "
           f"| after set-up MiB | first loss |")
