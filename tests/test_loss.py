@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gptneox.training.loss import masked_cross_entropy, masked_cross_entropy_from_hidden
+from gptneox.training.loss import masked_cross_entropy, masked_cross_entropy_from_hidden, masked_loss_and_correct
 
 VOCAB, HIDDEN = 300, 24
 
@@ -142,6 +142,19 @@ def test_no_tensor_of_trained_rows_by_vocab_is_ever_created():
     with plain_recorder:
         plain(hidden, head, targets, mask)[0].backward()
     assert plain_recorder.largest() >= selected * VOCAB
+
+
+def test_evaluation_loss_and_accuracy_in_chunks():
+    hidden, head, targets, mask = make_inputs()
+    with torch.no_grad():
+        logits = hidden @ head.t()
+        targets = torch.where(torch.rand(targets.shape) < 0.5, logits.argmax(-1), targets)  # some right
+        expected_sum, expected_count = masked_cross_entropy(logits, targets, mask)
+        expected_correct = int(((logits.argmax(-1) == targets) & mask).sum())
+    total, correct, count = masked_loss_and_correct(hidden, head, targets, mask, chunk_rows=7)
+    assert count == int(expected_count) and 0 < correct == expected_correct < count
+    assert total == pytest.approx(float(expected_sum), rel=1e-5)
+    assert masked_loss_and_correct(hidden, head, targets, torch.zeros_like(mask)) == (0.0, 0, 0)
 
 
 def test_shape_errors_name_the_shapes():

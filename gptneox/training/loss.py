@@ -34,12 +34,26 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     return total, mask.sum()
 
 
-def trained_logits(hidden: torch.Tensor, head_weight: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Logits [n_trained, vocab] of the trained positions only, from final hidden states [..., hidden].
+@torch.no_grad()
+def masked_loss_and_correct(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                            loss_mask: torch.Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS
+                            ) -> tuple[float, int, int]:
+    """Evaluation: (cross-entropy sum, correct argmax predictions, count) over the trained positions.
 
-    For evaluation (accuracy needs the argmax); training uses the chunked loss below.
+    Chunked like the training loss, so an evaluation batch never holds [trained tokens, vocab] logits.
     """
-    return hidden[loss_mask.bool()] @ head_weight.t()
+    if hidden.shape[:-1] != targets.shape or targets.shape != loss_mask.shape:
+        raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)}, "
+                         f"loss_mask {tuple(loss_mask.shape)}")
+    mask = loss_mask.bool()
+    rows, wanted = hidden[mask], targets[mask]
+    total, correct = 0.0, 0
+    for start in range(0, len(wanted), chunk_rows):
+        logits = (rows[start:start + chunk_rows] @ head_weight.t()).float()
+        chunk_targets = wanted[start:start + chunk_rows]
+        total += F.cross_entropy(logits, chunk_targets, reduction="sum").item()
+        correct += int((logits.argmax(-1) == chunk_targets).sum())
+    return total, correct, len(wanted)
 
 
 def masked_cross_entropy_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,

@@ -85,13 +85,11 @@ def evaluate(engine: Any, batches: list[dict]) -> tuple[float, float]:
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         hidden = engine(batch["input_ids"], return_hidden=True, **kwargs)
-        mask = batch["loss_mask"].bool()
-        logits = losses.trained_logits(hidden, engine.module.output_embedding, mask)
-        targets = batch["targets"][mask]
-        total, n = losses.masked_cross_entropy(logits, targets, torch.ones_like(targets, dtype=torch.bool))
-        loss_sum += total.item()
-        count += n.item()
-        correct += (logits.argmax(-1) == targets).sum().item()
+        total, right, n = losses.masked_loss_and_correct(hidden, engine.module.output_embedding, batch["targets"],
+                                                         batch["loss_mask"])
+        loss_sum += total
+        count += n
+        correct += right
     engine.train(was_training)
     loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], engine.device)
     return loss_sum / max(count, 1.0), correct / max(count, 1.0)
