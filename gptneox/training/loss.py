@@ -62,7 +62,8 @@ def masked_cross_entropy_from_hidden(hidden: torch.Tensor, head_weight: torch.Te
     """Same (sum, count) and gradients as masked_cross_entropy(hidden @ head_weight.T, targets, loss_mask).
 
     hidden [..., hidden_size]; head_weight [vocab, hidden_size]; targets and loss_mask [...]. Only the
-    trained rows are projected, `chunk_rows` at a time; the largest temporary is [chunk_rows, vocab].
+    trained rows are projected, `chunk_rows` at a time: besides the [vocab, hidden_size] weight gradient,
+    no temporary is larger than [chunk_rows, vocab].
     """
     if hidden.shape[:-1] != targets.shape or targets.shape != loss_mask.shape:
         raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)}, "
