@@ -20,7 +20,6 @@ from deepspeed.accelerator import get_accelerator
 
 from gptneox.data import DialogueCollator
 from gptneox.data.datasets import build_datasets
-from gptneox.flops import flops_per_token
 from gptneox.training.checkpoint import CheckpointManager, restore_rng_states, rng_states, tag_for
 from gptneox.training.config import TrainConfig, TrainConfigError, parse_train_config
 from gptneox.training.data_order import DataOrder
@@ -146,13 +145,12 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
         step_in_epoch += 1
         elapsed = time.perf_counter() - started
         consecutive_skips = consecutive_skips + 1 if result.skipped else 0
-        flops = flops_per_token(engine.module.config, round(result.padded_length)) * result.tokens
         metrics.log(engine.global_steps, {
             "loss": result.loss, "lr": lr, "grad_norm": _number(engine.get_global_grad_norm()),
             "loss_scale": float(engine.optimizer.cur_scale) if cfg.dtype == "fp16" else 1.0,
             "skipped_steps": engine.skipped_steps, "epoch": epoch + step_in_epoch / order.steps_per_epoch,
             "tokens_per_s": result.tokens / elapsed, "trained_tokens_per_s": result.trained_tokens / elapsed,
-            "mfu": flops / elapsed / (peak * 1e12 * world) if peak else None,
+            "mfu": result.flops / elapsed / (peak * 1e12 * world) if peak else None,
             "peak_memory_gb": peak_memory_gb(),
         }, advance=True, show=engine.global_steps % cfg.logging_steps == 0)
         if consecutive_skips >= cfg.max_consecutive_skipped_steps:

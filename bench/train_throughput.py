@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from bench.matmul_peak import DTYPES, matmul_peak_tflops  # noqa: E402
 from gptneox import GPTNeoX, GPTNeoXConfig  # noqa: E402
 from gptneox.data import DialogueCollator, build_datasets, load_tokenizer  # noqa: E402
-from gptneox.flops import training_flops  # noqa: E402
+from gptneox.flops import conversation_lengths, training_flops  # noqa: E402
 from gptneox.training.loss import DEFAULT_CHUNK_ROWS, masked_cross_entropy, masked_cross_entropy_from_hidden  # noqa: E402
 
 VARIANTS = {
@@ -77,15 +77,6 @@ def collate_all(args, batches, pack: bool) -> list[dict]:
     collate = DialogueCollator(tokenizer, max_length=args.max_length, random_offset_probability=0.0,
                                pad_to_multiple_of=16, pack=pack)
     return [collate(b) for b in batches]
-
-
-def conversation_lengths(batch: dict) -> list[int]:
-    """Real-token length of each conversation, from a padded or a packed batch."""
-    real = batch["attention_mask"].bool()
-    if "segment_ids" not in batch:
-        return real.sum(1).tolist()
-    return [int(((batch["segment_ids"][r] == s) & real[r]).sum())
-            for r in range(real.shape[0]) for s in batch["segment_ids"][r][real[r]].unique().tolist()]
 
 
 def build_model(variant: str, config: GPTNeoXConfig, args, device, dtype):

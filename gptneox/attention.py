@@ -35,6 +35,7 @@ class AttentionMask:
     segments: torch.Tensor | None = None  # [B, S] long run ids, only without a cache (S == T)
     _dense: torch.Tensor | None = field(default=None, repr=False)
     _varlen: tuple | None = field(default=None, repr=False)
+    _spans: list | None = field(default=None, repr=False)
 
     @property
     def offset(self) -> int:
@@ -57,6 +58,20 @@ class AttentionMask:
                 allowed = allowed & (self.segments[:, None, :, None] == self.segments[:, None, None, :])
             self._dense = allowed | (keys == queries)
         return self._dense
+
+    @property
+    def is_segments_only(self) -> bool:
+        """Packed rows with no padding mask and no cache: attention splits into independent causal runs."""
+        return self.segments is not None and self.padding is None and self.offset == 0
+
+    def segment_spans(self) -> list[list[tuple[int, int]]]:
+        """For each row, the [start, end) of each segment run (read once per forward, shared by the layers)."""
+        if self._spans is None:
+            self._spans = []
+            for row in self.segments.tolist():
+                starts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1]]
+                self._spans.append(list(zip(starts, starts[1:] + [len(row)])))
+        return self._spans
 
     def varlen(self, device: torch.device) -> tuple:
         """Index bookkeeping for flash_attn_varlen_func: each (row, segment) of real tokens is one sequence.
@@ -103,6 +118,11 @@ def _sdpa(q, k, v, mask: AttentionMask) -> torch.Tensor:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     elif mask.is_causal_only and T == 1:  # one new token sees the whole cache
         out = F.scaled_dot_product_attention(q, k, v)
+    elif mask.is_segments_only:  # packed rows: causal attention per segment costs sum(n^2), not T^2
+        out = torch.cat([
+            torch.cat([F.scaled_dot_product_attention(q[r:r + 1, :, a:b], k[r:r + 1, :, a:b], v[r:r + 1, :, a:b],
+                                                      is_causal=True) for a, b in spans], dim=2)
+            for r, spans in enumerate(mask.segment_spans())])
     else:  # is_causal would align top-left with a cache, so use an explicit mask
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(q.device))
     return out.transpose(1, 2)

@@ -40,3 +40,17 @@ def training_flops(config: GPTNeoXConfig, sequence_lengths: list[int], trained_t
     attention = 12 * config.num_hidden_layers * config.hidden_size * sum(n * n for n in sequence_lengths)
     return float(6 * non_embedding_parameters(config) * tokens + attention
                  + 6 * config.vocab_size * config.hidden_size * trained_tokens)
+
+
+def conversation_lengths(batch: dict) -> list[int]:
+    """Real-token length of each conversation of a collated batch, padded or packed."""
+    real = batch["attention_mask"].bool()
+    if "segment_ids" not in batch:
+        return real.sum(1).tolist()
+    return [int(((batch["segment_ids"][r] == s) & real[r]).sum())
+            for r in range(real.shape[0]) for s in batch["segment_ids"][r][real[r]].unique().tolist()]
+
+
+def batch_training_flops(config: GPTNeoXConfig, batch: dict) -> float:
+    """training_flops of one collated batch (the training log's MFU numerator)."""
+    return training_flops(config, conversation_lengths(batch), int(batch["loss_mask"].sum()))

@@ -165,24 +165,37 @@ def test_same_seed_same_batches_and_epoch_step_reseeding():
     assert len(outputs) > 1
 
 
-def test_packing_fills_rows_first_fit_and_pads_as_its_own_segment():
+def test_packing_balances_rows_and_pads_as_its_own_segment():
     short = [{"role": "prompter", "text": "hi"}, {"role": "assistant", "text": "hello"}]
-    collate = DialogueCollator(TOKENIZER, max_length=64, pack=True, pad_to_multiple_of=16)
     length = len(ConversationTokenizer(TOKENIZER)(short).ids)
-    count = 2 * (64 // length) + 1
+    per_full_row = 64 // length
+    count = 2 * per_full_row + 1  # first fit at 64 would give two full rows and a nearly empty third
+    collate = DialogueCollator(TOKENIZER, max_length=64, pack=True, pad_to_multiple_of=16)
     batch = collate([short] * count)
-    assert batch["input_ids"].shape[0] == 3  # two full rows and one more
-    assert (batch["attention_mask"].sum(1) <= 64).all()
-    row = 0
-    real = int(batch["attention_mask"][row].sum())
-    assert batch["segment_ids"][row, :real].max().item() == 64 // length - 1
-    if real < batch["input_ids"].shape[1]:
-        pad_segment = batch["segment_ids"][row, real:]
-        assert (pad_segment == 64 // length).all()
-        assert torch.equal(batch["position_ids"][row, real:], torch.arange(batch["input_ids"].shape[1] - real))
-        assert not batch["loss_mask"][row, real:].any()
+    real = batch["attention_mask"].sum(1)
+    assert (real <= 64).all() and int(real.sum()) == count * length
+    first_fit_cells = 3 * 64
+    assert batch["input_ids"].numel() <= first_fit_cells
+    assert real.max() - real.min() <= length  # balanced: no row is much fuller than another
+    for row in range(batch["input_ids"].shape[0]):
+        n = int(real[row])
+        segments = n // length
+        assert batch["segment_ids"][row, :n].max().item() == segments - 1
+        if n < batch["input_ids"].shape[1]:
+            assert (batch["segment_ids"][row, n:] == segments).all()
+            assert torch.equal(batch["position_ids"][row, n:], torch.arange(batch["input_ids"].shape[1] - n))
+            assert not batch["loss_mask"][row, n:].any()
     padded = DialogueCollator(TOKENIZER, max_length=64)([short] * count)
     assert padded["input_ids"].numel() > batch["input_ids"].numel()
+
+
+def test_packing_a_few_short_conversations_uses_narrow_rows():
+    """Eight conversations where a row holds seven: two balanced rows of four, not a full row and a stub."""
+    short = [{"role": "prompter", "text": "tell me something"}, {"role": "assistant", "text": "ok " * 20}]
+    length = len(ConversationTokenizer(TOKENIZER)(short).ids)
+    batch = DialogueCollator(TOKENIZER, max_length=7 * length + 1, pack=True)([short] * 8)
+    assert batch["input_ids"].shape[0] == 2
+    assert batch["input_ids"].shape[1] == -(-4 * length // 16) * 16
 
 
 def test_samples_without_trained_tokens_are_dropped_and_counted():

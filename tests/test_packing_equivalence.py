@@ -11,7 +11,7 @@ import yaml
 
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.data import DialogueCollator, build_datasets, load_tokenizer
-from gptneox.flops import flops_per_token, training_flops
+from gptneox.flops import batch_training_flops, conversation_lengths, flops_per_token, training_flops
 from gptneox.training.loss import masked_cross_entropy, masked_cross_entropy_from_hidden
 from gptneox.training.step import MODEL_INPUTS
 
@@ -90,14 +90,14 @@ def test_training_flops_count_the_same_work_for_both_layouts(sample_mix):
     chosen = conversations[::37][:8]
     padded = DialogueCollator(tokenizer, max_length=96, random_offset_probability=0.0)(chosen)
     packed = DialogueCollator(tokenizer, max_length=96, random_offset_probability=0.0, pack=True)(chosen)
-    padded_lengths = padded["attention_mask"].sum(1).tolist()
-    real = packed["attention_mask"].bool()
-    packed_lengths = [int(((packed["segment_ids"][r] == s) & real[r]).sum())
-                      for r in range(real.shape[0]) for s in packed["segment_ids"][r][real[r]].unique().tolist()]
+    padded_lengths = conversation_lengths(padded)
+    packed_lengths = conversation_lengths(packed)
     assert sorted(packed_lengths) == sorted(padded_lengths)
+    assert len(packed_lengths) == len(chosen) and packed["input_ids"].shape[0] < len(chosen)
     config = GPTNeoXConfig.from_name("pythia-70m")
     trained = int(padded["loss_mask"].sum())
     assert training_flops(config, packed_lengths, trained) == training_flops(config, padded_lengths, trained)
+    assert batch_training_flops(config, packed) == batch_training_flops(config, padded)
     # every token trained: the per-token count of flops_per_token, summed over the conversations
     everything = sum(flops_per_token(config, n) * n for n in padded_lengths)
     assert training_flops(config, padded_lengths, sum(padded_lengths)) == pytest.approx(everything, rel=1e-12)

@@ -43,8 +43,8 @@ class DialogueCollator:
     """Callable that builds ``input_ids, targets, loss_mask, attention_mask, position_ids`` [B, T].
 
     pack=False: one conversation per row, right padding to the longest row rounded up to
-    ``pad_to_multiple_of``. pack=True: conversations are laid end to end (first fit, in order) in rows
-    of at most ``max_length`` tokens; ``segment_ids`` numbers them per row, ``position_ids`` restart at 0
+    ``pad_to_multiple_of``. pack=True: conversations are laid end to end in rows of at most
+    ``max_length`` tokens, in the layout with the fewest cells; ``segment_ids`` numbers them per row, ``position_ids`` restart at 0
     for each, and trailing padding is one more segment with ``loss_mask`` False. The target of a
     sample's last token is the pad id and is never trained, so no target crosses into the next sample.
     """
@@ -111,10 +111,26 @@ class DialogueCollator:
         return _Sample(tokens.ids[start:end], window_mask)
 
     def _pack(self, samples: list[_Sample]) -> list[list[_Sample]]:
-        """First fit in arrival order: each sample goes into the first row with room for it."""
+        """Pack into the layout with the fewest cells (rows x padded width).
+
+        First-fit decreasing is tried at every row capacity from the balanced one, ceil(total / fewest
+        rows), up to max_length. Filling rows up to max_length alone would turn a few short
+        conversations into max_length-wide rows that are mostly padding.
+        """
+        lengths = [len(sample.ids) for sample in samples]
+        multiple = self.pad_to_multiple_of or 1
+        fewest_rows = -(-sum(lengths) // self.max_length)
+        balanced = max(max(lengths), -(-sum(lengths) // fewest_rows))
+        capacities = sorted({min(self.max_length, c) for c in range(balanced, self.max_length + multiple, multiple)})
+        layouts = [self._first_fit_decreasing(samples, capacity) for capacity in capacities]
+        return min(layouts, key=lambda rows: len(rows) * self._padded_length(
+            max(sum(len(s.ids) for s in row) for row in rows)))
+
+    @staticmethod
+    def _first_fit_decreasing(samples: list[_Sample], capacity: int) -> list[list[_Sample]]:
         rows: list[list[_Sample]] = []
         room: list[int] = []
-        for sample in samples:
+        for sample in sorted(samples, key=lambda s: -len(s.ids)):  # stable: ties keep arrival order
             for index, free in enumerate(room):
                 if len(sample.ids) <= free:
                     rows[index].append(sample)
@@ -122,7 +138,7 @@ class DialogueCollator:
                     break
             else:
                 rows.append([sample])
-                room.append(self.max_length - len(sample.ids))
+                room.append(capacity - len(sample.ids))
         return rows
 
     def _padded_length(self, longest: int) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gptneox.flops import batch_training_flops
 from gptneox.training import loss as losses
 
 MODEL_INPUTS = ("position_ids", "attention_mask", "segment_ids")
@@ -24,7 +25,7 @@ class StepResult:
     loss: float                # mean cross-entropy over the step's trained tokens (all ranks)
     trained_tokens: int        # all ranks
     tokens: int                # non-padding tokens, all ranks
-    padded_length: float       # mean row length seen by the model (for the attention FLOPs)
+    flops: float               # model FLOPs of the step's useful work, all ranks (gptneox.flops)
     skipped: bool              # fp16 overflow: no update, the schedule did not advance
 
 
@@ -52,9 +53,8 @@ def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
     micro_batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
     local = [float(sum(b["loss_mask"].sum() for b in micro_batches)),
              float(sum(b["attention_mask"].sum() for b in micro_batches)),
-             float(sum(b["input_ids"].numel() for b in micro_batches)),
-             float(sum(b["input_ids"].shape[0] for b in micro_batches))]
-    trained, tokens, cells, rows = all_reduce_sum(local, device)
+             sum(batch_training_flops(engine.module.config, b) for b in micro_batches if b["input_ids"].numel())]
+    trained, tokens, flops = all_reduce_sum(local, device)
     scale = len(micro_batches) * world / max(trained, 1.0)
     skipped_before = engine.skipped_steps
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -70,7 +70,7 @@ def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
         loss_sum += total.detach().double()
     (global_loss_sum,) = all_reduce_sum([loss_sum.item()], device)
     return StepResult(loss=global_loss_sum / max(trained, 1.0), trained_tokens=int(trained), tokens=int(tokens),
-                      padded_length=cells / max(rows, 1.0), skipped=engine.skipped_steps > skipped_before)
+                      flops=flops, skipped=engine.skipped_steps > skipped_before)
 
 
 @torch.no_grad()
