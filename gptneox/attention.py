@@ -137,7 +137,7 @@ def _eager(q, k, v, mask: AttentionMask) -> torch.Tensor:
 
 
 def _flash(q, k, v, mask: AttentionMask) -> torch.Tensor:
-    flash_attn = _import_flash_attn()
+    flash_attn = import_flash_attn()
     check_flash_inputs(q)
     if mask.is_causal_only:  # flash-attn's causal mask is bottom-right aligned, so this covers a cache too
         return flash_attn.flash_attn_func(q, k, v, causal=True)
@@ -149,7 +149,8 @@ def _flash(q, k, v, mask: AttentionMask) -> torch.Tensor:
     return full
 
 
-def _import_flash_attn():
+def import_flash_attn():
+    """The flash_attn module, or an error saying how to get it (checked when the backend is chosen)."""
     try:
         return importlib.import_module("flash_attn")
     except ImportError as err:

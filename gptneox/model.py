@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import BACKENDS, AttentionMask, KVCache, attend
+from .attention import BACKENDS, AttentionMask, KVCache, attend, import_flash_attn
 from .config import GELU_APPROXIMATION, GPTNeoXConfig
 
 # torch's layer_norm kernels (CPU and CUDA) accumulate mean and variance in fp32 for fp16/bf16 inputs,
@@ -137,6 +137,8 @@ class GPTNeoX(nn.Module):
     def attention_backend(self, name: str) -> None:
         if name not in BACKENDS:
             raise ValueError(f"attention_backend={name!r}; expected one of {BACKENDS}")
+        if name == "flash":
+            import_flash_attn()  # a missing package fails here, not at the first forward
         self._attention_backend = name
 
     @property

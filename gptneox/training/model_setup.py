@@ -58,7 +58,10 @@ def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]
     if rows > model.config.vocab_size:  # never shrink: StableLM's 50432 rows stay
         model.resize_token_embeddings(rows)
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.attention_backend = "flash" if cfg.use_flash_attention and torch.cuda.is_available() else "sdpa"
+    try:
+        model.attention_backend = "flash" if cfg.use_flash_attention and torch.cuda.is_available() else "sdpa"
+    except RuntimeError as err:
+        raise TrainConfigError(f"use_flash_attention=true: {err}") from None
     return model, tokenizer, f"model from {origin}, vocab {model.config.vocab_size}, " \
                              f"attention {model.attention_backend}"
 
