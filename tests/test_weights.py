@@ -152,7 +152,7 @@ def run_tool(*args):
 
 def test_convert_checkpoint_tool_bit_exact(tiny_checkpoint, tmp_path):
     source, model = tiny_checkpoint(fmt="bin", num_shards=2)
-    result = run_tool("tools/convert_checkpoint.py", str(source), str(tmp_path / "out"), "--max-shard-size", "30KB")
+    result = run_tool("tools/convert_checkpoint.py", str(source), str(tmp_path / "out"), "--max_shard_size", "30KB")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     assert same_parameters(GPTNeoX.from_pretrained(tmp_path / "out", dtype="auto"), model)

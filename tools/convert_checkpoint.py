@@ -4,7 +4,7 @@
 Reads model.safetensors, pytorch_model.bin or their sharded index forms, writes config.json plus
 safetensors shards. Without --dtype the stored dtype is kept, so the conversion is bit-exact.
 
-    python tools/convert_checkpoint.py path/to/stablelm-base-alpha-7b out/stablelm-7b --max-shard-size 2GB
+    python tools/convert_checkpoint.py path/to/stablelm-base-alpha-7b out/stablelm-7b --max_shard_size 2GB
 """
 import argparse
 import sys
@@ -21,7 +21,7 @@ def main(argv=None) -> None:
     parser.add_argument("dst", help="output directory")
     parser.add_argument("--dtype", default="auto",
                         help="float32, float16, bfloat16, or auto (keep the stored dtype; default)")
-    parser.add_argument("--max-shard-size", default="2GB", help="largest shard, e.g. 2GB or 500MiB (default 2GB)")
+    parser.add_argument("--max_shard_size", default="2GB", help="largest shard, e.g. 2GB or 500MiB (default 2GB)")
     args = parser.parse_args(argv)
     if Path(args.src).resolve() == Path(args.dst).resolve():
         parser.error("src and dst must be different directories")
