@@ -8,9 +8,10 @@
   B2  ours, padded batches, the training loop's loss (logits of trained rows only, in chunks)
   C   ours, packed batches (conversations end to end, per-segment attention), the training loop's loss
 
-One step = forward + backward + AdamW step on one micro-batch (batches are collated before timing, as a
-data loader would). Timing: all variants live in this process and take turns, one step each, so machine
-noise hits them alike (--rounds repeats the timed batches); figures are medians over the timed steps.
+One step = forward + backward on --accumulation micro-batches, then one AdamW step, as an optimizer step
+of training (batches are collated before timing, as a data loader would). Timing: all variants live in
+this process and take turns, one step each, so machine noise hits them alike (--rounds repeats the timed
+steps); throughput is total tokens over total time of the timed steps, the step time their median.
 Peak memory: each variant again in a fresh subprocess (set-up, then two steps), so its peak is its own:
 RSS high-water (VmHWM) on CPU, max allocated on CUDA. Every variant sees the same batches: conversations
 drawn from the bundled sample mix (configs/sample-mix.yaml, build_datasets) and tokenized by its bundled
@@ -61,14 +62,15 @@ def model_config(args) -> GPTNeoXConfig:
 
 
 def draw_batches(args) -> list[list]:
-    """warmup + iters lists of batch_size conversations, drawn without replacement while they last."""
+    """(warmup + iters) x accumulation lists of batch_size conversations, without replacement while they last."""
     section = yaml.safe_load((ROOT / "configs" / "sample-mix.yaml").read_text())["sample-mix"]
     conversations, _ = build_datasets(section["datasets"], cache_dir=ROOT / section["cache_dir"], seed=0)
     rng = np.random.default_rng(args.seed)
+    count = (args.warmup + args.iters) * args.accumulation
     order = np.concatenate([rng.permutation(len(conversations)) for _ in range(
-        -(-(args.warmup + args.iters) * args.batch_size // len(conversations)))])
+        -(-count * args.batch_size // len(conversations)))])
     return [[conversations[i] for i in order[k * args.batch_size:(k + 1) * args.batch_size]]
-            for k in range(args.warmup + args.iters)]
+            for k in range(count)]
 
 
 def collate_all(args, batches, pack: bool) -> list[dict]:
@@ -141,24 +143,28 @@ class Variant:
         self.steps: list[dict] = []
 
     def step(self, index: int, timed: bool) -> None:
-        batch = self.batches[index]
+        """Optimizer step `index`: its micro-batches forward and backward, then AdamW (one update)."""
+        accumulation = self.args.accumulation
+        batches = self.batches[index * accumulation:(index + 1) * accumulation]
         start = time.perf_counter()
-        if self.name == "A":
-            loss = reference_loss(self.model, batch)
-        else:
-            loss = our_loss(self.model, batch, full_logits=self.name == "B", chunk_rows=self.args.loss_chunk_rows)
-        loss.backward()
+        for batch in batches:
+            if self.name == "A":
+                loss = reference_loss(self.model, batch)
+            else:
+                loss = our_loss(self.model, batch, full_logits=self.name == "B",
+                                chunk_rows=self.args.loss_chunk_rows)
+            (loss / accumulation).backward()
+            self.first_loss = float(loss.detach()) if self.first_loss is None else self.first_loss
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        self.first_loss = float(loss.detach()) if self.first_loss is None else self.first_loss
         if timed:
-            lengths = conversation_lengths(batch)
-            trained = int(batch["loss_mask"].sum())
+            lengths = [n for batch in batches for n in conversation_lengths(batch)]
+            trained = sum(int(batch["loss_mask"].sum()) for batch in batches)
             self.steps.append({"seconds": seconds, "tokens": sum(lengths), "trained": trained,
-                               "cells": batch["input_ids"].numel(),
+                               "cells": sum(batch["input_ids"].numel() for batch in batches),
                                "flops": training_flops(self.config, lengths, trained)})
 
 
@@ -178,7 +184,7 @@ def time_variants(names: list[str], args) -> dict[str, Variant]:
 
 def measure_memory(name: str, args) -> dict:
     """In a fresh process: set-up memory, then the peak over one warm-up step and one more step."""
-    variant = Variant(name, args, draw_batches(args)[:2])
+    variant = Variant(name, args, draw_batches(args)[:2 * args.accumulation])
     for index in range(2):
         variant.step(index, timed=False)
     return {"setup_mib": variant.setup_mib, "peak_mib": peak_memory_mib(variant.device)}
@@ -194,11 +200,12 @@ def memory_in_subprocess(name: str, argv: list[str]) -> dict:
 
 def summarize(variant: Variant, memory: dict, peak_tflops: float) -> dict:
     steps = variant.steps
-    tokens, cells = (sum(s[k] for s in steps) for k in ("tokens", "cells"))
-    flop_rate = statistics.median(s["flops"] / s["seconds"] for s in steps)
+    tokens, trained, cells, flops, seconds = (sum(s[k] for s in steps)
+                                              for k in ("tokens", "trained", "cells", "flops", "seconds"))
+    flop_rate = flops / seconds
     return {
-        "tokens_per_s": statistics.median(s["tokens"] / s["seconds"] for s in steps),
-        "trained_per_s": statistics.median(s["trained"] / s["seconds"] for s in steps),
+        "tokens_per_s": tokens / seconds,
+        "trained_per_s": trained / seconds,
         "step_s": statistics.median(s["seconds"] for s in steps),
         "padding": 1 - tokens / cells,
         "tflops": flop_rate / 1e12,
@@ -234,6 +241,8 @@ def main(argv=None) -> None:
                         help="attention kernels of both stacks (flash: flash-attn on CUDA, varlen when packed)")
     parser.add_argument("--batch_size", type=int, default=8, help="conversations per micro-batch")
     parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--accumulation", type=int, default=1,
+                        help="micro-batches per optimizer step (the stablelm-7b recipe uses 2, defaults 32)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=1, help="pass over the timed batches this many times")
@@ -261,7 +270,8 @@ def main(argv=None) -> None:
     print(f"machine: {machine_line(device)}")
     print(f"model: {args.model} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab "
           f"{config.vocab_size}), {args.dtype}, attention {args.attention}; {args.batch_size} conversations x "
-          f"max_length {args.max_length}; {args.warmup} warm-up + {args.iters} timed batches x {args.rounds} "
+          f"max_length {args.max_length}, {args.accumulation} micro-batch(es) per optimizer step; {args.warmup} "
+          f"warm-up + {args.iters} timed steps x {args.rounds} "
           f"round(s) per variant, interleaved; loss chunk {args.loss_chunk_rows} rows")
     print(f"measured {args.dtype} matmul peak: {peak:.4f} TFLOP/s (MFU column divides by this)")
     if device.type == "cuda":
