@@ -15,7 +15,8 @@ from gptneox.training.config import TrainConfig, TrainConfigError, parse_train_c
 from gptneox.training.data_order import DataOrder
 from gptneox.training.ds_config import DeepSpeedConfigError, load_ds_config, resolve_ds_config
 from gptneox.training.loss import masked_cross_entropy, masked_cross_entropy_from_hidden
-from gptneox.training.model_setup import find_model_dir, parameter_groups
+from gptneox.data import load_tokenizer, save_tokenizer
+from gptneox.training.model_setup import find_model_dir, load_model_and_tokenizer, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,6 +191,23 @@ def test_hub_id_without_local_files_says_where_to_put_them(tmp_path):
     (tmp_path / "org" / "m").mkdir(parents=True)
     (tmp_path / "org" / "m" / "config.json").write_text("{}")
     assert find_model_dir("org/m", str(tmp_path)) == tmp_path / "org" / "m"
+
+
+@pytest.mark.parametrize("rows, expected", [(1024, 1552), (2048, 2048)])
+def test_pretrained_directory_loads_in_the_training_dtype_and_only_grows_the_vocabulary(tmp_path, rows, expected):
+    """A local model directory: its weights (distinctive LayerNorms) and its tokenizer (1541 ids) are used,
+    the vocabulary grows to a multiple of 16 that fits the tokenizer, and a larger one is never cut."""
+    pretrained = GPTNeoX(GPTNeoXConfig.from_name("tiny", vocab_size=rows))
+    torch.nn.init.constant_(pretrained.gpt_neox.final_layer_norm.weight, 3.0)
+    pretrained.save_pretrained(tmp_path / "model")
+    save_tokenizer(load_tokenizer(REPO / "data" / "sample" / "tokenizer.json"), tmp_path / "model")
+    for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        cfg = TrainConfig(model_name="model", cache_dir=str(tmp_path), dtype=dtype, gradient_checkpointing=True)
+        model, tokenizer, line = load_model_and_tokenizer(cfg)
+        assert tokenizer.get_vocab_size() == 1541 and str(tmp_path / "model") in line
+        assert model.config.vocab_size == expected and model.output_embedding.shape[0] == expected
+        assert model.output_embedding.dtype == torch_dtype and model.gradient_checkpointing
+        assert torch.all(model.gpt_neox.final_layer_norm.weight == 3.0)
 
 
 def test_weight_decay_spares_biases_and_layernorms():
