@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The whole pipeline on a CPU in a few minutes (what `make demo` runs).
+"""The whole pipeline on a CPU in under a minute (what `make demo` runs).
 
 Trains the `tiny` config (a randomly initialised 2-layer GPT-NeoX) on the bundled sample mix with train.py
 in one process (no launcher: this script sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and a free
