@@ -5,7 +5,7 @@ last T keys) and returns [B, T, H, D]. Who may attend to whom is described once 
 `AttentionMask`, so a dense mask or varlen index is built at most once and shared by all layers.
 
 - "sdpa":  torch scaled_dot_product_attention; plain causal uses is_causal (no mask is materialised).
-- "eager": explicit fp32 softmax; the slow, obviously-correct reference.
+- "eager": explicit fp32 scores and softmax; the slow, obviously-correct reference.
 - "flash": flash-attn 2 (CUDA, fp16/bf16); padding and packed segments go through the varlen kernel.
 """
 from __future__ import annotations
@@ -61,8 +61,9 @@ class AttentionMask:
 
     @property
     def is_segments_only(self) -> bool:
-        """Packed rows with no padding mask and no cache: attention splits into independent causal runs."""
-        return self.segments is not None and self.padding is None and self.offset == 0
+        """Packed rows with no padding mask: attention splits into independent causal runs.
+        (No cache check: GPTNeoX rejects segment_ids with a kv_cache.)"""
+        return self.segments is not None and self.padding is None
 
     def segment_spans(self) -> list[list[tuple[int, int]]]:
         """For each row, the [start, end) of each segment run (read once per forward, shared by the layers)."""
@@ -129,8 +130,9 @@ def _sdpa(q, k, v, mask: AttentionMask) -> torch.Tensor:
 
 
 def _eager(q, k, v, mask: AttentionMask) -> torch.Tensor:
+    """Scores and softmax in fp32 (fp16 q.k can overflow to inf), so this stays the reference."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     scores = scores.masked_fill(~mask.dense(q.device), float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v).transpose(1, 2)

@@ -194,27 +194,38 @@ def test_rotary_angles_computed_in_fp32(tiny_model):
     assert not torch.equal(cos32[0, 0], cos32[0, 1])
 
 
+def test_eager_scores_in_fp32_do_not_overflow_in_fp16():
+    """q.k of 8 * 100 * 100 = 80000 is past fp16's 65504: fp16 scores would be inf and the softmax NaN."""
+    q = torch.full((1, 4, 2, 8), 100.0, dtype=torch.float16)
+    v = torch.randn(1, 4, 2, 8, generator=torch.Generator().manual_seed(0)).half()
+    mask = attention_module.AttentionMask(1, 4, 4)
+    out = attention_module.attend(q, q, v, mask, "eager")
+    expected = attention_module.attend(q.float(), q.float(), v.float(), mask, "eager")
+    assert torch.isfinite(out).all() and torch.allclose(out.float(), expected, atol=1e-2)
+
+
 # ----------------------------------------------------------------------------- flash-attn
 def _fake_flash_attn():
     """A stand-in for the flash_attn package built on the eager math, to test our varlen bookkeeping
     (index gathering, cu_seqlens, scatter back) on the CPU. The kernels themselves are tested on CUDA."""
 
-    def causal(q, k, v):  # [T, H, D], [S, H, D]; bottom-right aligned like flash-attn
+    def attend_causal(q, k, v):  # [T, H, D], [S, H, D]; bottom-right aligned like flash-attn
         T, S = q.shape[0], k.shape[0]
         allowed = torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]
         scores = torch.einsum("thd,shd->hts", q, k) / q.shape[-1] ** 0.5
         return torch.einsum("hts,shd->thd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
 
     def flash_attn_func(q, k, v, causal=False):
-        return torch.stack([globals()["_causal"](q[b], k[b], v[b]) for b in range(q.shape[0])])
+        assert causal is True  # the fake is always causal, so the call must ask for it
+        return torch.stack([attend_causal(q[b], k[b], v[b]) for b in range(q.shape[0])])
 
     def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
-        assert cu_q.dtype == torch.int32 and max_q == int((cu_q[1:] - cu_q[:-1]).max())
-        outs = [globals()["_causal"](q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]])
+        assert causal is True and cu_q.dtype == cu_k.dtype == torch.int32
+        assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
+        outs = [attend_causal(q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]])
                 for i in range(len(cu_q) - 1)]
         return torch.cat(outs)
 
-    globals()["_causal"] = causal
     module = types.ModuleType("flash_attn")
     module.flash_attn_func, module.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
     return module
