@@ -96,6 +96,14 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device=None)
     return input_ids, attention_mask
 
 
+def seen_tokens(input_ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[batch, vocab] True where a real (mask 1) token of the row has that id. Counts are summed, not
+    written: the pad id can also be a real token, and scatter_ with duplicate indices keeps an arbitrary
+    write on CUDA."""
+    counts = torch.zeros((input_ids.shape[0], vocab_size), dtype=torch.int32, device=input_ids.device)
+    return counts.scatter_add_(1, input_ids, mask.int()) > 0
+
+
 def _decode(model, input_ids, prompt_mask, max_new_tokens, sampling, stop_ids, pad_token_id, on_token, use_cache):
     batch, prompt_length = input_ids.shape
     total = prompt_length + max_new_tokens
@@ -109,8 +117,7 @@ def _decode(model, input_ids, prompt_mask, max_new_tokens, sampling, stop_ids, p
     cache = model.new_kv_cache(batch, total, device=device) if use_cache else None
     seen = None
     if sampling["repetition_penalty"] != 1.0:  # [batch, vocab] True where the token is already in the row
-        seen = torch.zeros((batch, model.config.vocab_size), dtype=torch.bool, device=device)
-        seen.scatter_(1, input_ids, prompt_mask.bool())
+        seen = seen_tokens(input_ids, prompt_mask, model.config.vocab_size)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
     length = prompt_length

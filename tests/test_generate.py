@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gptneox import GPTNeoX, GPTNeoXConfig
-from gptneox.generate import generate, left_pad, process_logits
+from gptneox.generate import generate, left_pad, process_logits, seen_tokens
 
 CPU_BACKENDS = ("sdpa", "eager")
 PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [23, 7], [70, 2, 45, 11]]
@@ -147,6 +147,14 @@ def test_repetition_penalty_shrinks_seen_logits_whatever_their_sign():
     seen = torch.tensor([[True, True, False, False]])
     out = process_logits(logits, seen, do_sample=False, repetition_penalty=2.0)
     assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]
+
+
+def test_pad_id_used_as_a_real_prompt_token_counts_as_seen():
+    """Whichever comes last, the padding or the real token, the real one marks the id as seen."""
+    input_ids = torch.tensor([[1, 1, 5], [5, 1, 1]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
+    seen = seen_tokens(input_ids, mask, vocab_size=8)
+    assert seen.nonzero().tolist() == [[0, 1], [0, 5], [1, 1], [1, 5]]
 
 
 def test_repetition_penalty_changes_greedy_output_away_from_repeats():
