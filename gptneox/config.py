@@ -107,6 +107,12 @@ class GPTNeoXConfig:
             close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.4)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"unknown model preset {name!r}{hint} Known presets: {', '.join(PRESETS)}")
+        field_names = [f.name for f in fields(cls)]
+        for key in overrides:  # a ConfigError with a suggestion, not the dataclass's bare TypeError
+            if key not in field_names:
+                close = difflib.get_close_matches(key, field_names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"from_name({name!r}): unknown config field {key!r}{hint}")
         return cls(**{**PRESETS[name], **overrides})
 
     # ------------------------------------------------------------------ Hugging Face config.json

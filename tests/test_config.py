@@ -39,6 +39,11 @@ def test_unknown_preset_lists_close_matches():
     assert "'pythia-70'" in str(err.value)
 
 
+def test_misspelt_override_is_a_config_error_with_a_suggestion():
+    with pytest.raises(ConfigError, match="'hiden_size'.*did you mean 'hidden_size'"):
+        GPTNeoXConfig.from_name("tiny", hiden_size=3)
+
+
 def test_old_and_new_rotary_keys_agree():
     base = GPTNeoXConfig.from_name("tiny").to_hf()
     for key in ("rope_parameters", "rotary_pct", "rotary_emb_base"):
