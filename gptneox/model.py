@@ -225,9 +225,9 @@ class GPTNeoX(nn.Module):
     def resize_token_embeddings(self, num_tokens: int, pad_to_multiple_of: int = 1) -> int:
         """Make the vocabulary exactly ceil(num_tokens / pad_to_multiple_of) * pad_to_multiple_of rows.
 
-        New rows start at the mean of the old rows (a neutral embedding, logits near the average);
-        surplus rows beyond that size are dropped, as the Open-Assistant trainer did (50432 -> 50288).
-        Callers pass the tokenizer length, so no token id ever loses its row. Returns the new row count.
+        New rows start at the mean of the old rows (a neutral embedding, logits near the average). A smaller
+        size shrinks the vocabulary, keeping the first rows; whether that is wanted is the caller's choice
+        (the trainer only ever grows, to the tokenizer length rounded up). Returns the new row count.
         """
         if num_tokens <= 0 or pad_to_multiple_of <= 0:
             raise ValueError(f"resize_token_embeddings({num_tokens}, pad_to_multiple_of={pad_to_multiple_of}): "
