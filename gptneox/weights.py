@@ -2,8 +2,8 @@
 
 Loading builds the model on the meta device and fills it one tensor at a time, so host memory peaks near
 one copy of the weights in the target dtype (plus one tensor in flight), whatever the checkpoint's size.
-Every name and shape is checked against the model before any data is read, and all problems are
-reported together.
+Before any data is read, every name and shape is checked against the model, every dtype is checked to
+be readable and no key may be stored twice; all problems are reported together.
 """
 from __future__ import annotations
 
@@ -65,8 +65,14 @@ class _ShardReader:
         self.path = path
         self.is_safetensors = path.suffix == ".safetensors"
         with self._open() as tensors:
-            self.shapes = {k: tuple(tensors.get_slice(k).get_shape()) if self.is_safetensors
-                           else tuple(tensors[k].shape) for k in tensors.keys()}
+            if self.is_safetensors:
+                slices = {k: tensors.get_slice(k) for k in tensors.keys()}
+                self.shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+                # from the header, so dtype="auto" reads no data; an unsupported one stays its name (a str)
+                self.dtypes = {k: _SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()) for k, s in slices.items()}
+            else:
+                self.shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+                self.dtypes = {k: t.dtype for k, t in tensors.items()}
 
     def _open(self):
         try:
@@ -94,7 +100,7 @@ class _ShardReader:
             for key in keys:
                 entry = header[key]
                 begin, end = entry["data_offsets"]
-                tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+                tensor = torch.empty(entry["shape"], dtype=self.dtypes[key])
                 file.seek(8 + header_size + begin)
                 if file.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != end - begin:
                     raise CheckpointError(f"{self.path}: tensor {key!r} is truncated")
@@ -131,12 +137,17 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
             name = _model_name(key)
             if name is None or (name == "embed_out.weight" and config.tie_word_embeddings):
                 continue
-            if name not in expected:
+            if isinstance(reader.dtypes[key], str):
+                problems.append(f"unsupported dtype {reader.dtypes[key]} for {key!r} in {reader.path.name}")
+            if name in sources:
+                first, first_key = sources[name]
+                problems.append(f"{key!r} in {reader.path.name} duplicates {first_key!r} in {first.path.name}")
+            elif name not in expected:
                 problems.append(f"unexpected key {key!r} {list(shape)} in {reader.path.name}")
             elif shape != expected[name]:
                 problems.append(f"shape mismatch for {key!r}: checkpoint {list(shape)} in {reader.path.name}, "
                                 f"model {list(expected[name])}")
-            sources[name] = (reader, key)
+            sources.setdefault(name, (reader, key))
     problems += [f"missing key {name!r} {list(shape)}" for name, shape in expected.items() if name not in sources]
     if problems:
         raise CheckpointError(f"{path}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
@@ -159,7 +170,7 @@ def _resolve_dtype(dtype, sources) -> torch.dtype:
         return torch.float32
     if dtype == "auto":
         reader, key = sources["gpt_neox.embed_in.weight"]
-        return next(reader.tensors([key]))[1].dtype
+        return reader.dtypes[key]
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype, None)
         if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from gptneox import GPTNeoX
+from gptneox import weights
 from gptneox.weights import CheckpointError, parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +99,49 @@ def test_mismatches_reported_together(tiny_checkpoint, tmp_path, checkpoint_writ
     assert ("shape mismatch for 'gpt_neox.layers.0.attention.dense.weight': checkpoint [48, 40]" in message
             and "model [48, 48]" in message)
     assert "unexpected key 'gpt_neox.layers.0.attention.rotary.extra' [3]" in message
+
+
+def test_key_stored_twice_names_both_files(tiny_checkpoint, tmp_path, checkpoint_writer):
+    directory, model = tiny_checkpoint()
+    state = load_file(directory / "model.safetensors")
+    state["lm_head.weight"] = state["embed_out.weight"].clone()  # the transformers 5 alias as well
+    with pytest.raises(CheckpointError, match="'lm_head.weight' in model.safetensors duplicates "
+                                              "'embed_out.weight' in model.safetensors"):
+        GPTNeoX.from_pretrained(checkpoint_writer(tmp_path / "alias", model.config.to_hf(), state))
+
+    directory, _ = tiny_checkpoint(num_shards=2)
+    first, second = (directory / f"model-0000{i}-of-00002.safetensors" for i in (1, 2))
+    key = next(iter(load_file(first)))
+    save_file({**load_file(second), key: load_file(first)[key]}, str(second))
+    with pytest.raises(CheckpointError, match=f"'{key}' in {second.name} duplicates '{key}' in {first.name}"):
+        GPTNeoX.from_pretrained(directory)
+
+
+def test_unsupported_safetensors_dtype_is_named(tiny_checkpoint, tmp_path, checkpoint_writer):
+    directory, model = tiny_checkpoint()
+    state = load_file(directory / "model.safetensors")
+    state["gpt_neox.final_layer_norm.bias"] = torch.zeros(48, dtype=torch.uint16)
+    state["gpt_neox.final_layer_norm.weight"] = torch.zeros(48, dtype=torch.float8_e4m3fn)
+    bad = checkpoint_writer(tmp_path / "bad", model.config.to_hf(), state)
+    with pytest.raises(CheckpointError) as err:
+        GPTNeoX.from_pretrained(bad)
+    assert "unsupported dtype U16 for 'gpt_neox.final_layer_norm.bias' in model.safetensors" in str(err.value)
+    assert "unsupported dtype F8_E4M3 for 'gpt_neox.final_layer_norm.weight'" in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_auto_dtype_comes_from_the_header(tiny_checkpoint, monkeypatch, fmt):
+    """dtype="auto" must not read the embedding an extra time just to learn its dtype."""
+    directory, model = tiny_checkpoint(fmt=fmt)
+    read, tensors = [], weights._ShardReader.tensors
+
+    def counting(self, keys):
+        read.extend(keys)
+        return tensors(self, keys)
+
+    monkeypatch.setattr(weights._ShardReader, "tensors", counting)
+    assert same_parameters(GPTNeoX.from_pretrained(directory, dtype="auto"), model)
+    assert sorted(read) == sorted(model.state_dict())
 
 
 def test_broken_files_are_named(tiny_checkpoint, tmp_path):

@@ -2,7 +2,8 @@
 """Convert a Hugging Face GPT-NeoX checkpoint in any supported layout to (sharded) safetensors.
 
 Reads model.safetensors, pytorch_model.bin or their sharded index forms, writes config.json plus
-safetensors shards. Without --dtype the stored dtype is kept, so the conversion is bit-exact.
+safetensors shards. Without --dtype every tensor is written in the dtype of the stored embed_in
+weight: bit-exact for the usual one-dtype checkpoint, while a mixed-dtype one is cast to that dtype.
 
     python tools/convert_checkpoint.py path/to/stablelm-base-alpha-7b out/stablelm-7b --max_shard_size 2GB
 """
@@ -20,7 +21,7 @@ def main(argv=None) -> None:
     parser.add_argument("src", help="Hugging Face model directory (config.json + weights)")
     parser.add_argument("dst", help="output directory")
     parser.add_argument("--dtype", default="auto",
-                        help="float32, float16, bfloat16, or auto (keep the stored dtype; default)")
+                        help="float32, float16, bfloat16, or auto (the stored embed_in dtype; default)")
     parser.add_argument("--max_shard_size", default="2GB", help="largest shard, e.g. 2GB or 500MiB (default 2GB)")
     args = parser.parse_args(argv)
     if Path(args.src).resolve() == Path(args.dst).resolve():
