@@ -136,6 +136,17 @@ def test_bad_sampling_flag_is_a_clear_error(model_dir):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where --device cuda is unusable")
+def test_unusable_device_is_a_clear_error(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    for script, args in ((CHAT, ("--prompt", "hi", "--seed", "1")),
+                         (REPORT, ("--prompts", str(prompts), "--output", str(tmp_path / "r.json")))):
+        result = run_tool(script, "--model", str(model_dir), "--device", "cuda", *args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"{script.name}: error: --device cuda: " in result.stderr
+
+
 def test_stream_releases_only_complete_characters(model_dir):
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
     text = "Grüße 🙂 and 日本 done"

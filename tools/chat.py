@@ -32,6 +32,10 @@ class ChatError(Exception):
 def load_model_and_tokenizer(model_dir: str | Path, tokenizer_path: str | Path | None = None,
                              device: str = "cpu", dtype: str | None = None):
     """The model and its chat tokenizer (model_dir/tokenizer.json unless tokenizer_path is given)."""
+    try:  # an unusable device (cuda without CUDA, a typo) is named before any weights are read
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise ChatError(f"--device {device}: {err}") from None
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ChatError(f"--model {model_dir}: no such directory")
@@ -210,11 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device=args.device).manual_seed(args.seed)
     try:
         model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
+        generator = None if args.seed is None else torch.Generator(device=args.device).manual_seed(args.seed)
         session = ChatSession(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
                               do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, generator=generator)
