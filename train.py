@@ -86,21 +86,32 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
         if state is None:
             say(f"--resume: no complete checkpoint in {checkpoint_dir}, starting from scratch")
         else:
-            if (state["data_seed"], state["global_batch_size"]) != (cfg.rng_seed, order.global_batch_size):
-                raise TrainConfigError(f"--resume: checkpoint has rng_seed/global batch {state['data_seed']}/"
-                                       f"{state['global_batch_size']}, this run {cfg.rng_seed}/"
-                                       f"{order.global_batch_size}; the data order would not continue")
+            saved = (state["data_seed"], state["global_batch_size"], state["num_samples"])
+            if saved != (cfg.rng_seed, order.global_batch_size, len(train_set)):
+                raise TrainConfigError(f"--resume: checkpoint has rng_seed/global batch/training conversations "
+                                       "{}/{}/{}, this run {}/{}/{}; the data order would not continue".format(
+                                           *saved, cfg.rng_seed, order.global_batch_size, len(train_set)))
             epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
             restore_rng_states(state["rng"])
             say(f"resumed from {checkpoints.latest_tag()} (epoch {epoch}, step {engine.global_steps})")
 
     def save() -> None:
+        """Once per step: saving a tag again (a signal or a stop right after a save) would rewrite the only
+        complete checkpoint in place, and a kill during that would leave none."""
+        tag = tag_for(engine.global_steps)
+        if checkpoints.latest_tag() == tag:
+            return
         position = {"epoch": epoch, "step_in_epoch": step_in_epoch, "data_seed": cfg.rng_seed,
-                    "global_batch_size": order.global_batch_size, "rng": rng_states()}
-        path = checkpoints.save(engine, tag_for(engine.global_steps), position)
+                    "global_batch_size": order.global_batch_size, "num_samples": len(train_set),
+                    "rng": rng_states()}
+        path = checkpoints.save(engine, tag, position)
         metrics.write(f"saved {path}")
 
     def run_evaluation() -> None:
+        """Skipped once a stop is requested: the launcher kills the job soon after its SIGTERM (DeepSpeed's
+        after about 30 s), and the checkpoint comes first. Collective, like stop.agreed."""
+        if stop.agreed(engine.device):
+            return
         results = {}
         for name, samples in eval_sets.items():
             size = cfg.per_device_eval_batch_size
@@ -159,8 +170,8 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
                                   f"(loss scale {engine.optimizer.cur_scale}); checkpoint saved in {checkpoint_dir}")
         if engine.global_steps % cfg.eval_steps == 0:
             run_evaluation()
-        epoch_end = step_in_epoch == order.steps_per_epoch
-        if epoch_end or engine.global_steps == total_steps or (
+        if engine.global_steps == total_steps or (
+                cfg.save_strategy == "epoch" and step_in_epoch == order.steps_per_epoch) or (
                 cfg.save_strategy == "steps" and engine.global_steps % cfg.save_steps == 0):
             save()
     else:

@@ -19,8 +19,11 @@ from deepspeed.accelerator import get_accelerator
 
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.training import loss as losses
-from gptneox.training.checkpoint import POINTER, tag_for
+from gptneox.data import load_tokenizer
+from gptneox.training.checkpoint import POINTER, CheckpointManager, tag_for
 from gptneox.training.distributed import free_port, init_distributed
+from gptneox.training.export import export_checkpoint, write_model_metadata
+from gptneox.training import step as step_module
 from gptneox.training.step import train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +135,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 # ------------------------------------------------------------------ resume and export
-def test_resume_reproduces_the_uninterrupted_run_and_export_loads_in_transformers(workspace, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run_and_export_loads_in_transformers(workspace, tmp_path, capsys):
     straight = tmp_path / "straight"
     assert run_train(workspace, straight, "--max_steps", "8", "--save_steps", "4", "--eval_steps", "4",
                      "--gradient_checkpointing", "true", "--save_total_limit", "3") == 0
@@ -157,6 +160,10 @@ def test_resume_reproduces_the_uninterrupted_run_and_export_loads_in_transformer
     assert [r["step"] for r in again] == [5, 6, 7, 8]
     assert [(r["loss"], r["grad_norm"], r["lr"]) for r in again] == \
            [(r["loss"], r["grad_norm"], r["lr"]) for r in steps[4:]]
+    fewer = json.dumps([{"vicuna": {"input_file_path": str(SAMPLE / "vicuna_sample.json"), "val_split": 0.2}}])
+    assert run_train(workspace, resumed, "--max_steps", "8", "--resume", "--datasets", fewer) == 2
+    refused = capsys.readouterr().err  # rng_seed/global batch/training conversations, then this run's
+    assert "/4/221, this run " in refused and "/4/32; the data order would not continue" in refused
 
     # The final export: our loader and transformers agree on the logits.
     transformers = pytest.importorskip("transformers")
@@ -166,6 +173,48 @@ def test_resume_reproduces_the_uninterrupted_run_and_export_loads_in_transformer
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=1e-4, atol=1e-4)
     assert (straight / "tokenizer.json").is_file()
+
+
+def test_export_keeps_tied_embeddings_tied(workspace, tmp_path):
+    """The export builds its model on the meta device and assigns the checkpoint's tensors."""
+    torch.manual_seed(0)
+    model = GPTNeoX(GPTNeoXConfig.from_name("tiny", tie_word_embeddings=True))
+    engine = _sgd_engine(model, gas=1, micro=1)
+    write_model_metadata(tmp_path / "checkpoints", model.config, load_tokenizer(workspace[1]), "fp32")
+    CheckpointManager(tmp_path / "checkpoints", keep=None, rank=0).save(engine, tag_for(0), {})
+    export_checkpoint(tmp_path / "checkpoints", tmp_path / "out")
+    exported = GPTNeoX.from_pretrained(tmp_path / "out")
+    assert exported.embed_out.weight is exported.gpt_neox.embed_in.weight
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.eval()(ids), engine.module.eval()(ids))
+
+
+def test_a_stop_skips_evaluation_and_saves_each_step_once(workspace, tmp_path, monkeypatch, capsys):
+    """SIGTERM during step 3 (an evaluation and save step): no evaluation, one save; with save_strategy steps
+    the epoch ends (every 2 steps of these 8 conversations) are not saved."""
+    real_step, saved = step_module.train_step, []
+
+    def signalled_at_step_3(engine, micro_batches):
+        result = real_step(engine, micro_batches)
+        if engine.global_steps == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    def recording(manager, engine, tag, client_state):
+        saved.append(tag)
+        return real_save(manager, engine, tag, client_state)
+
+    real_save = CheckpointManager.save
+    monkeypatch.setattr(step_module, "train_step", signalled_at_step_3)
+    monkeypatch.setattr(CheckpointManager, "save", recording)
+    small = json.dumps([{"vicuna": {"input_file_path": str(SAMPLE / "vicuna_sample.json"), "val_split": 0.8}}])
+    out = tmp_path / "stopped"
+    assert run_train(workspace, out, "--datasets", small, "--max_steps", "6", "--eval_steps", "3",
+                     "--save_steps", "3") == 0
+    assert "SIGTERM: saved, exiting" in capsys.readouterr().out
+    assert saved == [tag_for(3)]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]  # training steps only, no evaluation
 
 
 # ------------------------------------------------------------------ fp16 overflow

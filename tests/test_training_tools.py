@@ -1,6 +1,7 @@
-"""tools/plot_metrics.py, tools/export_hf.py and tools/demo.py from the command line."""
+"""tools/plot_metrics.py, tools/padding_report.py, tools/export_hf.py and tools/demo.py from the command line."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,9 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def run_tool(*argv, timeout=60):
+def run_tool(*argv, timeout=60, cwd=REPO):
     environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
-    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=environment)
 
 
@@ -28,6 +29,22 @@ def test_plot_metrics_draws_a_png_and_rejects_a_bad_line(tmp_path):
     metrics.write_text(metrics.read_text() + "{oops\n")
     bad = run_tool("tools/plot_metrics.py", str(metrics))
     assert bad.returncode == 2 and f"{metrics}:12: not a JSON line" in bad.stderr
+
+
+def test_plot_metrics_keeps_the_newest_record_of_a_step():
+    spec = importlib.util.spec_from_file_location("plot_metrics", REPO / "tools" / "plot_metrics.py")
+    plot_metrics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_metrics)
+    run = [{"step": s, "loss": 1.0} for s in (1, 2, 3, 4)]
+    resumed = [{"step": s, "loss": 2.0} for s in (3, 4, 5)]  # appended after a resume from step 2
+    assert [(r["step"], r["loss"]) for r in plot_metrics.last_per_step(run + resumed)] == \
+           [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0), (5, 2.0)]
+
+
+def test_padding_report_runs_from_another_directory(tmp_path):
+    done = run_tool(str(REPO / "tools" / "padding_report.py"), "--max_length", "128", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| 128 | 8 |" in done.stdout
 
 
 def test_export_hf_names_a_directory_that_is_not_a_checkpoint(tmp_path):

@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from gptneox import GPTNeoX, GPTNeoXConfig
-from gptneox.training.checkpoint import POINTER, CheckpointManager, tag_for
+from gptneox.training.checkpoint import POINTER, CheckpointManager, restore_rng_states, rng_states, tag_for
 from gptneox.training.config import TrainConfig, TrainConfigError, parse_train_config
 from gptneox.training.data_order import DataOrder
 from gptneox.training.ds_config import DeepSpeedConfigError, load_ds_config, resolve_ds_config
 from gptneox.training.loss import masked_cross_entropy, masked_cross_entropy_from_hidden
 from gptneox.data import load_tokenizer, save_tokenizer
 from gptneox.training.model_setup import find_model_dir, load_model_and_tokenizer, parameter_groups
+from gptneox.training.step import train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,6 +155,36 @@ def test_masked_loss_is_sum_and_count_of_trained_tokens():
         masked_cross_entropy(logits, targets[:, :4], mask[:, :4])
 
 
+class _PlainEngine:
+    """The part of a DeepSpeed engine that train_step uses, over a plain module with plain autograd."""
+
+    def __init__(self, module):
+        self.module, self.device, self.skipped_steps = module, torch.device("cpu"), 0
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def gradient_accumulation_steps(self):
+        return 1
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        pass
+
+
+def test_an_empty_micro_batch_still_gives_every_parameter_a_zero_gradient():
+    """ZeRO-2 reduces the gradients a backward reaches: every rank must reach the same ones, all of them."""
+    model = GPTNeoX(GPTNeoXConfig.from_name("tiny"))
+    empty = {k: torch.zeros((0, 0), dtype=torch.long) for k in ("input_ids", "targets", "attention_mask",
+                                                              "position_ids")}
+    result = train_step(_PlainEngine(model), [{**empty, "loss_mask": torch.zeros((0, 0), dtype=torch.bool)}])
+    assert result.loss == 0.0 and result.trained_tokens == 0
+    for name, p in model.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
+
+
 # ------------------------------------------------------------------ checkpoints
 class _FakeEngine:
     """Writes a tag directory the way engine.save_checkpoint does; `fail` simulates a crash mid-save."""
@@ -181,6 +212,17 @@ def test_checkpoint_rotation_and_incomplete_saves(tmp_path):
     manager.save(_FakeEngine(), tag_for(50), {"step": 50})
     assert not (tmp_path / tag_for(40)).exists()  # ... and is cleaned up by the next rotation
     assert json.loads((tmp_path / POINTER).read_text())["latest"] == tag_for(50)
+
+
+def test_rng_state_is_the_current_gpus_only(monkeypatch):
+    """One state per visible GPU would not restore on a node with fewer GPUs."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    states = rng_states()
+    restore_rng_states(states)
+    assert restored == [states["cuda"]] and states["cuda"].tolist() == [7]
 
 
 # ------------------------------------------------------------------ model setup

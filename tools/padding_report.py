@@ -2,8 +2,9 @@
 
 Padding fraction = padding tokens / all tokens of the batch tensors (what the model computes on for
 nothing). Conversations are shuffled with --seed and cut into batches of --batch_size; packed mode
-lays each batch's conversations into rows of max_length tokens. Windows are off (evaluation-style
-truncation) so the figures are exactly reproducible.
+lays each batch's conversations end to end in the row layout with the fewest cells, as training does.
+Windows are off (evaluation-style truncation) so the figures are exactly reproducible. Relative paths in
+the config section (cache_dir, tokenizer_path) are taken from the repository root: it runs from anywhere.
 
     python tools/padding_report.py --configs sample-mix --max_length 256 512 --batch_size 8
 """
@@ -12,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 from pathlib import Path
 
 import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from gptneox.data import DialogueCollator, build_datasets, load_tokenizer
 
@@ -42,10 +47,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    config_file = args.config_file or Path("configs") / f"{args.configs}.yaml"
+    config_file = args.config_file or REPO / "configs" / f"{args.configs}.yaml"
     settings = yaml.safe_load(config_file.read_text())[args.configs]
-    tokenizer = load_tokenizer(args.tokenizer or settings["tokenizer_path"])
-    train, _ = build_datasets(settings["datasets"], cache_dir=settings.get("cache_dir", "."), seed=args.seed)
+    tokenizer = load_tokenizer(args.tokenizer or REPO / settings["tokenizer_path"])
+    train, _ = build_datasets(settings["datasets"], cache_dir=REPO / settings.get("cache_dir", "."), seed=args.seed)
     random.Random(args.seed).shuffle(train)
     print(f"{len(train)} training conversations of {args.configs}, pad_to_multiple_of {args.pad_to_multiple_of}\n")
     print("| max_length | batch size | padded: padding | padded: rows | packed: padding | packed: rows |")

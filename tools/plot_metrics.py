@@ -21,19 +21,24 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
+def last_per_step(records: list[dict]) -> list[dict]:
+    """A resumed run appends to metrics.jsonl, repeating the steps after its checkpoint: the newest wins."""
+    return sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
+
+
 def plot(records: list[dict], output: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r for r in records if "loss" in r]
+    steps = last_per_step([r for r in records if "loss" in r])
     if not steps:
         raise ValueError("no training steps (records with a 'loss') to plot")
     figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
     loss_axis.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train", linewidth=1)
     eval_keys = sorted({k for r in records for k in r if k.startswith("eval_") and k.endswith("_loss")})
     for key in eval_keys:
-        points = [(r["step"], r[key]) for r in records if key in r]
+        points = [(r["step"], r[key]) for r in last_per_step([r for r in records if key in r])]
         loss_axis.plot(*zip(*points), marker="o", markersize=3, label=key[len("eval_"):-len("_loss")])
     loss_axis.set_ylabel("loss (mean over trained tokens)")
     loss_axis.legend(fontsize="small")

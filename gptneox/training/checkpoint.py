@@ -29,15 +29,16 @@ def tag_for(step: int) -> str:
 def rng_states() -> dict:
     """Every random generator the loop touches, for bit-identical continuation after resume."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def restore_rng_states(states: dict) -> None:
+    """The CUDA state is the current device's only: each rank uses one GPU, and a node may have fewer."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     if states.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 class CheckpointManager:

@@ -56,7 +56,7 @@ class TrainConfig:
     per_device_train_batch_size: int = 2
     per_device_eval_batch_size: int = 2
     gradient_accumulation_steps: int = 32
-    max_consecutive_skipped_steps: int = 20  # fp16 overflows in a row at the minimum loss scale before stopping
+    max_consecutive_skipped_steps: int = 20  # optimizer steps in a row skipped for fp16 overflow before stopping
     # bookkeeping
     deepspeed_config: str = "ds_config.json"
     output_dir: str = "saved_model"

@@ -46,11 +46,15 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(DTYPES)}")
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    model = GPTNeoX(GPTNeoXConfig.from_hf(metadata))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    config = GPTNeoXConfig.from_hf(metadata)
+    with torch.device("meta"):  # no random fp32 initialisation: the checkpoint's tensors become the weights
+        model = GPTNeoX(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise RuntimeError(f"{checkpoint_dir / tag}: weights do not match {metadata / 'config.json'} "
                            f"(missing {missing}, unexpected {unexpected})")
+    if config.tie_word_embeddings:  # assign gave the two names separate Parameters
+        model.embed_out.weight = model.gpt_neox.embed_in.weight
     model.to(DTYPES[dtype]).save_pretrained(output_dir, max_shard_size=max_shard_size)
     save_tokenizer(load_tokenizer(metadata), output_dir)
     return output_dir

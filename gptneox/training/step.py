@@ -50,19 +50,22 @@ def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
                          f"{engine.gradient_accumulation_steps()}")
     world = dist.get_world_size() if dist.is_initialized() else 1
     device = engine.device
+    # FLOPs before the move to the device: packed rows count each segment with .tolist(), a sync on a GPU
+    flops = sum(batch_training_flops(engine.module.config, b) for b in micro_batches if b["input_ids"].numel())
     micro_batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
     local = [float(sum(b["loss_mask"].sum() for b in micro_batches)),
-             float(sum(b["attention_mask"].sum() for b in micro_batches)),
-             sum(batch_training_flops(engine.module.config, b) for b in micro_batches if b["input_ids"].numel())]
+             float(sum(b["attention_mask"].sum() for b in micro_batches)), flops]
     trained, tokens, flops = all_reduce_sum(local, device)
     scale = len(micro_batches) * world / max(trained, 1.0)
     skipped_before = engine.skipped_steps
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for batch in micro_batches:
         if batch["input_ids"].numel() == 0:
-            # Every sample of this micro-batch was dropped by the collator: a zero loss that still runs
-            # DeepSpeed's backward, so all ranks stay in step.
-            total = engine.module.output_embedding.sum() * 0.0
+            # Every sample of this micro-batch was dropped by the collator: a zero loss over a one-token
+            # forward, so every parameter gets a (zero) gradient and ZeRO-2 reduces the same gradients as
+            # on the other ranks (a backward reaching only some parameters hangs or aborts the collectives).
+            hidden = engine(torch.zeros((1, 1), dtype=torch.long, device=device), return_hidden=True)
+            total = hidden.float().sum() * 0.0 + engine.module.output_embedding.sum() * 0.0
         else:
             total, _ = _forward_loss(engine, batch)
         engine.backward(total * scale)
