@@ -86,7 +86,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
         if state is None:
             say(f"--resume: no complete checkpoint in {checkpoint_dir}, starting from scratch")
         else:
-            saved = (state["data_seed"], state["global_batch_size"], state["num_samples"])
+            saved = (state["data_seed"], state["global_batch_size"], state.get("num_samples"))
             if saved != (cfg.rng_seed, order.global_batch_size, len(train_set)):
                 raise TrainConfigError(f"--resume: checkpoint has rng_seed/global batch/training conversations "
                                        "{}/{}/{}, this run {}/{}/{}; the data order would not continue".format(
