@@ -141,9 +141,9 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
             break
         started = time.perf_counter()
         micro_batches = []
-        for micro, indices in enumerate(order.micro_batches(epoch, step_in_epoch)):
-            collate.set_epoch_step(epoch, (step_in_epoch * world + rank) * cfg.gradient_accumulation_steps + micro)
-            micro_batches.append(collate([train_set[i] for i in indices]))
+        collate.set_epoch(epoch)
+        for indices in order.micro_batches(epoch, step_in_epoch):
+            micro_batches.append(collate([train_set[i] for i in indices], sample_ids=indices))
         lr = engine.get_lr()[0]  # the rate this update uses; the scheduler steps inside engine.step()
         try:
             result = train_step(engine, micro_batches)

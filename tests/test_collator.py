@@ -146,23 +146,25 @@ def test_random_windows_vary_and_evaluation_cuts_the_end():
     assert first == TOKENIZER.token_to_id("<|prompter|>")
 
 
-def test_same_seed_same_batches_and_epoch_step_reseeding():
+def test_same_seed_same_batches_and_windows_keyed_by_epoch_and_sample_id():
     long = [{"role": "prompter", "text": "q " * 30}, {"role": "assistant", "text": "x y z " * 40}]
     a = DialogueCollator(TOKENIZER, max_length=24, seed=7)
     b = DialogueCollator(TOKENIZER, max_length=24, seed=7)
     for _ in range(5):
         assert torch.equal(a([long, long])["input_ids"], b([long, long])["input_ids"])
-    # resume: after set_epoch_step the batch depends only on (seed, epoch, step), not on earlier calls
+    # resume, other world sizes: with sample ids a window depends only on (seed, epoch, sample id),
+    # not on earlier calls nor on which batch or position the conversation lands in
     fresh = DialogueCollator(TOKENIZER, max_length=24, seed=7)
-    fresh.set_epoch_step(2, 11)
-    a.set_epoch_step(2, 11)
-    assert torch.equal(fresh([long] * 4)["input_ids"], a([long] * 4)["input_ids"])
-    other_step = DialogueCollator(TOKENIZER, max_length=24, seed=7)
-    outputs = set()
-    for step in range(6):
-        other_step.set_epoch_step(2, step)
-        outputs.add(tuple(other_step([long] * 4)["input_ids"].flatten().tolist()))
-    assert len(outputs) > 1
+    for collate in (fresh, a):
+        collate.set_epoch(2)
+    together = fresh([long] * 4, sample_ids=[5, 6, 7, 8])["input_ids"]
+    apart = torch.cat([a([long], sample_ids=[i])["input_ids"] for i in (7, 5, 8, 6)])
+    assert torch.equal(together, apart[[1, 3, 0, 2]])
+    assert len({tuple(row) for row in together.tolist()}) > 1  # different ids, different windows
+    a.set_epoch(3)
+    assert not torch.equal(a([long] * 4, sample_ids=[5, 6, 7, 8])["input_ids"], together)
+    with pytest.raises(ValueError, match="2 sample_ids for 1 conversations"):
+        a([long], sample_ids=[1, 2])
 
 
 def test_packing_balances_rows_and_pads_as_its_own_segment():

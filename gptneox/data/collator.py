@@ -8,10 +8,11 @@ Differences from the reference collator, on purpose: the reference also trained 
 that follows a non-final reply, and every token before the first role token (its role counter starts
 at -1 and ``-1 % 2 == 1``), which includes a leading system message. We train neither.
 
-Randomness (random truncation windows) comes from a numpy Generator. By default it is seeded once with
-``seed`` and advances with each call, so a run is reproducible given the call order. For exact resume,
-the training loop calls ``set_epoch_step(epoch, step)`` before each batch: the window choices then
-depend only on ``(seed, epoch, step)``, whichever process or worker builds the batch.
+Randomness (random truncation windows) comes from numpy Generators. By default one is seeded with
+``seed`` and advances with each call, so a run is reproducible given the call order. The training loop
+passes each conversation's index in the training set (``sample_ids``) and calls ``set_epoch(epoch)``:
+a conversation's window then depends only on ``(seed, epoch, sample id)``, not on which batch, rank or
+process collates it, so resume and any world size or micro-batch size reproduce the same windows.
 
 A sample with no trained target left after truncation is dropped and counted in ``dropped``. If every
 sample of a call is dropped, the call returns an empty but valid batch: every tensor has shape
@@ -74,20 +75,24 @@ class DialogueCollator:
         self.pack = pack
         self.seed = seed
         self.rng = np.random.default_rng(seed)
+        self.epoch = 0
         self.dropped = 0
 
-    def set_epoch_step(self, epoch: int, step: int) -> None:
-        """Reseed so that the next call's random windows depend only on (seed, epoch, step)."""
-        self.rng = np.random.default_rng([self.seed, epoch, step])
+    def set_epoch(self, epoch: int) -> None:
+        """Windows of conversations passed with sample_ids are keyed by (seed, epoch, sample id)."""
+        self.epoch = epoch
 
-    def __call__(self, conversations: Sequence[Any]) -> dict[str, torch.Tensor]:
+    def __call__(self, conversations: Sequence[Any], sample_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        if sample_ids is not None and len(sample_ids) != len(conversations):
+            raise ValueError(f"{len(sample_ids)} sample_ids for {len(conversations)} conversations")
         samples = []
         for index, sample in enumerate(conversations):
             try:
                 conversation = normalize_conversation(sample)
             except ConversationError as error:
                 raise ConversationError(f"sample {index} of the batch: {error}") from None
-            truncated = self._truncate(conversation)
+            rng = self.rng if sample_ids is None else np.random.default_rng([self.seed, self.epoch, sample_ids[index]])
+            truncated = self._truncate(conversation, rng)
             if any(truncated.loss_mask):
                 samples.append(truncated)
             else:
@@ -97,14 +102,14 @@ class DialogueCollator:
         rows = self._pack(samples) if self.pack else [[sample] for sample in samples]
         return self._to_tensors(rows)
 
-    def _truncate(self, conversation: list[dict[str, str]]) -> _Sample:
+    def _truncate(self, conversation: list[dict[str, str]], rng: np.random.Generator) -> _Sample:
         tokens = self.encode(conversation)
         # loss_mask[t] says whether target t (= token t + 1) is trained; the last token has no target.
         loss_mask = tokens.in_reply[1:] + [False]
         length = len(tokens.ids)
         start = 0
-        if length > self.max_length and self.rng.random() < self.random_offset_probability:
-            start = int(self.rng.integers(0, length - self.max_length + 1))
+        if length > self.max_length and rng.random() < self.random_offset_probability:
+            start = int(rng.integers(0, length - self.max_length + 1))
         end = min(length, start + self.max_length)
         window_mask = loss_mask[start:end]
         window_mask[-1] = False  # its target lies outside the window
