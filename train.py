@@ -27,7 +27,7 @@ from gptneox.training.distributed import init_distributed
 from gptneox.training.ds_config import DeepSpeedConfigError, load_ds_config, resolve_ds_config
 from gptneox.training.export import export_checkpoint, write_model_metadata
 from gptneox.training.metrics import MetricsLogger, peak_memory_gb, peak_tflops
-from gptneox.training.model_setup import load_model_and_tokenizer, parameter_groups
+from gptneox.training.model_setup import find_model_dir, load_model_and_tokenizer, parameter_groups
 from gptneox.training.step import evaluate, train_step
 from gptneox.training.stop import StopRequest
 
@@ -41,6 +41,7 @@ class TrainingStopped(RuntimeError):
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_train_config(argv)
+        find_model_dir(cfg.model_name, cfg.cache_dir)  # a missing model fails before DeepSpeed starts
         rank, world = init_distributed()
         return train(cfg, rank, world)
     except (TrainConfigError, DeepSpeedConfigError, FileNotFoundError, ValueError) as err:
@@ -55,10 +56,11 @@ def train(cfg: TrainConfig, rank: int, world: int) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     out = Path(cfg.output_dir)
     checkpoint_dir = out / "checkpoints"
+    # data first: a bad dataset file should fail in seconds, not after loading billions of weights
+    train_set, eval_sets = build_datasets(cfg.datasets, cache_dir=cfg.cache_dir, seed=cfg.rng_seed)
     torch.manual_seed(cfg.rng_seed)  # the same random init on every rank
     model, tokenizer, model_line = load_model_and_tokenizer(cfg)
     say(model_line)
-    train_set, eval_sets = build_datasets(cfg.datasets, cache_dir=cfg.cache_dir, seed=cfg.rng_seed)
     eval_sets = {name: samples[:cfg.eval_size] if cfg.eval_size else samples for name, samples in eval_sets.items()}
     order = DataOrder(len(train_set), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                       world, rank, cfg.rng_seed)

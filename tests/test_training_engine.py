@@ -329,6 +329,10 @@ def test_help_and_a_bad_config_fail_fast():
     bad = subprocess.run([sys.executable, "train.py", "--configs", "defaults", "tiny", "--warmup_step", "3"],
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean 'warmup_steps'" in bad.stderr
+    no_model = subprocess.run([sys.executable, "train.py", "--configs", "defaults", "stablelm-7b", "oasst-mix",
+                               "--cache_dir", str(REPO / "no-such-cache")], cwd=REPO, capture_output=True, text=True)
+    assert no_model.returncode == 2 and "Nothing is downloaded" in no_model.stderr
+    assert "shm_comm" not in no_model.stdout + no_model.stderr  # refused before DeepSpeed set up its backend
 
 
 def test_packed_rows_give_the_loss_of_padded_rows(workspace, tmp_path):

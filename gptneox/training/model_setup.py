@@ -22,6 +22,8 @@ TRAINING_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.b
 def find_model_dir(model_name: str, cache_dir: str) -> Path | None:
     """A local Hugging Face directory for `model_name` (absolute, relative to cwd, or to cache_dir);
     None for a preset name; an error naming the places looked at otherwise. Nothing is downloaded."""
+    if not model_name:
+        raise TrainConfigError("model_name is not set (add a model config such as tiny or stablelm-7b)")
     candidates = [Path(model_name), Path(cache_dir) / model_name]
     for path in candidates:
         if (path / "config.json").is_file():
@@ -40,8 +42,6 @@ def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]
     """Model, its tokenizer, and a line for the log. Pretrained weights load straight in the training dtype
     and onto this rank's device, so a 7B model costs each rank one 16-bit copy rather than an fp32 one in
     host memory (DeepSpeed keeps its own fp32 master copy in the optimizer)."""
-    if not cfg.model_name:
-        raise TrainConfigError("model_name is not set (add a model config such as tiny or stablelm-7b)")
     model_dir = find_model_dir(cfg.model_name, cfg.cache_dir)
     tokenizer_source = cfg.tokenizer_path or model_dir
     if tokenizer_source is None:
