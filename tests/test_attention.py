@@ -237,25 +237,31 @@ def fake_flash(monkeypatch):
     monkeypatch.setattr(attention_module, "check_flash_inputs", lambda q: None)
 
 
-def test_flash_bookkeeping_padding_segments_and_cache(tiny_model, fake_flash):
-    model = tiny_model()
-    x = ids(2, 12)
-    mask = torch.ones(2, 12, dtype=torch.long)
+def _flash_matches_eager(model, device, atol):
+    """Left padding, packed segments, and prefill + decode through a cache: flash against the eager math."""
+    x = ids(2, 12).to(device)
+    mask = torch.ones(2, 12, dtype=torch.long, device=device)
     mask[0, :3] = 0  # left padding
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    out = logits(model, "flash", x, attention_mask=mask, position_ids=positions)
-    ref = logits(model, "eager", x, attention_mask=mask, position_ids=positions)
-    assert torch.allclose(out[mask.bool()], ref[mask.bool()], atol=ATOL)
+    out = logits(model, "flash", x, attention_mask=mask, position_ids=positions).float()
+    ref = logits(model, "eager", x, attention_mask=mask, position_ids=positions).float()
+    assert torch.allclose(out[mask.bool()], ref[mask.bool()], atol=atol)
 
-    segments = torch.tensor([[0] * 5 + [1] * 7, [0] * 3 + [1] * 4 + [2] * 5])
-    positions = torch.tensor([list(range(5)) + list(range(7)), list(range(3)) + list(range(4)) + list(range(5))])
-    out = logits(model, "flash", x, position_ids=positions, segment_ids=segments)
-    assert torch.allclose(out, logits(model, "eager", x, position_ids=positions, segment_ids=segments), atol=ATOL)
+    segments = torch.tensor([[0] * 5 + [1] * 7, [0] * 3 + [1] * 4 + [2] * 5], device=device)
+    positions = torch.tensor([list(range(5)) + list(range(7)), list(range(3)) + list(range(4)) + list(range(5))],
+                             device=device)
+    out = logits(model, "flash", x, position_ids=positions, segment_ids=segments).float()
+    ref = logits(model, "eager", x, position_ids=positions, segment_ids=segments).float()
+    assert torch.allclose(out, ref, atol=atol)
 
     cache = model.new_kv_cache(2, 16)
     first = logits(model, "flash", x[:, :8], kv_cache=cache)
     rest = logits(model, "flash", x[:, 8:], kv_cache=cache)
-    assert torch.allclose(torch.cat([first, rest], 1), logits(model, "eager", x), atol=ATOL)
+    assert torch.allclose(torch.cat([first, rest], 1).float(), logits(model, "eager", x).float(), atol=atol)
+
+
+def test_flash_bookkeeping_padding_segments_and_cache(tiny_model, fake_flash):
+    _flash_matches_eager(tiny_model(), "cpu", ATOL)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn kernels need a CUDA GPU")
@@ -264,3 +270,4 @@ def test_flash_kernels_on_cuda(tiny_model):
     model = tiny_model().cuda().half()
     x = ids(2, 12).cuda()
     assert torch.allclose(logits(model, "flash", x).float(), logits(model, "eager", x).float(), atol=2e-2)
+    _flash_matches_eager(model, "cuda", 2e-2)
