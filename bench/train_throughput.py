@@ -19,7 +19,7 @@ tokenizer, no random truncation windows.
 
 FLOPs: gptneox.flops.training_flops (blocks for every real token, attention within each conversation,
 LM head for trained tokens only): the same useful work for every variant, divided by the matmul peak
-measured at start (bench/matmul_peak.py).
+measured at start (gptneox.training.metrics.matmul_peak_tflops; bench/matmul_peak.py runs it alone).
 
     python bench/train_throughput.py                                    # CPU fp32, Pythia-70M shape
     python bench/train_throughput.py --device cuda --dtype bf16 --model stablelm-7b-layers --layers 2
@@ -41,11 +41,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.matmul_peak import DTYPES, matmul_peak_tflops  # noqa: E402
 from gptneox import GPTNeoX, GPTNeoXConfig  # noqa: E402
 from gptneox.data import DialogueCollator, build_datasets, load_tokenizer  # noqa: E402
 from gptneox.flops import conversation_lengths, training_flops  # noqa: E402
-from gptneox.training.loss import DEFAULT_CHUNK_ROWS, masked_cross_entropy, masked_cross_entropy_from_hidden  # noqa: E402
+from gptneox.training.config import TORCH_DTYPES  # noqa: E402
+from gptneox.training.metrics import matmul_peak_tflops  # noqa: E402
+from gptneox.training.loss import DEFAULT_CHUNK_ROWS, batch_loss, masked_cross_entropy, model_inputs  # noqa: E402
 
 VARIANTS = {
     "A": "transformers, padded, full-logits loss",
@@ -106,14 +107,11 @@ def reference_loss(model, batch):
 
 
 def our_loss(model, batch, full_logits: bool, chunk_rows: int):
-    inputs = {k: batch[k] for k in ("position_ids", "attention_mask", "segment_ids") if k in batch}
     if full_logits:
-        total, count = masked_cross_entropy(model(batch["input_ids"], **inputs), batch["targets"],
+        total, count = masked_cross_entropy(model(batch["input_ids"], **model_inputs(batch)), batch["targets"],
                                             batch["loss_mask"])
     else:
-        hidden = model(batch["input_ids"], return_hidden=True, **inputs)
-        total, count = masked_cross_entropy_from_hidden(hidden, model.output_embedding, batch["targets"],
-                                                        batch["loss_mask"], chunk_rows)
+        total, count = batch_loss(model, batch, chunk_rows)
     return total / count.clamp(min=1)
 
 
@@ -131,7 +129,7 @@ class Variant:
 
     def __init__(self, name: str, args, conversations: list[list]):
         self.name, self.args = name, args
-        self.device, dtype = torch.device(args.device), DTYPES[args.dtype]
+        self.device, dtype = torch.device(args.device), TORCH_DTYPES[args.dtype]
         self.config = model_config(args)
         self.batches = [{k: v.to(self.device) for k, v in b.items()}
                         for b in collate_all(args, conversations, pack=name == "C")]
@@ -262,7 +260,7 @@ def main(argv=None) -> None:
     forwarded = list(argv if argv is not None else sys.argv[1:])
     memory = {v: memory_in_subprocess(v, forwarded) for v in args.variants}
     sizes = (2048, 3072) if device.type == "cpu" else (4096, 8192)
-    peak = matmul_peak_tflops(args.device, args.dtype, sizes)
+    peak = matmul_peak_tflops(args.device, args.dtype, sizes, repeats=5)
     config = model_config(args)
     variants = time_variants(args.variants, args)
     results = {v: summarize(variants[v], memory[v], peak) for v in args.variants}

@@ -42,6 +42,13 @@ _ZERO_DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "attention_probs_dr
                       "hidden_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop")
 
 
+def did_you_mean(word: str, choices, n: int = 1, cutoff: float = 0.6, quote: bool = True) -> str:
+    """"; did you mean 'x'?" for the closest of `choices`, or "" when none is close: the tail of an error.
+    Keys are quoted; names the user types as words (presets, config sections) read better bare."""
+    close = difflib.get_close_matches(word, list(choices), n=n, cutoff=cutoff)
+    return f"; did you mean {', '.join(repr(c) if quote else c for c in close)}?" if close else ""
+
+
 class ConfigError(ValueError):
     """A config value we cannot honour; the message names the key and the value."""
 
@@ -104,15 +111,12 @@ class GPTNeoXConfig:
     def from_name(cls, name: str, **overrides: Any) -> "GPTNeoXConfig":
         """A named preset (see PRESETS), optionally with some fields overridden."""
         if name not in PRESETS:
-            close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.4)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            hint = did_you_mean(name, PRESETS, n=3, cutoff=0.4, quote=False)
             raise ConfigError(f"unknown model preset {name!r}{hint} Known presets: {', '.join(PRESETS)}")
         field_names = [f.name for f in fields(cls)]
         for key in overrides:  # a ConfigError with a suggestion, not the dataclass's bare TypeError
             if key not in field_names:
-                close = difflib.get_close_matches(key, field_names, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"from_name({name!r}): unknown config field {key!r}{hint}")
+                raise ConfigError(f"from_name({name!r}): unknown config field {key!r}{did_you_mean(key, field_names)}")
         return cls(**{**PRESETS[name], **overrides})
 
     # ------------------------------------------------------------------ Hugging Face config.json

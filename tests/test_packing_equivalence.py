@@ -12,8 +12,7 @@ import yaml
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.data import DialogueCollator, build_datasets, load_tokenizer
 from gptneox.flops import batch_training_flops, conversation_lengths, flops_per_token, training_flops
-from gptneox.training.loss import masked_cross_entropy, masked_cross_entropy_from_hidden
-from gptneox.training.step import MODEL_INPUTS
+from gptneox.training.loss import batch_loss, masked_cross_entropy, model_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,14 +33,11 @@ def small_model(vocab_size: int) -> GPTNeoX:
 
 def loss_and_gradients(model: GPTNeoX, batch: dict, full_logits: bool = False):
     model.zero_grad(set_to_none=True)
-    kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if full_logits:
-        total, count = masked_cross_entropy(model(batch["input_ids"], **kwargs), batch["targets"],
+        total, count = masked_cross_entropy(model(batch["input_ids"], **model_inputs(batch)), batch["targets"],
                                             batch["loss_mask"])
     else:
-        hidden = model(batch["input_ids"], return_hidden=True, **kwargs)
-        total, count = masked_cross_entropy_from_hidden(hidden, model.output_embedding, batch["targets"],
-                                                        batch["loss_mask"], chunk_rows=64)
+        total, count = batch_loss(model, batch, chunk_rows=64)
     total.backward()
     return total.detach(), int(count), {name: p.grad.clone() for name, p in model.named_parameters()}
 

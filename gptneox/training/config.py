@@ -7,14 +7,20 @@ with a suggestion instead of being carried along silently.
 from __future__ import annotations
 
 import argparse
-import difflib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from gptneox.config import did_you_mean
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+# The `dtype` key's values: training precision, export precision, benchmark precision.
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TrainConfigError(ValueError):
@@ -71,7 +77,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "dtype": self.dtype in ("fp16", "bf16", "fp32"),
+            "dtype": self.dtype in TORCH_DTYPES,
             "save_strategy": self.save_strategy in ("steps", "epoch"),
             "sort_by_length": not self.sort_by_length,
             "use_custom_sampler": not self.use_custom_sampler,
@@ -97,7 +103,7 @@ class TrainConfig:
         return yaml.safe_dump({"train": asdict(self)}, sort_keys=False)
 
 
-_ALLOWED = {"dtype": "fp16, bf16, fp32", "save_strategy": "steps, epoch",
+_ALLOWED = {"dtype": ", ".join(TORCH_DTYPES), "save_strategy": "steps, epoch",
             "sort_by_length": "false", "use_custom_sampler": "false"}
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _DEFAULTS = asdict(TrainConfig())
@@ -111,8 +117,7 @@ def load_section(name: str, config_dir: Path = CONFIG_DIR) -> dict:
     """One config section: `configs/NAME.yaml` holding `{NAME: {...}}` (or a path to such a file)."""
     path = Path(name) if name.endswith((".yaml", ".yml")) else config_dir / f"{name}.yaml"
     if not path.is_file():
-        close = difflib.get_close_matches(name, available_configs(config_dir), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        hint = did_you_mean(name, available_configs(config_dir), n=3, cutoff=0.5, quote=False)
         raise TrainConfigError(f"unknown config {name!r} (no {path}){hint} "
                                f"Available: {', '.join(available_configs(config_dir))}")
     try:
@@ -129,9 +134,7 @@ def load_section(name: str, config_dir: Path = CONFIG_DIR) -> dict:
 
 def _check_key(key: str, where: str) -> None:
     if key not in _FIELDS:
-        close = difflib.get_close_matches(key, _FIELDS, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise TrainConfigError(f"{where}: unknown key {key!r}{hint}")
+        raise TrainConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, _FIELDS)}")
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:

@@ -16,8 +16,8 @@ from tokenizers import Tokenizer
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.data import load_tokenizer, save_tokenizer
 from gptneox.training.checkpoint import CheckpointManager
+from gptneox.training.config import TORCH_DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODEL_SUBDIR = "model"
 
 
@@ -43,8 +43,8 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     if tag is None or not (checkpoint_dir / tag).is_dir():
         raise FileNotFoundError(f"{checkpoint_dir}: no complete checkpoint {tag or ''} to export")
     dtype = dtype or json.loads((metadata / "training.json").read_text())["dtype"]
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(DTYPES)}")
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(TORCH_DTYPES)}")
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     config = GPTNeoXConfig.from_hf(metadata)
     with torch.device("meta"):  # no random fp32 initialisation: the checkpoint's tensors become the weights
@@ -55,6 +55,6 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
                            f"(missing {missing}, unexpected {unexpected})")
     if config.tie_word_embeddings:  # assign gave the two names separate Parameters
         model.embed_out.weight = model.gpt_neox.embed_in.weight
-    model.to(DTYPES[dtype]).save_pretrained(output_dir, max_shard_size=max_shard_size)
+    model.to(TORCH_DTYPES[dtype]).save_pretrained(output_dir, max_shard_size=max_shard_size)
     save_tokenizer(load_tokenizer(metadata), output_dir)
     return output_dir

@@ -17,6 +17,27 @@ import torch.nn.functional as F
 # Rows of hidden states projected at once: a [1024, 50k] fp32 chunk is 200 MB, and the matmuls are
 # still large enough to run at full speed on CPUs and GPUs.
 DEFAULT_CHUNK_ROWS = 1024
+# The collated batch keys a model forward takes besides input_ids (segment_ids only in packed batches).
+MODEL_INPUTS = ("position_ids", "attention_mask", "segment_ids")
+
+
+def model_inputs(batch: dict) -> dict:
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
+
+
+def batch_loss(model, batch: dict, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss (sum, count) of a collated batch. `model` is a GPTNeoX or a DeepSpeed engine
+    wrapping one (the LM head is then read from `model.module`)."""
+    hidden = model(batch["input_ids"], return_hidden=True, **model_inputs(batch))
+    head = getattr(model, "module", model).output_embedding
+    return masked_cross_entropy_from_hidden(hidden, head, batch["targets"], batch["loss_mask"], chunk_rows)
+
+
+def _check_shapes(first_name: str, first: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> None:
+    """first [..., features] (logits or hidden states); targets and loss_mask [...]."""
+    if first.shape[:-1] != targets.shape or targets.shape != loss_mask.shape:
+        raise ValueError(f"shape mismatch: {first_name} {tuple(first.shape)}, targets {tuple(targets.shape)}, "
+                         f"loss_mask {tuple(loss_mask.shape)}")
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
@@ -25,9 +46,7 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
 
     logits [..., vocab]; targets and loss_mask [...] (same leading shape).
     """
-    if logits.shape[:-1] != targets.shape or targets.shape != loss_mask.shape:
-        raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}, "
-                         f"loss_mask {tuple(loss_mask.shape)}")
+    _check_shapes("logits", logits, targets, loss_mask)
     mask = loss_mask.bool()
     selected = logits[mask].float()
     total = F.cross_entropy(selected, targets[mask], reduction="sum")
@@ -42,9 +61,7 @@ def masked_loss_and_correct(hidden: torch.Tensor, head_weight: torch.Tensor, tar
 
     Chunked like the training loss, so an evaluation batch never holds [trained tokens, vocab] logits.
     """
-    if hidden.shape[:-1] != targets.shape or targets.shape != loss_mask.shape:
-        raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)}, "
-                         f"loss_mask {tuple(loss_mask.shape)}")
+    _check_shapes("hidden", hidden, targets, loss_mask)
     mask = loss_mask.bool()
     rows, wanted = hidden[mask], targets[mask]
     total, correct = 0.0, 0
@@ -65,9 +82,7 @@ def masked_cross_entropy_from_hidden(hidden: torch.Tensor, head_weight: torch.Te
     trained rows are projected, `chunk_rows` at a time: besides the [vocab, hidden_size] weight gradient,
     no temporary is larger than [chunk_rows, vocab].
     """
-    if hidden.shape[:-1] != targets.shape or targets.shape != loss_mask.shape:
-        raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)}, "
-                         f"loss_mask {tuple(loss_mask.shape)}")
+    _check_shapes("hidden", hidden, targets, loss_mask)
     if head_weight.dim() != 2 or head_weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"head_weight has shape {tuple(head_weight.shape)}, expected [vocab, {hidden.shape[-1]}]")
     if chunk_rows < 1:

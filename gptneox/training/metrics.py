@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from gptneox.training.config import TORCH_DTYPES
+
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets: (16-bit tensor core, fp32 without TF32).
 GPU_PEAK_TFLOPS = {
     "H200": (989.0, 67.0),
@@ -24,16 +26,23 @@ GPU_PEAK_TFLOPS = {
 }
 
 
-def measured_cpu_peak_tflops(size: int = 2048, repeats: int = 4) -> float:
-    """Best fp32 matmul rate of this CPU over a few runs: the practical ceiling for MFU on CPU."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up: thread pool and caches
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e12
+def matmul_peak_tflops(device: str = "cpu", dtype: str = "fp32", sizes=(2048,), repeats: int = 4) -> float:
+    """Best TFLOP/s of [n, n] @ [n, n] over `repeats` timed runs for each n in `sizes`: the practical
+    ceiling for MFU where no data-sheet peak applies (the slowest runs measure a shared machine's noise)."""
+    device = torch.device(device)
+    synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(TORCH_DTYPES[dtype])
+        b = torch.randn(n, n, device=device).to(TORCH_DTYPES[dtype])
+        a @ b  # warm-up: thread pool, kernel selection, caches
+        for _ in range(repeats):
+            synchronize()
+            start = time.perf_counter()
+            a @ b
+            synchronize()
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e12)
+    return best
 
 
 def peak_tflops(dtype: str, configured: float | None) -> tuple[float, str]:
@@ -46,7 +55,7 @@ def peak_tflops(dtype: str, configured: float | None) -> tuple[float, str]:
             if key in name:
                 return (single if dtype == "fp32" else half), f"data sheet for {key}"
         return 0.0, f"unknown GPU {name!r}: set peak_tflops for an MFU figure"
-    return measured_cpu_peak_tflops(), "measured fp32 matmul peak of this CPU"
+    return matmul_peak_tflops(), "measured fp32 matmul peak of this CPU"
 
 
 def peak_memory_gb() -> float:

@@ -13,10 +13,9 @@ from tokenizers import Tokenizer
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.config import PRESETS
 from gptneox.data import load_tokenizer
-from gptneox.training.config import TrainConfig, TrainConfigError
+from gptneox.training.config import TORCH_DTYPES, TrainConfig, TrainConfigError
 
 VOCAB_MULTIPLE = 16
-TRAINING_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def find_model_dir(model_name: str, cache_dir: str) -> Path | None:
@@ -52,7 +51,7 @@ def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]
         origin = f"preset {cfg.model_name!r}, random init"
     else:
         device = get_accelerator().current_device_name()
-        model = GPTNeoX.from_pretrained(model_dir, dtype=TRAINING_DTYPES[cfg.dtype], device=device)
+        model = GPTNeoX.from_pretrained(model_dir, dtype=TORCH_DTYPES[cfg.dtype], device=device)
         origin = str(model_dir)
     rows = math.ceil(tokenizer.get_vocab_size() / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     if rows > model.config.vocab_size:  # never shrink: StableLM's 50432 rows stay

@@ -17,9 +17,6 @@ import torch.distributed as dist
 from gptneox.flops import batch_training_flops
 from gptneox.training import loss as losses
 
-MODEL_INPUTS = ("position_ids", "attention_mask", "segment_ids")
-
-
 @dataclass
 class StepResult:
     loss: float                # mean cross-entropy over the step's trained tokens (all ranks)
@@ -34,13 +31,6 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor.tolist()
-
-
-def _forward_loss(engine: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    hidden = engine(batch["input_ids"], return_hidden=True, **kwargs)
-    return losses.masked_cross_entropy_from_hidden(hidden, engine.module.output_embedding, batch["targets"],
-                                                   batch["loss_mask"])
 
 
 def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
@@ -67,7 +57,7 @@ def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
             hidden = engine(torch.zeros((1, 1), dtype=torch.long, device=device), return_hidden=True)
             total = hidden.float().sum() * 0.0 + engine.module.output_embedding.sum() * 0.0
         else:
-            total, _ = _forward_loss(engine, batch)
+            total, _ = losses.batch_loss(engine, batch)
         engine.backward(total * scale)
         engine.step()
         loss_sum += total.detach().double()
@@ -86,8 +76,7 @@ def evaluate(engine: Any, batches: list[dict]) -> tuple[float, float]:
         if batch["input_ids"].numel() == 0:
             continue
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        kwargs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        hidden = engine(batch["input_ids"], return_hidden=True, **kwargs)
+        hidden = engine(batch["input_ids"], return_hidden=True, **losses.model_inputs(batch))
         total, right, n = losses.masked_loss_and_correct(hidden, engine.module.output_embedding, batch["targets"],
                                                          batch["loss_mask"])
         loss_sum += total
