@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from gptneox import GPTNeoX, GPTNeoXConfig  # noqa: E402
 from gptneox.data import DialogueCollator, build_datasets, load_tokenizer  # noqa: E402
 from gptneox.flops import conversation_lengths, training_flops  # noqa: E402
-from gptneox.training.config import TORCH_DTYPES  # noqa: E402
+from gptneox.training.config import TORCH_DTYPES, load_section, repo_path  # noqa: E402
 from gptneox.training.metrics import matmul_peak_tflops  # noqa: E402
 from gptneox.training.loss import DEFAULT_CHUNK_ROWS, batch_loss, masked_cross_entropy, model_inputs  # noqa: E402
 
@@ -62,10 +61,12 @@ def model_config(args) -> GPTNeoXConfig:
     return GPTNeoXConfig.from_name(MODELS[args.model], **overrides)
 
 
+SAMPLE_MIX = load_section("sample-mix")
+
+
 def draw_batches(args) -> list[list]:
     """(warmup + iters) x accumulation lists of batch_size conversations, without replacement while they last."""
-    section = yaml.safe_load((ROOT / "configs" / "sample-mix.yaml").read_text())["sample-mix"]
-    conversations, _ = build_datasets(section["datasets"], cache_dir=ROOT / section["cache_dir"], seed=0)
+    conversations, _ = build_datasets(SAMPLE_MIX["datasets"], cache_dir=repo_path(SAMPLE_MIX["cache_dir"]), seed=0)
     rng = np.random.default_rng(args.seed)
     count = (args.warmup + args.iters) * args.accumulation
     order = np.concatenate([rng.permutation(len(conversations)) for _ in range(
@@ -75,8 +76,7 @@ def draw_batches(args) -> list[list]:
 
 
 def collate_all(args, batches, pack: bool) -> list[dict]:
-    section = yaml.safe_load((ROOT / "configs" / "sample-mix.yaml").read_text())["sample-mix"]
-    tokenizer = load_tokenizer(ROOT / section["tokenizer_path"])
+    tokenizer = load_tokenizer(repo_path(SAMPLE_MIX["tokenizer_path"]))
     collate = DialogueCollator(tokenizer, max_length=args.max_length, random_offset_probability=0.0,
                                pad_to_multiple_of=16, pack=pack)
     return [collate(b) for b in batches]

@@ -3,25 +3,21 @@ gradients of every parameter, through the collator, the model (SDPA and eager at
 training loop uses. Conversations come from the bundled sample mix, tokenized by its bundled tokenizer."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-import yaml
 
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.data import DialogueCollator, build_datasets, load_tokenizer
 from gptneox.flops import batch_training_flops, conversation_lengths, flops_per_token, training_flops
+from gptneox.training.config import load_section, repo_path
 from gptneox.training.loss import batch_loss, masked_cross_entropy, model_inputs
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def sample_mix():
-    section = yaml.safe_load((REPO / "configs" / "sample-mix.yaml").read_text())["sample-mix"]
-    train, _ = build_datasets(section["datasets"], cache_dir=REPO / section["cache_dir"], seed=0)
-    return train, load_tokenizer(REPO / section["tokenizer_path"])
+    section = load_section("sample-mix")
+    train, _ = build_datasets(section["datasets"], cache_dir=repo_path(section["cache_dir"]), seed=0)
+    return train, load_tokenizer(repo_path(section["tokenizer_path"]))
 
 
 def small_model(vocab_size: int) -> GPTNeoX:

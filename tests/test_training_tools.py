@@ -1,12 +1,13 @@
 """tools/plot_metrics.py, tools/padding_report.py, tools/export_hf.py and tools/demo.py from the command line."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from gptneox.training.metrics import last_per_step
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -32,12 +33,9 @@ def test_plot_metrics_draws_a_png_and_rejects_a_bad_line(tmp_path):
 
 
 def test_plot_metrics_keeps_the_newest_record_of_a_step():
-    spec = importlib.util.spec_from_file_location("plot_metrics", REPO / "tools" / "plot_metrics.py")
-    plot_metrics = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_metrics)
     run = [{"step": s, "loss": 1.0} for s in (1, 2, 3, 4)]
     resumed = [{"step": s, "loss": 2.0} for s in (3, 4, 5)]  # appended after a resume from step 2
-    assert [(r["step"], r["loss"]) for r in plot_metrics.last_per_step(run + resumed)] == \
+    assert [(r["step"], r["loss"]) for r in last_per_step(run + resumed)] == \
            [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0), (5, 2.0)]
 
 

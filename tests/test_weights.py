@@ -203,6 +203,11 @@ def test_convert_checkpoint_tool_bit_exact(tiny_checkpoint, tmp_path):
     result = run_tool("tools/convert_checkpoint.py", str(tmp_path / "out"), str(tmp_path / "half"), "--dtype", "float16")
     assert result.returncode == 0, result.stderr
     assert GPTNeoX.from_pretrained(tmp_path / "half", dtype="auto").embed_out.weight.dtype == torch.float16
+    shard = sorted((tmp_path / "out").glob("model-*.safetensors"))[0]
+    shard.write_bytes(b"not safetensors")
+    broken = run_tool("tools/convert_checkpoint.py", str(tmp_path / "out"), str(tmp_path / "again"))
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr
+    assert "convert_checkpoint.py: error:" in broken.stderr and shard.name in broken.stderr
 
 
 def test_tools_answer_help():

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gptneox import GPTNeoX  # noqa: E402
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="Hugging Face model directory (config.json + weights)")
     parser.add_argument("dst", help="output directory")
@@ -26,11 +26,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if Path(args.src).resolve() == Path(args.dst).resolve():
         parser.error("src and dst must be different directories")
-    model = GPTNeoX.from_pretrained(args.src, dtype=args.dtype)
-    model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
+    try:
+        model = GPTNeoX.from_pretrained(args.src, dtype=args.dtype)
+        model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
+    except (OSError, ValueError) as err:  # missing files, CheckpointError, ConfigError, a bad size or dtype
+        print(f"convert_checkpoint.py: error: {err}", file=sys.stderr)
+        return 2
     count = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.dst}: {count:,} parameters in {next(model.parameters()).dtype}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

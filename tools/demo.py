@@ -10,7 +10,6 @@ good; the demo shows that every stage works and that the loss falls.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -34,9 +33,11 @@ def train(output_dir: Path, epochs: int, extra: list[str]) -> None:
 
 
 def summarize(output_dir: Path) -> None:
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
-    evals = [r for r in records if any(k.endswith("_loss") and k.startswith("eval_") for k in r)]
+    from gptneox.training.metrics import last_per_step, read_metrics
+
+    records = read_metrics(output_dir / "metrics.jsonl")  # a rerun in the same directory appends
+    steps = last_per_step([r for r in records if "loss" in r])
+    evals = last_per_step([r for r in records if any(k.endswith("_loss") and k.startswith("eval_") for k in r)])
     print(f"\ntraining loss: first step {steps[0]['loss']:.3f} -> last step {steps[-1]['loss']:.3f} "
           f"({len(steps)} steps)")
     if len(evals) >= 2:

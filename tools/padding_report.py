@@ -16,12 +16,10 @@ import random
 import sys
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from gptneox.data import DialogueCollator, build_datasets, load_tokenizer
+from gptneox.data import DialogueCollator, build_datasets, load_tokenizer  # noqa: E402
+from gptneox.training.config import load_section, repo_path  # noqa: E402
 
 
 def padding_fraction(collate: DialogueCollator, conversations: list, batch_size: int) -> tuple[float, int]:
@@ -38,8 +36,8 @@ def padding_fraction(collate: DialogueCollator, conversations: list, batch_size:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="sample-mix", help="config section holding datasets and cache_dir")
-    parser.add_argument("--config_file", type=Path, default=None, help="default: configs/<configs>.yaml")
+    parser.add_argument("--configs", default="sample-mix",
+                        help="config section (a name in configs/ or a YAML path) holding datasets and cache_dir")
     parser.add_argument("--tokenizer", type=Path, default=None, help="default: the section's tokenizer_path")
     parser.add_argument("--max_length", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--batch_size", type=int, nargs="+", default=[8])
@@ -47,10 +45,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    config_file = args.config_file or REPO / "configs" / f"{args.configs}.yaml"
-    settings = yaml.safe_load(config_file.read_text())[args.configs]
-    tokenizer = load_tokenizer(args.tokenizer or REPO / settings["tokenizer_path"])
-    train, _ = build_datasets(settings["datasets"], cache_dir=REPO / settings.get("cache_dir", "."), seed=args.seed)
+    settings = load_section(args.configs)
+    tokenizer = load_tokenizer(args.tokenizer or repo_path(settings["tokenizer_path"]))
+    train, _ = build_datasets(settings["datasets"], cache_dir=repo_path(settings.get("cache_dir", ".")),
+                              seed=args.seed)
     random.Random(args.seed).shuffle(train)
     print(f"{len(train)} training conversations of {args.configs}, pad_to_multiple_of {args.pad_to_multiple_of}\n")
     print("| max_length | batch size | padded: padding | padded: rows | packed: padding | packed: rows |")

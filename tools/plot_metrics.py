@@ -6,24 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-
-def read_records(path: Path) -> list[dict]:
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not a JSON line ({err})") from None
-    return records
-
-
-def last_per_step(records: list[dict]) -> list[dict]:
-    """A resumed run appends to metrics.jsonl, repeating the steps after its checkpoint: the newest wins."""
-    return sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gptneox.training.metrics import last_per_step, read_metrics  # noqa: E402
 
 
 def plot(records: list[dict], output: Path) -> Path:
@@ -60,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = args.metrics / "metrics.jsonl" if args.metrics.is_dir() else args.metrics
     try:
-        written = plot(read_records(path), args.output or path.with_suffix(".png"))
+        written = plot(read_metrics(path), args.output or path.with_suffix(".png"))
     except (OSError, ValueError) as err:
         print(f"plot_metrics.py: error: {err}", file=sys.stderr)
         return 2

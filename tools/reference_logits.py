@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def encode(prompts, tokenizer_path):
     if tokenizer_path:
-        from tokenizers import Tokenizer
-        tokenizer = Tokenizer.from_file(tokenizer_path)
+        from gptneox.data import load_tokenizer  # with the chat tokens, as training and chat encode prompts
+        tokenizer = load_tokenizer(tokenizer_path)
         return [tokenizer.encode(p).ids for p in prompts]
     try:
         return [[int(t) for t in p.split()] for p in prompts]

@@ -13,20 +13,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from gptneox.data.datasets import parse_entry, read_dataset
 from gptneox.data.tokenizer import EOS_TOKEN, PAD_TOKEN
+from gptneox.training.config import load_section, repo_path
 
 
-def conversation_texts(config_file: Path, section: str) -> list[str]:
-    """Every message text of every dataset of ``section`` (train and validation alike)."""
-    config = yaml.safe_load(config_file.read_text())
-    if section not in config:
-        raise SystemExit(f"{config_file} has no section {section!r}; sections: {', '.join(config)}")
-    settings = config[section]
-    cache_dir = settings.get("cache_dir", ".")
+def conversation_texts(section: str) -> list[str]:
+    """Every message text of every dataset of the config ``section`` (train and validation alike)."""
+    settings = load_section(section)
+    cache_dir = repo_path(settings.get("cache_dir", "."))
     texts = []
     for entry in settings["datasets"]:
         name, options = parse_entry(entry)
@@ -53,12 +50,12 @@ def train(texts: list[str], vocab_size: int) -> Tokenizer:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="sample-mix", help="section of the datasets config file")
-    parser.add_argument("--config_file", type=Path, default=Path("configs/sample-mix.yaml"))
+    parser.add_argument("--configs", default="sample-mix",
+                        help="config section with the datasets (a name in configs/ or a YAML path)")
     parser.add_argument("--vocab_size", type=int, default=1536)
-    parser.add_argument("--output", type=Path, default=Path("data/sample/tokenizer.json"))
+    parser.add_argument("--output", type=Path, default=repo_path("data/sample/tokenizer.json"))
     args = parser.parse_args()
-    texts = conversation_texts(args.config_file, args.configs)
+    texts = conversation_texts(args.configs)
     tokenizer = train(texts, args.vocab_size)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(args.output))

@@ -17,6 +17,13 @@ import yaml
 from gptneox.config import did_you_mean
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+REPO_DIR = CONFIG_DIR.parent
+
+
+def repo_path(path: str | Path) -> Path:
+    """A relative path of a shipped config section (cache_dir, tokenizer_path), taken from the repository
+    root so that tools and benchmarks run from any directory; an absolute path stays as it is."""
+    return REPO_DIR / path
 
 
 # The `dtype` key's values: training precision, export precision, benchmark precision.

@@ -65,6 +65,23 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl, in file order; a bad line is an error naming it."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON line ({err})") from None
+    return records
+
+
+def last_per_step(records: list[dict]) -> list[dict]:
+    """A resumed run appends to metrics.jsonl, repeating the steps after its checkpoint: the newest wins."""
+    return sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
+
+
 class MetricsLogger:
     """Writes one JSON object per call to OUTPUT_DIR/metrics.jsonl (rank 0 only) and mirrors it elsewhere."""
 
