@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,18 @@ import torch
 from safetensors.torch import save_file
 
 from gptneox import GPTNeoX, GPTNeoXConfig
+
+REPO = Path(__file__).resolve().parents[1]
+# Set in this process by the in-process DeepSpeed tests; a script started by a test must not inherit them.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_python(*argv, stdin: str = "", cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a script (train.py, a tool, a benchmark) in a fresh interpreter, from the repository root."""
+    environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    return subprocess.run([sys.executable, *map(str, argv)], input=stdin, cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
+
 
 # Small enough for milliseconds per forward, with a head count that is not a power of two.
 TINY_CONFIG = dict(vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gptneox import attention as attention_module
-from gptneox.model import rotary_cos_sin
+from gptneox.model import LayerNorm, rotary_cos_sin
 
 CPU_BACKENDS = ("sdpa", "eager")
 ATOL = 1e-5
@@ -155,10 +155,15 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_model):
     model = tiny_model().train()
     x = ids(2, 16)
 
+    block_runs = []
+    model.gpt_neox.layers[0].register_forward_pre_hook(lambda *_: block_runs.append(1))
+
     def grads(checkpointing):
         model.zero_grad()
+        block_runs.clear()
         model.gradient_checkpointing = checkpointing
         F.cross_entropy(model(x)[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+        assert len(block_runs) == (2 if checkpointing else 1)  # checkpointing recomputes the block in backward
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain, checkpointed = grads(False), grads(True)
@@ -178,9 +183,9 @@ def test_return_hidden_and_output_embedding(tiny_model):
 
 
 def test_layer_norm_statistics_in_fp32():
-    """torch's LayerNorm on bf16 input must equal the fp32 computation rounded once to bf16."""
+    """The model's LayerNorm on bf16 input must equal the fp32 computation rounded once to bf16."""
     x = (torch.randn(4, 64) * 30 + 1000).bfloat16()  # large mean: bf16 statistics would be badly off
-    norm = torch.nn.LayerNorm(64).bfloat16()
+    norm = LayerNorm(64).bfloat16()
     expected = F.layer_norm(x.float(), (64,)).bfloat16()
     assert torch.equal(norm(x), expected)
 

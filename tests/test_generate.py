@@ -68,7 +68,8 @@ def test_flash_backend_matches_sdpa_on_cuda():
     reference = generate(model, input_ids, mask, max_new_tokens=16, stop_token_ids=NEVER_STOP)
     model.attention_backend = "flash"
     flash = generate(model, input_ids, mask, max_new_tokens=16, stop_token_ids=NEVER_STOP)
-    assert (flash == reference).float().mean() > 0.9  # fp16 kernels may flip a rare near tie
+    new = slice(input_ids.shape[1], None)  # the copied prompt columns would inflate the agreement
+    assert (flash[:, new] == reference[:, new]).float().mean() > 0.9  # fp16 kernels may flip a rare near tie
 
 
 def test_left_padded_rows_decode_as_if_alone():

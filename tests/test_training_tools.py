@@ -2,21 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from gptneox.training.metrics import last_per_step
 
-REPO = Path(__file__).resolve().parents[1]
-LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+from conftest import REPO, run_python
 
-
-def run_tool(*argv, timeout=60, cwd=REPO):
-    environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
-    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=environment)
 
 
 def test_plot_metrics_draws_a_png_and_rejects_a_bad_line(tmp_path):
@@ -24,11 +14,11 @@ def test_plot_metrics_draws_a_png_and_rejects_a_bad_line(tmp_path):
     records.insert(5, {"step": 5, "eval_sample_loss": 4.8, "eval_sample_accuracy": 0.1})
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
-    done = run_tool("tools/plot_metrics.py", str(tmp_path), "--output", str(tmp_path / "plot.png"))
+    done = run_python("tools/plot_metrics.py", str(tmp_path), "--output", str(tmp_path / "plot.png"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics.write_text(metrics.read_text() + "{oops\n")
-    bad = run_tool("tools/plot_metrics.py", str(metrics))
+    bad = run_python("tools/plot_metrics.py", str(metrics))
     assert bad.returncode == 2 and f"{metrics}:12: not a JSON line" in bad.stderr
 
 
@@ -40,20 +30,20 @@ def test_plot_metrics_keeps_the_newest_record_of_a_step():
 
 
 def test_padding_report_runs_from_another_directory(tmp_path):
-    done = run_tool(str(REPO / "tools" / "padding_report.py"), "--max_length", "128", cwd=tmp_path)
+    done = run_python(str(REPO / "tools" / "padding_report.py"), "--max_length", "128", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| 128 | 8 |" in done.stdout
 
 
 def test_export_hf_names_a_directory_that_is_not_a_checkpoint(tmp_path):
-    done = run_tool("tools/export_hf.py", str(tmp_path), str(tmp_path / "out"))
+    done = run_python("tools/export_hf.py", str(tmp_path), str(tmp_path / "out"))
     assert done.returncode == 2 and "is not a checkpoint directory written by train.py" in done.stderr
-    assert run_tool("tools/export_hf.py", "--help").returncode == 0
+    assert run_python("tools/export_hf.py", "--help").returncode == 0
 
 
 def test_demo_trains_exports_and_answers(tmp_path):
     """The `make demo` pipeline, one epoch instead of the default sixteen."""
-    done = run_tool("tools/demo.py", "--output_dir", str(tmp_path / "demo"), "--epochs", "1",
+    done = run_python("tools/demo.py", "--output_dir", str(tmp_path / "demo"), "--epochs", "1",
                     "--max_new_tokens", "8", timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     first, last = (float(x) for x in done.stdout.split("training loss: first step ")[1].split(" (")[0].split(" -> last step "))

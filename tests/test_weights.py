@@ -1,7 +1,5 @@
 """Checkpoint reading and writing, vocabulary resize, the conversion tools and the golden logits."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,8 @@ from gptneox import GPTNeoX
 from gptneox import weights
 from gptneox.weights import CheckpointError, parse_size
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import run_python
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -190,35 +189,31 @@ def test_resize_token_embeddings(tiny_model, tied):
         model.resize_token_embeddings(0)
 
 
-def run_tool(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
 def test_convert_checkpoint_tool_bit_exact(tiny_checkpoint, tmp_path):
     source, model = tiny_checkpoint(fmt="bin", num_shards=2)
-    result = run_tool("tools/convert_checkpoint.py", str(source), str(tmp_path / "out"), "--max_shard_size", "30KB")
+    result = run_python("tools/convert_checkpoint.py", str(source), str(tmp_path / "out"), "--max_shard_size", "30KB")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     assert same_parameters(GPTNeoX.from_pretrained(tmp_path / "out", dtype="auto"), model)
-    result = run_tool("tools/convert_checkpoint.py", str(tmp_path / "out"), str(tmp_path / "half"), "--dtype", "float16")
+    result = run_python("tools/convert_checkpoint.py", str(tmp_path / "out"), str(tmp_path / "half"), "--dtype", "float16")
     assert result.returncode == 0, result.stderr
     assert GPTNeoX.from_pretrained(tmp_path / "half", dtype="auto").embed_out.weight.dtype == torch.float16
     shard = sorted((tmp_path / "out").glob("model-*.safetensors"))[0]
     shard.write_bytes(b"not safetensors")
-    broken = run_tool("tools/convert_checkpoint.py", str(tmp_path / "out"), str(tmp_path / "again"))
+    broken = run_python("tools/convert_checkpoint.py", str(tmp_path / "out"), str(tmp_path / "again"))
     assert broken.returncode == 2 and "Traceback" not in broken.stderr
     assert "convert_checkpoint.py: error:" in broken.stderr and shard.name in broken.stderr
 
 
 def test_tools_answer_help():
     for tool in ("tools/convert_checkpoint.py", "tools/reference_logits.py", "bench/model_throughput.py"):
-        result = run_tool(tool, "--help")
+        result = run_python(tool, "--help")
         assert result.returncode == 0 and "usage:" in result.stdout, (tool, result.stderr)
 
 
 def test_reference_logits_tool_with_our_engine(tmp_path):
     out = tmp_path / "logits.safetensors"
-    result = run_tool("tools/reference_logits.py", "--model", str(FIXTURES / "tiny-gptneox"), "--prompts",
+    result = run_python("tools/reference_logits.py", "--model", str(FIXTURES / "tiny-gptneox"), "--prompts",
                       "1 5 9 33 2 17 80 95 4 4 61 0", "--out", str(out), "--engine", "gptneox")
     assert result.returncode == 0, result.stderr
     ours, golden = load_file(out), load_file(FIXTURES / "tiny-gptneox-logits.safetensors")
