@@ -2,7 +2,6 @@
 with the bundled sample tokenizer, checked against the same session driven in-process."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -13,21 +12,13 @@ import torch
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.data import format_prompt, load_tokenizer, save_tokenizer
 
+from gptneox.chat import ChatSession, TextStream, load_model_and_tokenizer
+
 from conftest import REPO, run_python
 
 CHAT = REPO / "tools" / "chat.py"
 REPORT = REPO / "tools" / "sampling_report.py"
 CONTEXT = 128
-
-
-def load_tool(path: Path):
-    spec = importlib.util.spec_from_file_location(f"tool_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-chat = load_tool(CHAT)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +36,10 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def session(model_dir: Path, **kwargs):
-    model, tokenizer = chat.load_model_and_tokenizer(model_dir)
+    model, tokenizer = load_model_and_tokenizer(model_dir)
     out, notices = io.StringIO(), io.StringIO()
     options = dict(max_new_tokens=12, do_sample=False)
-    return chat.ChatSession(model, tokenizer, out=out, notices=notices, **{**options, **kwargs}), out, notices
+    return ChatSession(model, tokenizer, out=out, notices=notices, **{**options, **kwargs}), out, notices
 
 
 @pytest.mark.parametrize("script", [CHAT, REPORT])
@@ -146,7 +137,7 @@ def test_stream_releases_only_complete_characters(model_dir):
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
     text = "Grüße 🙂 and 日本 done"
     ids = tokenizer.encode(text, add_special_tokens=False).ids
-    stream = chat.TextStream(tokenizer)
+    stream = TextStream(tokenizer)
     pieces = [stream.push(token) for token in ids]
     assert "" in pieces, "the emoji spans several byte tokens, so some pushes must hold text back"
     assert all("\ufffd" not in piece for piece in pieces)
@@ -156,7 +147,7 @@ def test_stream_releases_only_complete_characters(model_dir):
 def test_stream_flush_shows_an_unfinished_character(model_dir):
     tokenizer = load_tokenizer(model_dir / "tokenizer.json")
     ids = tokenizer.encode("ok 🙂", add_special_tokens=False).ids
-    stream = chat.TextStream(tokenizer)
+    stream = TextStream(tokenizer)
     pieces = [stream.push(token) for token in ids[:-1]]  # the emoji's last byte never arrives
     held = stream.flush()
     assert "".join(pieces) == "ok " and held and set(held) == {"\ufffd"}

@@ -46,19 +46,13 @@ def summarize(output_dir: Path) -> None:
                   f"{evals[-1][key]:.3f}")
 
 
-def answer(model_dir: Path, max_new_tokens: int) -> str:
-    import torch
+def answer(model_dir: Path, max_new_tokens: int) -> None:
+    """Stream the exported model's greedy reply, loaded as tools/chat.py loads it."""
+    from gptneox.chat import ChatSession, load_model_and_tokenizer
 
-    from gptneox import GPTNeoX
-    from gptneox.data import EOS_TOKEN, format_prompt, load_tokenizer
-
-    model = GPTNeoX.from_pretrained(model_dir).eval()
-    tokenizer = load_tokenizer(model_dir)
-    prompt = format_prompt([{"role": "prompter", "text": PROMPT}])
-    input_ids = torch.tensor([tokenizer.encode(prompt).ids])
-    output = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False,
-                            stop_token_ids=[tokenizer.token_to_id(EOS_TOKEN)])
-    return tokenizer.decode(output[0, input_ids.shape[1]:].tolist(), skip_special_tokens=True)
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    print(f"\n<|prompter|> {PROMPT}\n<|assistant|> ", end="", flush=True)
+    ChatSession(model, tokenizer, max_new_tokens=max_new_tokens, do_sample=False).reply(PROMPT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     train(output_dir, args.epochs, extra)
     summarize(output_dir)
-    print(f"\n<|prompter|> {PROMPT}\n<|assistant|> {answer(output_dir, args.max_new_tokens)}")
+    answer(output_dir, args.max_new_tokens)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; model in {output_dir}")
     return 0
 

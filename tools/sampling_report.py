@@ -20,10 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chat import ChatError, load_model_and_tokenizer, reply_stop_ids  # noqa: E402
+import torch  # noqa: E402
+
+from gptneox.chat import ChatError, load_model_and_tokenizer, reply_stop_ids  # noqa: E402
 from gptneox.data import PAD_TOKEN, format_prompt  # noqa: E402
 from gptneox.generate import generate, left_pad  # noqa: E402
 
@@ -144,9 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    import torch
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if args.num_samples < 1 or args.batch_size < 1:
@@ -156,7 +156,8 @@ def main(argv=None) -> int:
         context = model.config.max_position_embeddings
         prompts = [prompt_ids(tokenizer, record, context) for record in records]
         report = {"model": str(args.model), "prompts_file": str(args.prompts),
-                  "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": sys.argv,
+                  "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                  "command": ["tools/sampling_report.py", *argv],
                   "max_new_tokens": args.max_new_tokens, "seed": args.seed, "num_samples": args.num_samples,
                   "settings": {}, "prompts": [{"prompt": r["prompt"], "system": r["system"], "replies": {}}
                                               for r in records]}
