@@ -42,12 +42,6 @@ def session(model_dir: Path, **kwargs):
     return ChatSession(model, tokenizer, out=out, notices=notices, **{**options, **kwargs}), out, notices
 
 
-@pytest.mark.parametrize("script", [CHAT, REPORT])
-def test_tools_answer_help(script):
-    result = run_python(script, "--help")
-    assert result.returncode == 0 and "--model" in result.stdout
-
-
 def test_one_shot_prints_the_streamed_greedy_reply(model_dir):
     chat_session, out, _ = session(model_dir, system="Be brief.")
     reply = chat_session.reply("Hello there, who are you?")

@@ -1,12 +1,23 @@
-"""tools/plot_metrics.py, tools/padding_report.py, tools/export_hf.py and tools/demo.py from the command line."""
+"""Every tool and benchmark answers --help; plot_metrics, padding_report, export_hf and the demo from the command
+line."""
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from gptneox.training.metrics import last_per_step
 
 from conftest import REPO, run_python
 
+SCRIPTS = sorted(str(p.relative_to(REPO)) for p in [*(REPO / "tools").glob("*.py"), *(REPO / "bench").glob("*.py")])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_tool_and_benchmark_answers_help(script):
+    result = run_python(script, "--help")
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
 
 
 def test_plot_metrics_draws_a_png_and_rejects_a_bad_line(tmp_path):
@@ -38,7 +49,6 @@ def test_padding_report_runs_from_another_directory(tmp_path):
 def test_export_hf_names_a_directory_that_is_not_a_checkpoint(tmp_path):
     done = run_python("tools/export_hf.py", str(tmp_path), str(tmp_path / "out"))
     assert done.returncode == 2 and "is not a checkpoint directory written by train.py" in done.stderr
-    assert run_python("tools/export_hf.py", "--help").returncode == 0
 
 
 def test_demo_trains_exports_and_answers(tmp_path):
