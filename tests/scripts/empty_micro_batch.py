@@ -1,6 +1,9 @@
 """Run by tests/test_training_engine.py under `deepspeed --num_gpus 2`: rank 1's first micro-batch has no
 sample left (the collator dropped them all). Every rank must still reduce the same gradients, or ZeRO-2's
-collectives mismatch (gloo aborts, NCCL hangs). Prints each rank's losses and a weight checksum."""
+collectives mismatch (gloo aborts, NCCL hangs). Each rank writes its losses and a weight checksum to
+its own file in the folder given as the last argument (the launcher puts --local_rank first): two ranks'
+output lines can interleave on the launcher's stdout."""
+import json
 import sys
 from pathlib import Path
 
@@ -34,4 +37,4 @@ def batch(empty: bool) -> dict:
 torch.manual_seed(1 + rank)
 losses = [train_step(engine, [batch(empty=rank == 1 and step == 0)]).loss for step in range(3)]
 checksum = sum(p.detach().double().sum().item() for p in engine.module.parameters())
-print(f"RESULT rank={rank} losses={losses} checksum={checksum:.10f}", flush=True)
+(Path(sys.argv[-1]) / f"rank{rank}.json").write_text(json.dumps({"losses": losses, "checksum": checksum}))
