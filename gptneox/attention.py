@@ -4,20 +4,37 @@ Every backend takes q [B, T, H, D] and k, v [B, S, H, D] (S = cached + new token
 last T keys) and returns [B, T, H, D]. Who may attend to whom is described once per forward by an
 `AttentionMask`, so a dense mask or varlen index is built at most once and shared by all layers.
 
-- "sdpa":  torch scaled_dot_product_attention; plain causal uses is_causal (no mask is materialised).
+- "sdpa":  torch scaled_dot_product_attention; plain causal uses is_causal (no mask is materialised). Packed
+           rows use torch's varlen flash kernel on CUDA in fp16/bf16, else one SDPA call per segment.
 - "eager": explicit fp32 scores and softmax; the slow, obviously-correct reference.
-- "flash": flash-attn 2 (CUDA, fp16/bf16); padding and packed segments go through the varlen kernel.
+- "flash": flash-attn (CUDA, fp16/bf16): flash-attn 2 (`flash_attn`), or flash-attn-4 (`flash_attn.cute`, the
+           Hopper/Blackwell build) where flash-attn 2 is absent. Padding and packed segments go through the
+           varlen kernel; decoding from a KV cache through flash_attn_with_kvcache (left padding included), or
+           SDPA where the installed build has no cache kernel (flash-attn-4).
+- "flex":  PyTorch FlexAttention for padding and packed rows (a document-causal block mask, compiled on CUDA),
+           SDPA for everything else. No flash-attn needed; on CPU it runs forward only (torch has no CPU backward).
+
+Under torch.use_deterministic_algorithms(True) the flash kernels are asked for their deterministic backward.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
+import sys
+import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "eager", "flash")
+BACKENDS = ("sdpa", "eager", "flash", "flex")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class AttentionBackendError(ValueError):
+    """An attention backend that cannot run here (package, device or dtype); raised when it is chosen."""
 
 
 @dataclass
@@ -33,9 +50,13 @@ class AttentionMask:
     key_length: int
     padding: torch.Tensor | None = None   # [B, S] bool, True = real token
     segments: torch.Tensor | None = None  # [B, S] long run ids, only without a cache (S == T)
+    cached: bool = False                  # the keys come from a KVCache (prefill or decoding step)
+    left_padded: bool = False             # padding, if any, only precedes each row's real tokens
     _dense: torch.Tensor | None = field(default=None, repr=False)
     _varlen: tuple | None = field(default=None, repr=False)
     _spans: list | None = field(default=None, repr=False)
+    _cache_lengths: tuple | None = field(default=None, repr=False)
+    _block_mask: object | None = field(default=None, repr=False)
 
     @property
     def offset(self) -> int:
@@ -101,6 +122,34 @@ class AttentionMask:
                             int(q_lens.max()), int(k_lens.max()))
         return self._varlen
 
+    def cache_lengths(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cache_seqlens, cache_leftpad) [B] int32 for flash_attn_with_kvcache: every row's keys end at
+        key_length, and a left-padded row's real keys start after its padding. Built on the device, no sync."""
+        if self._cache_lengths is None:
+            ends = torch.full((self.batch_size,), self.key_length, dtype=torch.int32, device=device)
+            starts = None if self.padding is None else (~self.padding).sum(1, dtype=torch.int32)
+            self._cache_lengths = (ends, starts)
+        return self._cache_lengths
+
+    def block_mask(self, device: torch.device):
+        """FlexAttention BlockMask of the same rule as dense(): causal, real keys, same segment, or itself."""
+        if self._block_mask is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+            padding, segments, offset = self.padding, self.segments, self.offset
+
+            def allowed(b, h, q_index, k_index):
+                query = q_index + offset
+                keep = k_index <= query
+                if padding is not None:
+                    keep = keep & padding[b, k_index]
+                if segments is not None:
+                    keep = keep & (segments[b, query] == segments[b, k_index])
+                return keep | (k_index == query)
+
+            self._block_mask = create_block_mask(allowed, self.batch_size, None, self.query_length,
+                                                 self.key_length, device=device)
+        return self._block_mask
+
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, backend: str) -> torch.Tensor:
     if backend == "sdpa":
@@ -109,10 +158,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
         return _eager(q, k, v, mask)
     if backend == "flash":
         return _flash(q, k, v, mask)
+    if backend == "flex":
+        return _flex(q, k, v, mask)
     raise ValueError(f"attention_backend={backend!r}; expected one of {BACKENDS}")
 
 
 def _sdpa(q, k, v, mask: AttentionMask) -> torch.Tensor:
+    if mask.is_segments_only and torch_varlen_usable(q):
+        return _varlen(q, k, v, mask, torch_varlen_attention)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     T, S = mask.query_length, mask.key_length
     if mask.is_causal_only and T == S:
@@ -129,6 +182,23 @@ def _sdpa(q, k, v, mask: AttentionMask) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+def torch_varlen_usable(q: torch.Tensor) -> bool:
+    """torch's own varlen flash kernel (torch.nn.attention.varlen, torch >= 2.10) runs on CUDA in fp16/bf16."""
+    return q.is_cuda and q.dtype in HALF_DTYPES and _torch_varlen() is not None
+
+
+def torch_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k) -> torch.Tensor:
+    return _torch_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))  # (-1, 0) = causal
+
+
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
 def _eager(q, k, v, mask: AttentionMask) -> torch.Tensor:
     """Scores and softmax in fp32 (fp16 q.k can overflow to inf), so this stays the reference."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -139,31 +209,170 @@ def _eager(q, k, v, mask: AttentionMask) -> torch.Tensor:
 
 
 def _flash(q, k, v, mask: AttentionMask) -> torch.Tensor:
-    flash_attn = import_flash_attn()
+    kernels = flash_kernels()
     check_flash_inputs(q)
+    if mask.cached and (mask.padding is None or mask.left_padded):
+        if kernels.with_kvcache is None:  # flash-attn-4 has no cache kernel: decoding is SDPA's job
+            return _sdpa(q, k, v, mask)
+        ends, starts = mask.cache_lengths(q.device)
+        return kernels.with_kvcache(q, k, v, ends, starts)
     if mask.is_causal_only:  # flash-attn's causal mask is bottom-right aligned, so this covers a cache too
-        return flash_attn.flash_attn_func(q, k, v, causal=True)
+        return kernels.dense(q, k, v)
+    return _varlen(q, k, v, mask, kernels.varlen)
+
+
+def _varlen(q, k, v, mask: AttentionMask, kernel: Callable) -> torch.Tensor:
+    """Each (row, segment) of real tokens becomes one sequence of a varlen kernel call."""
     q_rows, q_cols, k_rows, k_cols, cu_q, cu_k, max_q, max_k = mask.varlen(q.device)
-    out = flash_attn.flash_attn_varlen_func(q[q_rows, q_cols], k[k_rows, k_cols], v[k_rows, k_cols],
-                                            cu_q, cu_k, max_q, max_k, causal=True)
+    out = kernel(q[q_rows, q_cols], k[k_rows, k_cols], v[k_rows, k_cols], cu_q, cu_k, max_q, max_k)
     full = q.new_zeros(q.shape)
     full[q_rows, q_cols] = out
     return full
 
 
-def import_flash_attn():
-    """The flash_attn module, or an error saying how to get it (checked when the backend is chosen)."""
+def _flex(q, k, v, mask: AttentionMask) -> torch.Tensor:
+    """FlexAttention where a mask is needed without a cache (padding, packed rows); SDPA's fused kernels
+    already cover plain causal attention and decoding."""
+    if mask.cached or mask.is_causal_only:
+        return _sdpa(q, k, v, mask)
+    with warnings.catch_warnings():  # off CUDA the unfused path is the only one; its warning says to compile
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out = flex_attention_function(q.device)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                block_mask=mask.block_mask(q.device))
+    return out.transpose(1, 2)
+
+
+_COMPILED_FLEX: list = []
+
+
+def flex_attention_function(device: torch.device) -> Callable:
+    """flex_attention compiled once on CUDA (uncompiled it materialises every score); on CPU torch only has the
+    uncompiled forward, which is what the CPU tests check against eager."""
+    from torch.nn.attention.flex_attention import flex_attention
+    if device.type != "cuda":
+        return flex_attention
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _COMPILED_FLEX[0]
+
+
+@dataclass(frozen=True)
+class FlashKernels:
+    """The three calls _flash needs, whichever flash-attn build provides them (all causal, [.., H, D])."""
+
+    name: str
+    dense: Callable          # (q, k, v) [B, T|S, H, D] -> [B, T, H, D]
+    varlen: Callable         # (q, k, v, cu_q, cu_k, max_q, max_k) packed [total, H, D] -> [total_q, H, D]
+    with_kvcache: Callable | None  # (q, k_cache, v_cache, cache_seqlens, cache_leftpad) -> [B, T, H, D]
+
+
+_FLASH_FUNCTIONS = ("flash_attn_func", "flash_attn_varlen_func")
+
+
+def _deterministic() -> bool:
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def flash_kernels() -> FlashKernels:
+    """The installed flash-attn's kernels, or an AttentionBackendError that says why not. Not cached: after the
+    first import this is a sys.modules lookup, and a cache would outlive a reinstall in the same process."""
+    if _find_spec("flash_attn") is None:
+        raise AttentionBackendError(
+            "attention_backend='flash' needs flash-attn, which is not installed (README, 'GPU install': a prebuilt "
+            f"wheel for torch {torch.__version__} / CUDA {torch.version.cuda}, or flash-attn-4 on Hopper); "
+            "use 'flex' or 'sdpa' otherwise")
+    module = _import_flash("flash_attn")
+    if all(hasattr(module, name) for name in _FLASH_FUNCTIONS):
+        return _flash_attn_2(module)
+    if _find_spec("flash_attn.cute") is not None:
+        cute = _import_flash("flash_attn.cute")
+        if all(hasattr(cute, name) for name in _FLASH_FUNCTIONS):
+            return _flash_attn_4(cute)
+    where = getattr(module, "__file__", None) or list(getattr(module, "__path__", []))
+    raise AttentionBackendError(
+        f"attention_backend='flash': the installed flash_attn module ({where}) has neither "
+        f"{' nor '.join(_FLASH_FUNCTIONS)} (flash-attn >= 2.5) nor a flash_attn.cute with them (flash-attn-4); "
+        "reinstall flash-attn, or use 'flex' or 'sdpa'")
+
+
+def _find_spec(name: str):
+    """Whether `name` is installed, without importing it (a parent package is imported)."""
+    if name in sys.modules:
+        return sys.modules[name]  # None: marked as not importable
     try:
-        return importlib.import_module("flash_attn")
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # a parent that is not a package, or one without a spec
+        return None
+
+
+def _import_flash(name: str):
+    """Import a flash-attn module; a build that does not load says so, with the original error."""
+    try:
+        return importlib.import_module(name)
     except ImportError as err:
-        raise RuntimeError("attention_backend='flash' needs the flash-attn package "
-                           "(pip install 'gptneox[flash]'); use 'sdpa' otherwise") from err
+        if "undefined symbol" in str(err):
+            cause = (f"its compiled kernels were built for another torch or CUDA than this torch {torch.__version__} "
+                     f"(CUDA {torch.version.cuda}); install the wheel built for them (README, 'GPU install')")
+        else:
+            cause = "it fails to import"
+        raise AttentionBackendError(f"attention_backend='flash': flash-attn is installed but {cause}. "
+                                    f"Import of {name} failed with: {type(err).__name__}: {err}") from err
+
+
+def _flash_attn_2(module) -> FlashKernels:
+    def dense(q, k, v):
+        return module.flash_attn_func(q, k, v, causal=True, deterministic=_deterministic())
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+        return module.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True,
+                                             deterministic=_deterministic())
+
+    def with_kvcache(q, k_cache, v_cache, cache_seqlens, cache_leftpad):
+        return module.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
+                                              cache_leftpad=cache_leftpad, causal=True)
+
+    version = getattr(module, "__version__", "?")
+    return FlashKernels(f"flash-attn {version}", dense, varlen,
+                        with_kvcache if hasattr(module, "flash_attn_with_kvcache") else None)
+
+
+def _flash_attn_4(cute) -> FlashKernels:
+    """flash_attn.cute returns (out, lse) where flash-attn 2 returns out; its keywords differ too."""
+    def first(result):
+        return result[0] if isinstance(result, tuple) else result
+
+    def dense(q, k, v):
+        return first(cute.flash_attn_func(q, k, v, causal=True, deterministic=_deterministic()))
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+        return first(cute.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                                                 max_seqlen_k=max_k, causal=True, deterministic=_deterministic()))
+
+    return FlashKernels(f"flash-attn-4 (flash_attn.cute {getattr(cute, '__version__', '?')})", dense, varlen, None)
 
 
 def check_flash_inputs(q: torch.Tensor) -> None:
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-        raise RuntimeError(f"attention_backend='flash' runs only on CUDA in float16/bfloat16, got "
-                           f"{q.device.type} {q.dtype}; use 'sdpa' here")
+    check_backend("flash", q.device, q.dtype)
+
+
+def check_backend(backend: str, device: torch.device | str, dtype: torch.dtype, training: bool = False) -> str:
+    """Whether `backend` can run on this device and dtype, checked when it is chosen (before any weight is read).
+    Returns a one-line description of the kernels used; raises AttentionBackendError naming the fix."""
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise AttentionBackendError(f"attention_backend={backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "flash":
+        if device.type != "cuda" or dtype not in HALF_DTYPES:
+            raise AttentionBackendError(
+                f"attention_backend='flash' runs only on CUDA in float16/bfloat16, got {device.type} "
+                f"{str(dtype).replace('torch.', '')}; use 'sdpa' (or 'flex') here")
+        return flash_kernels().name
+    if backend == "flex":
+        if training and device.type != "cuda":
+            raise AttentionBackendError(f"attention_backend='flex' cannot train on {device.type}: torch "
+                                        f"{torch.__version__} has no FlexAttention backward there; use 'sdpa'")
+        return "FlexAttention for padding and packed rows, SDPA otherwise"
+    return backend
 
 
 class KVCache:

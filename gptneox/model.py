@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import BACKENDS, AttentionMask, KVCache, attend, import_flash_attn
+from .attention import BACKENDS, AttentionMask, KVCache, attend, flash_kernels
 from .config import GELU_APPROXIMATION, GPTNeoXConfig
 
 # torch's layer_norm kernels (CPU and CUDA) accumulate mean and variance in fp32 for fp16/bf16 inputs,
@@ -138,7 +138,7 @@ class GPTNeoX(nn.Module):
         if name not in BACKENDS:
             raise ValueError(f"attention_backend={name!r}; expected one of {BACKENDS}")
         if name == "flash":
-            import_flash_attn()  # a missing package fails here, not at the first forward
+            flash_kernels()  # a missing or broken flash-attn fails here, not at the first forward
         self._attention_backend = name
 
     @property
@@ -191,14 +191,17 @@ class GPTNeoX(nn.Module):
             if past + T > kv_cache.max_length:
                 raise ValueError(f"kv_cache is full: {past} cached + {T} new tokens > max_length "
                                  f"{kv_cache.max_length}")
-        padding = None
+        padding, left_padded = None, False
         if attention_mask is not None:
             if attention_mask.shape != (B, past + T):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
                                  f"{(B, past + T)} (cached + new tokens)")
             padding = attention_mask.bool()
-            only_trailing = bool((padding[:, 1:] <= padding[:, :-1]).all())
-            if (only_trailing and kv_cache is None) or bool(padding.all()):
+            # one host sync per forward for all three facts (decoding pays it once per token)
+            all_real, only_trailing, left_padded = torch.stack([
+                padding.all(), (padding[:, 1:] <= padding[:, :-1]).all(),
+                (padding[:, 1:] >= padding[:, :-1]).all()]).tolist()
+            if (only_trailing and kv_cache is None) or all_real:
                 padding = None
         segments = None
         if segment_ids is not None:
@@ -208,7 +211,7 @@ class GPTNeoX(nn.Module):
                 raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected {(B, T)}")
             # number the contiguous runs so that a reused id in a later run is still a new segment
             segments = F.pad((segment_ids[:, 1:] != segment_ids[:, :-1]).cumsum(1), (1, 0))
-        return AttentionMask(B, T, past + T, padding, segments)
+        return AttentionMask(B, T, past + T, padding, segments, cached=kv_cache is not None, left_padded=left_padded)
 
     def new_kv_cache(self, batch_size: int, max_length: int, dtype=None, device=None) -> KVCache:
         weight = self.embed_out.weight

@@ -14,6 +14,10 @@ from safetensors.torch import save_file
 from gptneox import GPTNeoX, GPTNeoXConfig
 
 REPO = Path(__file__).resolve().parents[1]
+# The suite is the CPU suite on every machine: DeepSpeed picks its CUDA accelerator whenever a GPU is visible
+# (deepspeed/accelerator/real_accelerator.py), which would build FusedAdam and place the engines on the GPU.
+# Scripts started by the tests inherit this. CUDA-only tests are marked `cuda` and run by `make test-gpu`.
+os.environ["DS_ACCELERATOR"] = "cpu"
 # Set in this process by the in-process DeepSpeed tests; a script started by a test must not inherit them.
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -23,6 +27,10 @@ def run_python(*argv, stdin: str = "", cwd: Path = REPO, timeout: float = 120) -
     environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     return subprocess.run([sys.executable, *map(str, argv)], input=stdin, cwd=cwd, env=environment,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (make test-gpu); skipped without one")
 
 
 # Small enough for milliseconds per forward, with a head count that is not a power of two.

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from gptneox import attention as attention_module
 from gptneox.model import LayerNorm, rotary_cos_sin
 
-CPU_BACKENDS = ("sdpa", "eager")
+CPU_BACKENDS = ("sdpa", "eager", "flex")
 ATOL = 1e-5
 
 
@@ -36,19 +36,71 @@ def test_unknown_backend_rejected(tiny_model):
         tiny_model().attention_backend = "xformers"
 
 
-def test_flash_needs_cuda_and_half_precision(tiny_model, monkeypatch):
-    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+def test_flash_needs_cuda_and_half_precision(tiny_model, fake_flash_modules):
     model = tiny_model()
-    with pytest.raises(RuntimeError, match="only on CUDA in float16/bfloat16, got cpu torch.float32"):
+    model.attention_backend = "flash"  # the package is there; device and dtype are checked at the forward
+    with pytest.raises(attention_module.AttentionBackendError,
+                       match="only on CUDA in float16/bfloat16, got cpu float32; use 'sdpa'"):
         logits(model, "flash", ids(1, 5))
 
 
 def test_flash_missing_package_is_a_clear_error(tiny_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes the import fail
     model = tiny_model()
-    with pytest.raises(RuntimeError, match="needs the flash-attn package"):
+    with pytest.raises(attention_module.AttentionBackendError, match="needs flash-attn, which is not installed"):
         model.attention_backend = "flash"  # fails when chosen, before any forward
     assert model.attention_backend == "sdpa"
+
+
+def test_flash_built_for_another_torch_says_so_with_the_original_error(tiny_model, monkeypatch):
+    """What a wheel built against another torch raises: the message names the cause and keeps the error."""
+    real_import = attention_module.importlib.import_module
+    symbol = "flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: undefined symbol: _ZN3c105ErrorC2E"
+
+    def import_module(name, *args):
+        if name == "flash_attn":
+            raise ImportError(symbol)
+        return real_import(name, *args)
+
+    monkeypatch.setattr(attention_module, "_find_spec", lambda name: object())
+    monkeypatch.setattr(attention_module.importlib, "import_module", import_module)
+    with pytest.raises(attention_module.AttentionBackendError) as caught:
+        tiny_model().attention_backend = "flash"
+    message = str(caught.value)
+    assert "built for another torch or CUDA" in message and symbol in message
+    assert torch.__version__ in message
+
+
+def test_flash_other_import_failure_is_not_called_missing(tiny_model, monkeypatch):
+    monkeypatch.setattr(attention_module, "_find_spec", lambda name: object())
+    monkeypatch.setattr(attention_module.importlib, "import_module",
+                        lambda name, *a: (_ for _ in ()).throw(ModuleNotFoundError("No module named 'einops'")))
+    with pytest.raises(attention_module.AttentionBackendError,
+                       match="installed but it fails to import.*No module named 'einops'"):
+        tiny_model().attention_backend = "flash"
+
+
+def test_flash_module_without_our_functions_fails_at_selection(tiny_model, monkeypatch):
+    empty = types.ModuleType("flash_attn")
+    empty.__path__ = []  # a package (e.g. a namespace left by a broken install) with no kernels
+    monkeypatch.setitem(sys.modules, "flash_attn", empty)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)
+    with pytest.raises(attention_module.AttentionBackendError,
+                       match="has neither flash_attn_func nor flash_attn_varlen_func"):
+        tiny_model().attention_backend = "flash"
+
+
+def test_check_backend_at_config_time():
+    check = attention_module.check_backend
+    with pytest.raises(attention_module.AttentionBackendError, match="got cpu float32"):
+        check("flash", "cpu", torch.float32)
+    with pytest.raises(attention_module.AttentionBackendError, match="got cuda float32"):
+        check("flash", "cuda", torch.float32)  # the dtype is refused before flash-attn is even looked for
+    with pytest.raises(attention_module.AttentionBackendError, match="'flex' cannot train on cpu"):
+        check("flex", "cpu", torch.float32, training=True)
+    with pytest.raises(attention_module.AttentionBackendError, match="expected one of sdpa, eager, flash, flex"):
+        check("xformers", "cpu", torch.float32)
+    assert check("flex", "cpu", torch.float32) and check("sdpa", "cpu", torch.float16) == "sdpa"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -210,36 +262,86 @@ def test_eager_scores_in_fp32_do_not_overflow_in_fp16():
 
 
 # ----------------------------------------------------------------------------- flash-attn
+def _attend_causal(q, k, v):
+    """[T, H, D], [S, H, D] -> [T, H, D], causal aligned bottom-right like flash-attn; a query with no key
+    gets zeros, as flash-attn documents."""
+    T, S = q.shape[0], k.shape[0]
+    allowed = torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]
+    scores = torch.einsum("thd,shd->hts", q, k) / q.shape[-1] ** 0.5
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return torch.einsum("hts,shd->thd", probs, v)
+
+
 def _fake_flash_attn():
-    """A stand-in for the flash_attn package built on the eager math, to test our varlen bookkeeping
-    (index gathering, cu_seqlens, scatter back) on the CPU. The kernels themselves are tested on CUDA."""
+    """A stand-in for the flash_attn 2 package built on the eager math, to test our bookkeeping (index
+    gathering, cu_seqlens, cache lengths and left padding, scatter back) on the CPU. The kernels themselves
+    are tested on CUDA (make test-gpu)."""
+    calls = []
 
-    def attend_causal(q, k, v):  # [T, H, D], [S, H, D]; bottom-right aligned like flash-attn
-        T, S = q.shape[0], k.shape[0]
-        allowed = torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]
-        scores = torch.einsum("thd,shd->hts", q, k) / q.shape[-1] ** 0.5
-        return torch.einsum("hts,shd->thd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
-
-    def flash_attn_func(q, k, v, causal=False):
+    def flash_attn_func(q, k, v, causal=False, deterministic=False):
         assert causal is True  # the fake is always causal, so the call must ask for it
-        return torch.stack([attend_causal(q[b], k[b], v[b]) for b in range(q.shape[0])])
+        calls.append("dense")
+        return torch.stack([_attend_causal(q[b], k[b], v[b]) for b in range(q.shape[0])])
 
-    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, deterministic=False):
         assert causal is True and cu_q.dtype == cu_k.dtype == torch.int32
         assert max_q == int((cu_q[1:] - cu_q[:-1]).max()) and max_k == int((cu_k[1:] - cu_k[:-1]).max())
-        outs = [attend_causal(q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]])
+        calls.append("varlen")
+        outs = [_attend_causal(q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]])
                 for i in range(len(cu_q) - 1)]
         return torch.cat(outs)
 
+    def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, cache_leftpad=None, causal=False):
+        """Row b's keys are k_cache[b, leftpad[b]:cache_seqlens[b]] (flash-attn's BlockInfo)."""
+        assert causal is True and cache_seqlens.dtype == torch.int32 and cache_seqlens.shape == (q.shape[0],)
+        assert cache_leftpad is None or cache_leftpad.dtype == torch.int32
+        assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+        calls.append("kvcache")
+        starts = torch.zeros_like(cache_seqlens) if cache_leftpad is None else cache_leftpad
+        return torch.stack([_attend_causal(q[b], k_cache[b, starts[b]:cache_seqlens[b]],
+                                           v_cache[b, starts[b]:cache_seqlens[b]]) for b in range(q.shape[0])])
+
     module = types.ModuleType("flash_attn")
+    module.__version__ = "2.8.3-fake"
     module.flash_attn_func, module.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
+    module.flash_attn_with_kvcache = flash_attn_with_kvcache
+    module.calls = calls
+    return module
+
+
+def _fake_flash_attn_4():
+    """flash-attn-4's layout: an empty `flash_attn` package and `flash_attn.cute` whose functions return
+    (out, lse) and take the varlen lengths by keyword."""
+    v2 = _fake_flash_attn()
+    cute = types.ModuleType("flash_attn.cute")
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, deterministic=False):
+        return v2.flash_attn_func(q, k, v, causal=causal), None
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                               causal=False, deterministic=False):
+        return v2.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         causal=causal), None
+
+    cute.flash_attn_func, cute.flash_attn_varlen_func, cute.calls = flash_attn_func, flash_attn_varlen_func, v2.calls
+    package = types.ModuleType("flash_attn")
+    package.__path__ = []
+    package.cute = cute
+    return package, cute
+
+
+@pytest.fixture
+def fake_flash_modules(monkeypatch):
+    module = _fake_flash_attn()
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    monkeypatch.setattr(attention_module, "_find_spec", lambda name: object() if name in sys.modules else None)
     return module
 
 
 @pytest.fixture
-def fake_flash(monkeypatch):
-    monkeypatch.setitem(sys.modules, "flash_attn", _fake_flash_attn())
+def fake_flash(fake_flash_modules, monkeypatch):
     monkeypatch.setattr(attention_module, "check_flash_inputs", lambda q: None)
+    return fake_flash_modules
 
 
 def _flash_matches_eager(model, device, atol):
@@ -263,15 +365,142 @@ def _flash_matches_eager(model, device, atol):
     first = logits(model, "flash", x[:, :8], kv_cache=cache)
     rest = logits(model, "flash", x[:, 8:], kv_cache=cache)
     assert torch.allclose(torch.cat([first, rest], 1).float(), logits(model, "eager", x).float(), atol=atol)
+    _left_padded_decoding_matches_eager(model, device, atol)
+
+
+def _left_padded_decoding_matches_eager(model, device, atol):
+    """A left-padded prefill into the cache, then one token at a time: the path generate() takes."""
+    short, long = ids(1, 4, seed=8).to(device), ids(1, 7, seed=9).to(device)
+    nxt = ids(2, 3, seed=10).to(device)
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long, device=device), short], 1), long])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7], device=device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    outputs = {}
+    for backend in ("flash", "eager"):
+        cache = model.new_kv_cache(2, 10)
+        step_mask = mask
+        steps = [logits(model, backend, batch, attention_mask=step_mask, position_ids=positions, kv_cache=cache)[:, 3:]]
+        for t in range(3):
+            step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=torch.long, device=device)], 1)
+            steps.append(logits(model, backend, nxt[:, t:t + 1], attention_mask=step_mask,
+                                position_ids=positions[:, -1:] + 1 + t, kv_cache=cache))
+        outputs[backend] = torch.cat(steps, 1).float()
+    assert torch.allclose(outputs["flash"], outputs["eager"], atol=atol)
 
 
 def test_flash_bookkeeping_padding_segments_and_cache(tiny_model, fake_flash):
-    _flash_matches_eager(tiny_model(), "cpu", ATOL)
+    model = tiny_model()
+    _flash_matches_eager(model, "cpu", ATOL)
+    # padding and segments went through varlen (once per layer); the cache cases through the cache kernel
+    assert fake_flash.calls.count("varlen") == 2 * model.config.num_hidden_layers and "kvcache" in fake_flash.calls
 
 
+def test_flash_decoding_uses_the_cache_kernel_without_syncing_per_layer(tiny_model, fake_flash):
+    model = tiny_model()
+    model.attention_backend = "flash"
+    cache = model.new_kv_cache(2, 10)
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    model(ids(2, 4), attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), kv_cache=cache)
+    fake_flash.calls.clear()
+    model(ids(2, 1), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1),
+          position_ids=torch.tensor([[2], [4]]), kv_cache=cache)
+    assert fake_flash.calls == ["kvcache"] * model.config.num_hidden_layers
+
+
+def test_flash_attn_4_is_used_where_flash_attn_2_is_absent(tiny_model, monkeypatch):
+    package, cute = _fake_flash_attn_4()
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setattr(attention_module, "_find_spec", lambda name: object() if name in sys.modules else None)
+    monkeypatch.setattr(attention_module, "check_flash_inputs", lambda q: None)
+    assert attention_module.flash_kernels().name.startswith("flash-attn-4")
+    assert attention_module.flash_kernels().with_kvcache is None
+    model = tiny_model()
+    _flash_matches_eager(model, "cpu", ATOL)  # its cache cases fall back to SDPA
+    assert cute.calls == ["varlen"] * (2 * model.config.num_hidden_layers)
+    x = ids(2, 12)
+    assert torch.allclose(logits(model, "flash", x), logits(model, "eager", x), atol=ATOL)
+    assert cute.calls[-1] == "dense"  # plain causal rows: its tuple-returning dense kernel
+
+
+def test_sdpa_packed_rows_use_torch_varlen_where_it_runs(tiny_model, monkeypatch):
+    """On CUDA in fp16/bf16 packed rows go through torch's varlen kernel; here its stand-in checks the call."""
+    calls = []
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+        calls.append(cu_q.tolist())
+        return _fake_flash_attn().flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)
+
+    model = tiny_model()
+    x = ids(2, 12)
+    segments = torch.tensor([[0] * 5 + [1] * 7, [0] * 3 + [1] * 4 + [2] * 5])
+    positions = torch.tensor([list(range(5)) + list(range(7)), list(range(3)) + list(range(4)) + list(range(5))])
+    reference = logits(model, "eager", x, position_ids=positions, segment_ids=segments)
+    monkeypatch.setattr(attention_module, "torch_varlen_usable", lambda q: True)
+    monkeypatch.setattr(attention_module, "torch_varlen_attention", fake_varlen)
+    out = logits(model, "sdpa", x, position_ids=positions, segment_ids=segments)
+    assert torch.allclose(out, reference, atol=ATOL)
+    assert calls and calls[0] == [0, 5, 12, 15, 19, 24]
+
+
+# ----------------------------------------------------------------------------- FlexAttention
+def test_flex_matches_eager_for_padding_and_packed_rows(tiny_model):
+    """torch 2.13 runs FlexAttention's forward uncompiled on the CPU (no backward there): its block mask
+    must give the eager reference's logits for left and right padding and for packed rows."""
+    model = tiny_model()
+    x = ids(2, 12)
+    for mask in (torch.tensor([[0, 0, 0] + [1] * 9, [1] * 12]), torch.tensor([[1] * 8 + [0] * 4, [1] * 12])):
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = logits(model, "flex", x, attention_mask=mask, position_ids=positions)
+        ref = logits(model, "eager", x, attention_mask=mask, position_ids=positions)
+        assert torch.allclose(out[mask.bool()], ref[mask.bool()], atol=ATOL)
+    segments = torch.tensor([[0] * 5 + [1] * 7, [0] * 3 + [1] * 4 + [2] * 5])
+    positions = torch.tensor([list(range(5)) + list(range(7)), list(range(3)) + list(range(4)) + list(range(5))])
+    out = logits(model, "flex", x, position_ids=positions, segment_ids=segments)
+    assert torch.allclose(out, logits(model, "eager", x, position_ids=positions, segment_ids=segments), atol=ATOL)
+    # and the segments are honoured: without them the later segments see the earlier ones
+    assert not torch.allclose(out, logits(model, "eager", x, position_ids=positions), atol=1e-3)
+
+
+def test_flex_block_mask_is_built_once_per_forward(tiny_model, monkeypatch):
+    import torch.nn.attention.flex_attention as flex_module
+    built = []
+    real = flex_module.create_block_mask
+    monkeypatch.setattr(flex_module, "create_block_mask", lambda *a, **k: built.append(1) or real(*a, **k))
+    model = tiny_model()
+    logits(model, "flex", ids(1, 10), segment_ids=torch.tensor([[0] * 4 + [1] * 6]),
+           position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]))
+    assert built == [1]  # shared by both layers
+
+
+def test_flex_decoding_goes_through_sdpa(tiny_model):
+    model = tiny_model()
+    _left_padded_decoding_matches_eager_for(model, "flex")
+
+
+def _left_padded_decoding_matches_eager_for(model, backend):
+    short, long = ids(1, 4, seed=8), ids(1, 7, seed=9)
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1] * 7])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    results = []
+    for name in (backend, "eager"):
+        cache = model.new_kv_cache(2, 10)
+        first = logits(model, name, batch, attention_mask=mask, position_ids=positions, kv_cache=cache)[:, 3:]
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        second = logits(model, name, ids(2, 1, seed=4), attention_mask=step_mask, position_ids=positions[:, -1:] + 1,
+                        kv_cache=cache)
+        results.append(torch.cat([first, second], 1))
+    assert torch.allclose(results[0], results[1], atol=ATOL)
+
+
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn kernels need a CUDA GPU")
 def test_flash_kernels_on_cuda(tiny_model):
-    pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+    try:
+        attention_module.flash_kernels()
+    except attention_module.AttentionBackendError as err:
+        pytest.skip(f"flash-attn is not usable here: {err}")
     model = tiny_model().cuda().half()
     x = ids(2, 12).cuda()
     assert torch.allclose(logits(model, "flash", x).float(), logits(model, "eager", x).float(), atol=2e-2)

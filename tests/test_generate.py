@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gptneox import GPTNeoX, GPTNeoXConfig
+from gptneox.attention import AttentionBackendError, flash_kernels
 from gptneox.generate import generate, left_pad, process_logits, seen_tokens
 
 CPU_BACKENDS = ("sdpa", "eager")
@@ -59,14 +60,20 @@ def test_cached_and_uncached_generation_agree(backend):
     assert torch.equal(cached[:, :input_ids.shape[1]], input_ids)
 
 
-def test_flash_backend_matches_sdpa_on_cuda():
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["flash", "flex"])
+def test_gpu_backends_match_sdpa_on_cuda(backend):
     if not torch.cuda.is_available():
-        pytest.skip("flash-attn runs only on CUDA; the CPU backends are tested above")
-    pytest.importorskip("flash_attn")
+        pytest.skip("flash-attn and compiled FlexAttention run on CUDA; the CPU backends are tested above")
+    if backend == "flash":
+        try:
+            flash_kernels()
+        except AttentionBackendError as err:
+            pytest.skip(f"flash-attn is not usable here: {err}")
     model = make_model().to("cuda", torch.float16)
     input_ids, mask = left_pad(PROMPTS, pad_token_id=1, device="cuda")
     reference = generate(model, input_ids, mask, max_new_tokens=16, stop_token_ids=NEVER_STOP)
-    model.attention_backend = "flash"
+    model.attention_backend = backend
     flash = generate(model, input_ids, mask, max_new_tokens=16, stop_token_ids=NEVER_STOP)
     new = slice(input_ids.shape[1], None)  # the copied prompt columns would inflate the agreement
     assert (flash[:, new] == reference[:, new]).float().mean() > 0.9  # fp16 kernels may flip a rare near tie
