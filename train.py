@@ -27,7 +27,9 @@ from gptneox.training.distributed import init_distributed
 from gptneox.training.ds_config import DeepSpeedConfigError, load_ds_config, resolve_ds_config
 from gptneox.training.export import export_checkpoint, write_model_metadata
 from gptneox.training.metrics import MetricsLogger, peak_memory_gb, peak_tflops
-from gptneox.training.model_setup import find_model_dir, load_model_and_tokenizer, parameter_groups
+from gptneox.training.determinism import use_deterministic_algorithms
+from gptneox.training.model_setup import (choose_attention_backend, find_model_dir, load_model_and_tokenizer,
+                                          parameter_groups)
 from gptneox.training.step import evaluate, train_step
 from gptneox.training.stop import StopRequest
 
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_train_config(argv)
         find_model_dir(cfg.model_name, cfg.cache_dir)  # a missing model fails before DeepSpeed starts
+        choose_attention_backend(cfg, get_accelerator().device_name())  # so does an unusable attention backend
+        use_deterministic_algorithms(cfg.deterministic)
         rank, world = init_distributed()
         return train(cfg, rank, world)
     except (TrainConfigError, DeepSpeedConfigError, FileNotFoundError, ValueError) as err:

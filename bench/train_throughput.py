@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gptneox import GPTNeoX, GPTNeoXConfig  # noqa: E402
+from gptneox.attention import AttentionBackendError, check_backend  # noqa: E402
 from gptneox.data import DialogueCollator, build_datasets, load_tokenizer  # noqa: E402
 from gptneox.flops import conversation_lengths, training_flops  # noqa: E402
 from gptneox.training.config import TORCH_DTYPES, load_section, repo_path  # noqa: E402
@@ -91,7 +92,7 @@ def build_model(variant: str, config: GPTNeoXConfig, args, device, dtype):
     import transformers
     hf_config = transformers.GPTNeoXConfig(**{k: v for k, v in config.to_hf().items()
                                               if k not in ("rotary_pct", "rotary_emb_base")})
-    hf_config._attn_implementation = "flash_attention_2" if args.attention == "flash" else "sdpa"
+    hf_config._attn_implementation = "flash_attention_2" if args.attention == "flash" else "sdpa"  # flex: sdpa
     reference = transformers.GPTNeoXForCausalLM(hf_config)
     reference.load_state_dict({k.replace("embed_out.", "lm_head."): v for k, v in ours.state_dict().items()})
     return reference.to(device=device, dtype=dtype).train()
@@ -235,8 +236,9 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="pythia-70m", choices=sorted(MODELS),
                         help="pythia-70m (vocab 50304) or stablelm-7b-layers (StableLM-7B shape, vocab 50432)")
     parser.add_argument("--layers", type=int, default=None, help="number of layers (default: the model's)")
-    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "flash"],
-                        help="attention kernels of both stacks (flash: flash-attn on CUDA, varlen when packed)")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "flash", "flex"],
+                        help="attention kernels of both stacks (flash: flash-attn on CUDA, varlen when packed; "
+                             "flex: FlexAttention for packed and padded rows, ours only, CUDA)")
     parser.add_argument("--batch_size", type=int, default=8, help="conversations per micro-batch")
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--accumulation", type=int, default=1,
@@ -250,8 +252,10 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--memory_worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.attention == "flash" and args.device == "cpu":
-        parser.error("--attention flash needs --device cuda")
+    try:  # before any model is built: the backend against the device and dtype, and flash-attn's import
+        check_backend(args.attention, args.device, TORCH_DTYPES[args.dtype], training=True)
+    except AttentionBackendError as err:
+        parser.error(str(err))
 
     if args.memory_worker:
         print(json.dumps(measure_memory(args.memory_worker, args)))

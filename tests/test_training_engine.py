@@ -335,6 +335,15 @@ def test_help_and_a_bad_config_fail_fast():
                                "--cache_dir", str(REPO / "no-such-cache")], cwd=REPO, capture_output=True, text=True)
     assert no_model.returncode == 2 and "Nothing is downloaded" in no_model.stderr
     assert "shm_comm" not in no_model.stdout + no_model.stderr  # refused before DeepSpeed set up its backend
+    flash_fp32 = subprocess.run([sys.executable, "train.py", "--configs", "defaults", "tiny", "sample-mix",
+                                 "--dtype", "fp32", "--use_flash_attention", "true"],
+                                cwd=REPO, capture_output=True, text=True)
+    assert flash_fp32.returncode == 2
+    assert flash_fp32.stderr.strip().splitlines() == [
+        "train.py: error: use_flash_attention=True with dtype fp32 on cpu: attention_backend='flash' runs only on "
+        "CUDA in float16/bfloat16, got cpu float32; use 'sdpa' (or 'flex') here; or train without it: "
+        "--use_flash_attention false (PyTorch SDPA) or --attention_backend flex"]
+    assert "training conversations" not in flash_fp32.stdout  # before the datasets and weights were read
 
 
 def test_packed_rows_give_the_loss_of_padded_rows(workspace, tmp_path, monkeypatch):

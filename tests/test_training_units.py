@@ -3,6 +3,8 @@ data order, masked loss, checkpoint pointer and rotation, parameter groups."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -187,6 +189,20 @@ def test_an_empty_micro_batch_still_gives_every_parameter_a_zero_gradient():
         assert p.grad is not None and not p.grad.any(), name
 
 
+def test_an_empty_micro_batch_in_fp16_logs_zero_not_nan():
+    """The stand-in's sum over the output embedding is 65536 here, past fp16's 65504: summed in fp16 it is inf,
+    and inf * 0 is NaN in the logged loss and in every gradient."""
+    model = GPTNeoX(GPTNeoXConfig.from_name("tiny")).half()
+    with torch.no_grad():
+        model.output_embedding.fill_(1.0)  # 1024 x 64 ones
+    assert torch.isinf(model.output_embedding.sum())
+    empty = {k: torch.zeros((0, 0), dtype=torch.long) for k in ("input_ids", "targets", "attention_mask",
+                                                              "position_ids")}
+    result = train_step(_PlainEngine(model), [{**empty, "loss_mask": torch.zeros((0, 0), dtype=torch.bool)}])
+    assert result.loss == 0.0
+    assert all(not p.grad.isnan().any() for p in model.parameters())
+
+
 # ------------------------------------------------------------------ checkpoints
 class _FakeEngine:
     """Writes a tag directory the way engine.save_checkpoint does; `fail` simulates a crash mid-save."""
@@ -262,3 +278,36 @@ def test_weight_decay_spares_biases_and_layernorms():
     assert all("bias" in names[id(p)] or "norm" in names[id(p)] for p in no_decay["params"])
     assert all(names[id(p)].endswith("weight") and "norm" not in names[id(p)] for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+# ------------------------------------------------------------------ attention backend and determinism
+def test_attention_backend_is_checked_from_the_config_alone(monkeypatch):
+    from gptneox.training.model_setup import choose_attention_backend
+    cfg = parse_train_config(["--configs", "defaults", "tiny", "--dtype", "fp32"])
+    assert choose_attention_backend(cfg, "cpu") == ("sdpa", "sdpa")
+    cfg = parse_train_config(["--configs", "defaults", "stablelm-7b"])  # fp16 + use_flash_attention: true
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
+    with pytest.raises(TrainConfigError, match="use_flash_attention=True with dtype fp16 on cuda: .*not installed"
+                                               ".*--use_flash_attention false"):
+        choose_attention_backend(cfg, "cuda")
+    cfg = parse_train_config(["--configs", "defaults", "tiny", "--attention_backend", "flex"])
+    with pytest.raises(TrainConfigError, match="attention_backend='flex' with dtype fp32 on cpu: .*no FlexAttention "
+                                               "backward"):
+        choose_attention_backend(cfg, "cpu")
+    with pytest.raises(TrainConfigError, match="attention_backend='xformers' is not supported"):
+        parse_train_config(["--configs", "defaults", "tiny", "--attention_backend", "xformers"])
+
+
+def test_deterministic_switches_torch_and_cublas(monkeypatch):
+    from gptneox.training.determinism import use_deterministic_algorithms
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    use_deterministic_algorithms(False)
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    try:
+        use_deterministic_algorithms(True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        from gptneox.attention import _deterministic
+        assert _deterministic()  # what the flash kernels are asked for
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -43,7 +43,9 @@ class TrainConfig:
     tokenizer_path: str | None = None       # tokenizer.json or a directory; default: the model directory
     dtype: str = "fp16"                     # fp16 | bf16 | fp32
     gradient_checkpointing: bool = False
-    use_flash_attention: bool = False       # flash-attn kernels on CUDA; SDPA otherwise
+    use_flash_attention: bool = False       # flash-attn kernels (CUDA, fp16/bf16); checked at start-up
+    attention_backend: str | None = None    # sdpa | flash | flex | eager; None: flash if use_flash_attention
+    deterministic: bool = False             # deterministic kernels (flash backward, cuBLAS): bitwise resume on GPU
     # data
     datasets: list = field(default_factory=list)
     cache_dir: str = ".cache"
@@ -86,6 +88,7 @@ class TrainConfig:
         checks = {
             "dtype": self.dtype in TORCH_DTYPES,
             "save_strategy": self.save_strategy in ("steps", "epoch"),
+            "attention_backend": self.attention_backend in (None, "sdpa", "flash", "flex", "eager"),
             "sort_by_length": not self.sort_by_length,
             "use_custom_sampler": not self.use_custom_sampler,
         }
@@ -111,6 +114,7 @@ class TrainConfig:
 
 
 _ALLOWED = {"dtype": ", ".join(TORCH_DTYPES), "save_strategy": "steps, epoch",
+            "attention_backend": "sdpa, flash, flex, eager",
             "sort_by_length": "false", "use_custom_sampler": "false"}
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _DEFAULTS = asdict(TrainConfig())

@@ -11,6 +11,7 @@ from deepspeed.accelerator import get_accelerator
 from tokenizers import Tokenizer
 
 from gptneox import GPTNeoX, GPTNeoXConfig
+from gptneox.attention import AttentionBackendError, check_backend
 from gptneox.config import PRESETS
 from gptneox.data import load_tokenizer
 from gptneox.training.config import TORCH_DTYPES, TrainConfig, TrainConfigError
@@ -57,12 +58,22 @@ def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]
     if rows > model.config.vocab_size:  # never shrink: StableLM's 50432 rows stay
         model.resize_token_embeddings(rows)
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    try:
-        model.attention_backend = "flash" if cfg.use_flash_attention and torch.cuda.is_available() else "sdpa"
-    except RuntimeError as err:
-        raise TrainConfigError(f"use_flash_attention=true: {err}") from None
+    model.attention_backend, kernels = choose_attention_backend(cfg, get_accelerator().device_name())
     return model, tokenizer, f"model from {origin}, vocab {model.config.vocab_size}, " \
-                             f"attention {model.attention_backend}"
+                             f"attention {model.attention_backend} ({kernels})"
+
+
+def choose_attention_backend(cfg: TrainConfig, device_type: str) -> tuple[str, str]:
+    """(backend, the kernels it uses), checked against the device and dtype from the config alone, so that a
+    backend that cannot run here stops the run before any weight is read (train.py calls this first)."""
+    backend = cfg.attention_backend or ("flash" if cfg.use_flash_attention else "sdpa")
+    key = f"attention_backend={backend!r}" if cfg.attention_backend else f"use_flash_attention={cfg.use_flash_attention}"
+    try:
+        return backend, check_backend(backend, device_type, TORCH_DTYPES[cfg.dtype], training=True)
+    except AttentionBackendError as err:
+        without = ("; or train without it: --use_flash_attention false (PyTorch SDPA) or --attention_backend flex"
+                   if backend == "flash" else "")
+        raise TrainConfigError(f"{key} with dtype {cfg.dtype} on {device_type}: {err}{without}") from None
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -55,7 +55,8 @@ def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
             # forward, so every parameter gets a (zero) gradient and ZeRO-2 reduces the same gradients as
             # on the other ranks (a backward reaching only some parameters hangs or aborts the collectives).
             hidden = engine(torch.zeros((1, 1), dtype=torch.long, device=device), return_hidden=True)
-            total = hidden.float().sum() * 0.0 + engine.module.output_embedding.sum() * 0.0
+            # summed in fp32: an fp16 sum of a whole embedding passes 65504, and inf * 0 is NaN
+            total = hidden.float().sum() * 0.0 + engine.module.output_embedding.float().sum() * 0.0
         else:
             total, _ = losses.batch_loss(engine, batch)
         engine.backward(total * scale)
