@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from gptneox import GPTNeoX, GPTNeoXConfig  # noqa: E402
 from gptneox.generate import generate, left_pad  # noqa: E402
+from gptneox.errors import run_command  # noqa: E402
 
 PAD_ID = 1
 
@@ -105,4 +106,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("generate_throughput.py", main))

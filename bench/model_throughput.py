@@ -24,15 +24,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptneox import GPTNeoX, GPTNeoXConfig  # noqa: E402
+from gptneox.errors import run_command  # noqa: E402
 
 LOAD_SNIPPET = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
-
-def status_mib(field):  # VmHWM, unlike ru_maxrss, is not inherited from the parent across exec
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
+from gptneox.memory import status_mib  # VmHWM, unlike ru_maxrss, is not inherited across exec
 
 engine, path = sys.argv[1], sys.argv[2]
 if engine == "gptneox":
@@ -120,4 +117,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("model_throughput.py", main))

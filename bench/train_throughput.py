@@ -44,9 +44,12 @@ from gptneox import GPTNeoX, GPTNeoXConfig  # noqa: E402
 from gptneox.attention import AttentionBackendError, check_backend  # noqa: E402
 from gptneox.data import DialogueCollator, build_datasets, load_tokenizer  # noqa: E402
 from gptneox.flops import conversation_lengths, training_flops  # noqa: E402
-from gptneox.training.config import TORCH_DTYPES, load_section, repo_path  # noqa: E402
+from gptneox.dtypes import torch_dtype  # noqa: E402
+from gptneox.memory import peak_memory_mib  # noqa: E402
+from gptneox.training.config import load_section, repo_path  # noqa: E402
 from gptneox.training.metrics import matmul_peak_tflops  # noqa: E402
 from gptneox.training.loss import DEFAULT_CHUNK_ROWS, batch_loss, masked_cross_entropy, model_inputs  # noqa: E402
+from gptneox.errors import run_command  # noqa: E402
 
 VARIANTS = {
     "A": "transformers, padded, full-logits loss",
@@ -116,21 +119,12 @@ def our_loss(model, batch, full_logits: bool, chunk_rows: int):
     return total / count.clamp(min=1)
 
 
-def peak_memory_mib(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 class Variant:
     """One variant's model, optimizer and collated batches; `step` runs and times one micro-batch."""
 
     def __init__(self, name: str, args, conversations: list[list]):
         self.name, self.args = name, args
-        self.device, dtype = torch.device(args.device), TORCH_DTYPES[args.dtype]
+        self.device, dtype = torch.device(args.device), torch_dtype(args.dtype)
         self.config = model_config(args)
         self.batches = [{k: v.to(self.device) for k, v in b.items()}
                         for b in collate_all(args, conversations, pack=name == "C")]
@@ -253,7 +247,7 @@ def main(argv=None) -> None:
     parser.add_argument("--memory_worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:  # before any model is built: the backend against the device and dtype, and flash-attn's import
-        check_backend(args.attention, args.device, TORCH_DTYPES[args.dtype], training=True)
+        check_backend(args.attention, args.device, torch_dtype(args.dtype), training=True)
     except AttentionBackendError as err:
         parser.error(str(err))
 
@@ -299,4 +293,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("train_throughput.py", main))

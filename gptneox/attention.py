@@ -29,11 +29,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from gptneox.errors import UserError
+
 BACKENDS = ("sdpa", "eager", "flash", "flex")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-class AttentionBackendError(ValueError):
+class AttentionBackendError(UserError, ValueError):
     """An attention backend that cannot run here (package, device or dtype); raised when it is chosen."""
 
 

@@ -13,33 +13,33 @@ import torch
 
 from gptneox.data import EOS_TOKEN, PAD_TOKEN, format_prompt, load_tokenizer
 from gptneox.data.formatting import ROLE_TOKENS
+from gptneox.errors import MissingFileError, UserError
 from gptneox.generate import generate
 from gptneox.model import GPTNeoX
 
 
-class ChatError(Exception):
-    """A problem the user can fix (missing file, prompt too long); printed without a traceback."""
+class ChatError(UserError):
+    """A chat the model cannot hold: an unusable device, a tokenizer that does not fit, a prompt too long."""
 
 
 def load_model_and_tokenizer(model_dir: str | Path, tokenizer_path: str | Path | None = None,
                              device: str = "cpu", dtype: str | None = None):
-    """The model and its chat tokenizer (model_dir/tokenizer.json unless tokenizer_path is given)."""
+    """An exported model directory and its chat tokenizer (model_dir/tokenizer.json unless tokenizer_path
+    is given), for inference. Training builds its model from the training config instead
+    (gptneox.training.model_setup.build_training_model)."""
     try:  # an unusable device (cuda without CUDA, a typo) is named before any weights are read
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as err:
-        raise ChatError(f"--device {device}: {err}") from None
+        raise ChatError(f"device {device}: {err}") from None
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise ChatError(f"--model {model_dir}: no such directory")
+        raise MissingFileError(f"model directory {model_dir}: no such directory")
     tokenizer_file = Path(tokenizer_path) if tokenizer_path else model_dir / "tokenizer.json"
     if not tokenizer_file.exists():
-        raise ChatError(f"{tokenizer_file}: tokenizer not found; a model directory needs its tokenizer.json "
-                        "(exported checkpoints have one), or pass --tokenizer FILE")
-    try:
-        tokenizer = load_tokenizer(tokenizer_file)
-        model = GPTNeoX.from_pretrained(model_dir, dtype=dtype, device=device)
-    except (OSError, ValueError) as err:  # missing weights, bad config, unreadable files
-        raise ChatError(str(err)) from None
+        raise MissingFileError(f"{tokenizer_file}: tokenizer not found; a model directory needs its "
+                               "tokenizer.json (exported checkpoints have one), or give another tokenizer file")
+    tokenizer = load_tokenizer(tokenizer_file)
+    model = GPTNeoX.from_pretrained(model_dir, dtype=dtype, device=device)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise ChatError(f"{tokenizer_file} has {tokenizer.get_vocab_size()} tokens but the model in {model_dir} "
                         f"only {model.config.vocab_size} embedding rows; they do not belong together")

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from gptneox.errors import MissingFileError, UserError
+
 # Activation names Hugging Face uses for GPT-NeoX, mapped to torch's `F.gelu(approximate=...)`.
 # The tanh variants differ only in how the constant sqrt(2/pi) is spelled, not in the formula.
 GELU_APPROXIMATION = {
@@ -49,7 +51,7 @@ def did_you_mean(word: str, choices, n: int = 1, cutoff: float = 0.6, quote: boo
     return f"; did you mean {', '.join(repr(c) if quote else c for c in close)}?" if close else ""
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value we cannot honour; the message names the key and the value."""
 
 
@@ -129,7 +131,7 @@ class GPTNeoXConfig:
             if path.is_dir():
                 path = path / "config.json"
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: config.json not found")
+                raise MissingFileError(f"{path}: config.json not found")
             try:
                 source = json.loads(path.read_text())
             except json.JSONDecodeError as err:

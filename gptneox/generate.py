@@ -15,6 +15,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from gptneox.errors import UserError
+
+
+class GenerationError(UserError, ValueError):
+    """A sampling setting that cannot be used, or a prompt that leaves no room for a reply."""
+
 
 def generate(
     model,
@@ -55,7 +61,7 @@ def generate(
     longest = int(attention_mask.sum(dim=1).max())
     context = config.max_position_embeddings
     if longest >= context:
-        raise ValueError(f"prompt is {longest} tokens, but the model's context is {context} tokens "
+        raise GenerationError(f"prompt is {longest} tokens, but the model's context is {context} tokens "
                          "(prompt and reply together); shorten the prompt")
     if longest + max_new_tokens > context:
         warnings.warn(f"max_new_tokens={max_new_tokens} clipped to {context - longest}: the prompt is "
@@ -180,15 +186,15 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, *, do_sample
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r} (use do_sample=False for greedy)")
+        raise GenerationError(f"temperature must be > 0, got {temperature!r} (use do_sample=False for greedy)")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+        raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+        raise GenerationError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
     if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty!r}")
+        raise GenerationError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty!r}")
 
 
 def _check_prompt(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,6 @@ GPT-NeoX "rotate-half" rotary embeddings on the first `rotary_ndims` dims of eac
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import torch
@@ -22,6 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import BACKENDS, AttentionMask, KVCache, attend, flash_kernels
 from .config import GELU_APPROXIMATION, GPTNeoXConfig
+from .sizes import round_up
+from .weights import load_weights, save_pretrained
 
 # torch's layer_norm kernels (CPU and CUDA) accumulate mean and variance in fp32 for fp16/bf16 inputs,
 # so nn.LayerNorm already keeps its statistics in fp32; tests/test_attention.py checks this.
@@ -116,8 +117,7 @@ class GPTNeoX(nn.Module):
         self.config = config
         self.gpt_neox = Backbone(config)
         self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.embed_out.weight = self.gpt_neox.embed_in.weight
+        self.tie_weights()
         self.attention_backend = "sdpa"
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
@@ -128,6 +128,12 @@ class GPTNeoX(nn.Module):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        """With tie_word_embeddings, make the LM head the very Parameter of embed_in (called again by
+        whatever replaces either one: loading, resizing, export)."""
+        if self.config.tie_word_embeddings:
+            self.embed_out.weight = self.gpt_neox.embed_in.weight
 
     @property
     def attention_backend(self) -> str:
@@ -235,7 +241,7 @@ class GPTNeoX(nn.Module):
         if num_tokens <= 0 or pad_to_multiple_of <= 0:
             raise ValueError(f"resize_token_embeddings({num_tokens}, pad_to_multiple_of={pad_to_multiple_of}): "
                              "both must be positive")
-        rows = math.ceil(num_tokens / pad_to_multiple_of) * pad_to_multiple_of
+        rows = round_up(num_tokens, pad_to_multiple_of)
         if rows == self.config.vocab_size:
             return rows
 
@@ -248,21 +254,24 @@ class GPTNeoX(nn.Module):
 
         self.gpt_neox.embed_in.weight = resized(self.gpt_neox.embed_in.weight)
         self.gpt_neox.embed_in.num_embeddings = rows
-        if self.config.tie_word_embeddings:
-            self.embed_out.weight = self.gpt_neox.embed_in.weight
-        else:
+        if not self.config.tie_word_embeddings:
             self.embed_out.weight = resized(self.embed_out.weight)
+        self.tie_weights()
         self.embed_out.out_features = rows
         self.config = dataclasses.replace(self.config, vocab_size=rows)
         return rows
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, device=None) -> "GPTNeoX":
-        """Load a Hugging Face GPT-NeoX directory; dtype None = float32, "auto" = as stored."""
-        from .weights import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device)
+        """Load a Hugging Face GPT-NeoX directory; dtype None = float32, "auto" = as stored.
+
+        The model is built on the meta device (no random initialisation) and gptneox.weights fills it."""
+        config = GPTNeoXConfig.from_hf(path)
+        with torch.device("meta"):
+            model = cls(config)
+        load_weights(model, path, dtype=dtype, device=device)
+        return model
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "2GB") -> None:
         """Write config.json and safetensors shards that transformers loads with no renaming."""
-        from .weights import save_pretrained
         save_pretrained(self, path, max_shard_size=max_shard_size)

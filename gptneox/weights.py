@@ -1,7 +1,9 @@
 """Read and write Hugging Face GPT-NeoX checkpoints (safetensors or torch .bin, single file or sharded).
 
-Loading builds the model on the meta device and fills it one tensor at a time, so host memory peaks near
-one copy of the weights in the target dtype (plus one tensor in flight), whatever the checkpoint's size.
+Loading fills a model built on the meta device (by GPTNeoX.from_pretrained) one tensor at a time, so host
+memory peaks near one copy of the weights in the target dtype (plus one tensor in flight), whatever the
+checkpoint's size. This module knows the model only through its config, state_dict and tie_weights, so
+the import goes one way: gptneox.model uses gptneox.weights.
 Before any data is read, every name and shape is checked against the model, every dtype is checked to
 be readable and no key may be stored twice; all problems are reported together.
 """
@@ -17,8 +19,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import GPTNeoXConfig
-from .model import GPTNeoX
+from .dtypes import torch_dtype
+from .errors import MissingFileError, UserError
 
 # Searched in this order; the first one present wins.
 CHECKPOINT_FILES = ("model.safetensors.index.json", "model.safetensors",
@@ -29,8 +31,9 @@ _LEGACY_BUFFER = re.compile(r"\.attention\.(bias|masked_bias)$|\.rotary_emb\.inv
 _ALIASES = {"lm_head.weight": "embed_out.weight"}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message names the files, keys and shapes."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that does not fit the model, or a save option that cannot be honoured; the message names
+    the files, keys and shapes (or the option and its value)."""
 
 
 def checkpoint_files(directory: str | Path) -> list[Path]:
@@ -51,7 +54,7 @@ def checkpoint_files(directory: str | Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{path} names shard files that do not exist: {missing}")
         return shards
-    raise FileNotFoundError(f"{directory}: no checkpoint found (looked for {', '.join(CHECKPOINT_FILES)})")
+    raise MissingFileError(f"{directory}: no checkpoint found (looked for {', '.join(CHECKPOINT_FILES)})")
 
 
 class _ShardReader:
@@ -119,14 +122,13 @@ def _model_name(name: str) -> str | None:
     return _ALIASES.get(name, name)
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
-                    device: torch.device | str | None = None) -> GPTNeoX:
-    """Build a GPTNeoX from a Hugging Face directory. dtype None = float32, "auto" = the stored dtype."""
+def load_weights(model: nn.Module, path: str | Path, dtype: torch.dtype | str | None = None,
+                 device: torch.device | str | None = None) -> None:
+    """Fill `model` (a GPTNeoX, usually on the meta device) from the weights of a Hugging Face directory.
+    dtype None = float32, "auto" = the stored dtype, or a name of gptneox.dtypes."""
     path = Path(path)
-    config = GPTNeoXConfig.from_hf(path)
+    config = model.config
     readers = [_ShardReader(f) for f in checkpoint_files(path)]
-    with torch.device("meta"):
-        model = GPTNeoX(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("embed_out.weight")  # shared with embed_in; a stored copy is ignored, as transformers does
@@ -160,9 +162,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
             # a .bin tensor aliases the mapped file: copy it so that parameters own their memory
             parameter = nn.Parameter(tensor.to(device=device, dtype=dtype, copy=not reader.is_safetensors))
             setattr(model.get_submodule(module_name), leaf, parameter)
-    if config.tie_word_embeddings:
-        model.embed_out.weight = model.gpt_neox.embed_in.weight
-    return model
+    model.tie_weights()
 
 
 def _resolve_dtype(dtype, sources) -> torch.dtype:
@@ -172,10 +172,7 @@ def _resolve_dtype(dtype, sources) -> torch.dtype:
         reader, key = sources["gpt_neox.embed_in.weight"]
         return reader.dtypes[key]
     if isinstance(dtype, str):
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-            raise ValueError(f"dtype={dtype!r}: expected a floating torch dtype name like 'float16', or 'auto'")
-        return resolved
+        return torch_dtype(dtype)
     return dtype
 
 
@@ -185,14 +182,14 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
     if not match:
-        raise ValueError(f"max_shard_size={size!r}: expected bytes or a size like '2GB' or '500MiB'")
+        raise CheckpointError(f"max_shard_size={size!r}: expected bytes or a size like '2GB' or '500MiB'")
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
     return int(number * scale)
 
 
-def save_pretrained(model: GPTNeoX, directory: str | Path, max_shard_size: int | str = "2GB") -> None:
+def save_pretrained(model: nn.Module, directory: str | Path, max_shard_size: int | str = "2GB") -> None:
     """config.json plus model.safetensors, or numbered shards and model.safetensors.index.json.
 
     A tied head is not written (transformers re-ties it from embed_in). Shards are copied to the CPU one

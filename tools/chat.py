@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from gptneox.chat import ChatError, ChatSession, load_model_and_tokenizer  # noqa: E402
+from gptneox.errors import UserError, report_user_error  # noqa: E402
 
 
 def run_interactive(session: ChatSession, lines: TextIO) -> None:
@@ -80,9 +81,8 @@ def main(argv=None) -> int:
             session.reply(args.prompt)
         else:
             run_interactive(session, sys.stdin)
-    except (ChatError, ValueError) as err:  # ValueError: sampling flags that generate() rejects
-        print(f"chat.py: error: {err}", file=sys.stderr)
-        return 1
+    except UserError as err:  # files, device, sampling flags that generate() rejects
+        return report_user_error("chat.py", err)
     except KeyboardInterrupt:
         print(file=sys.stderr)
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptneox import GPTNeoX  # noqa: E402
+from gptneox.errors import UserError, report_user_error  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,9 +30,8 @@ def main(argv=None) -> int:
     try:
         model = GPTNeoX.from_pretrained(args.src, dtype=args.dtype)
         model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
-    except (OSError, ValueError) as err:  # missing files, CheckpointError, ConfigError, a bad size or dtype
-        print(f"convert_checkpoint.py: error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:  # missing files, CheckpointError, ConfigError, a bad size or dtype
+        return report_user_error("convert_checkpoint.py", err)
     count = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.dst}: {count:,} parameters in {next(model.parameters()).dtype}")
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from gptneox.errors import run_command  # noqa: E402
 
 PROMPT = "What is a meme, and what's the history behind this word?"  # from the seed model card
 
@@ -33,15 +34,15 @@ def train(output_dir: Path, epochs: int, extra: list[str]) -> None:
 
 
 def summarize(output_dir: Path) -> None:
-    from gptneox.training.metrics import last_per_step, read_metrics
+    from gptneox.training.metrics import eval_loss_keys, last_per_step, read_metrics
 
     records = read_metrics(output_dir / "metrics.jsonl")  # a rerun in the same directory appends
     steps = last_per_step([r for r in records if "loss" in r])
-    evals = last_per_step([r for r in records if any(k.endswith("_loss") and k.startswith("eval_") for k in r)])
+    evals = last_per_step([r for r in records if eval_loss_keys([r])])
     print(f"\ntraining loss: first step {steps[0]['loss']:.3f} -> last step {steps[-1]['loss']:.3f} "
           f"({len(steps)} steps)")
     if len(evals) >= 2:
-        for key in (k for k in evals[-1] if k.startswith("eval_") and k.endswith("_loss")):
+        for key in eval_loss_keys(evals[-1:]):
             print(f"{key}: step {evals[0]['step']} {evals[0][key]:.3f} -> step {evals[-1]['step']} "
                   f"{evals[-1][key]:.3f}")
 
@@ -71,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("demo.py", main))

@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptneox.training.config import TORCH_DTYPES  # noqa: E402
+from gptneox.dtypes import DTYPE_NAMES  # noqa: E402
+from gptneox.errors import UserError, report_user_error  # noqa: E402
 from gptneox.training.export import export_checkpoint  # noqa: E402
 
 
@@ -22,15 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint_dir", help="OUTPUT_DIR/checkpoints of a train.py run")
     parser.add_argument("output_dir", help="where to write config.json, *.safetensors and tokenizer files")
     parser.add_argument("--tag", help="checkpoint tag, e.g. step00000500 (default: the newest complete one)")
-    parser.add_argument("--dtype", choices=sorted(TORCH_DTYPES), help="weight dtype (default: the training dtype)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES,
+                        help="weight dtype (default: the training dtype)")
     parser.add_argument("--max_shard_size", default="2GB", help="safetensors shard size (default 2GB)")
     args = parser.parse_args(argv)
     try:
         path = export_checkpoint(args.checkpoint_dir, args.output_dir, tag=args.tag, dtype=args.dtype,
                                  max_shard_size=args.max_shard_size)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"export_hf.py: error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report_user_error("export_hf.py", err)
     print(f"wrote {path}")
     return 0
 

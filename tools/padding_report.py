@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptneox.data import DialogueCollator, build_datasets, load_tokenizer  # noqa: E402
 from gptneox.training.config import load_section, repo_path  # noqa: E402
+from gptneox.errors import run_command  # noqa: E402
 
 
 def padding_fraction(collate: DialogueCollator, conversations: list, batch_size: int) -> tuple[float, int]:
@@ -65,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("padding_report.py", main))

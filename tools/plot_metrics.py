@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gptneox.training.metrics import last_per_step, read_metrics  # noqa: E402
+from gptneox.errors import UserError, report_user_error  # noqa: E402
+from gptneox.training.metrics import MetricsError, eval_dataset, eval_loss_keys, last_per_step, read_metrics  # noqa: E402,E501
 
 
 def plot(records: list[dict], output: Path) -> Path:
@@ -20,13 +21,12 @@ def plot(records: list[dict], output: Path) -> Path:
 
     steps = last_per_step([r for r in records if "loss" in r])
     if not steps:
-        raise ValueError("no training steps (records with a 'loss') to plot")
+        raise MetricsError("no training steps (records with a 'loss') to plot")
     figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
     loss_axis.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train", linewidth=1)
-    eval_keys = sorted({k for r in records for k in r if k.startswith("eval_") and k.endswith("_loss")})
-    for key in eval_keys:
+    for key in eval_loss_keys(records):
         points = [(r["step"], r[key]) for r in last_per_step([r for r in records if key in r])]
-        loss_axis.plot(*zip(*points), marker="o", markersize=3, label=key[len("eval_"):-len("_loss")])
+        loss_axis.plot(*zip(*points), marker="o", markersize=3, label=eval_dataset(key))
     loss_axis.set_ylabel("loss (mean over trained tokens)")
     loss_axis.legend(fontsize="small")
     loss_axis.grid(alpha=0.3)
@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = args.metrics / "metrics.jsonl" if args.metrics.is_dir() else args.metrics
     try:
+        if not path.is_file():
+            raise MetricsError(f"{path}: no such file")
         written = plot(read_metrics(path), args.output or path.with_suffix(".png"))
-    except (OSError, ValueError) as err:
-        print(f"plot_metrics.py: error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report_user_error("plot_metrics.py", err)
     print(f"wrote {written}")
     return 0
 

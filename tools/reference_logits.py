@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gptneox.errors import run_command  # noqa: E402
 
 
 def encode(prompts, tokenizer_path):
@@ -64,4 +65,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("reference_logits.py", main))

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from gptneox.chat import ChatError, load_model_and_tokenizer, reply_stop_ids  # noqa: E402
+from gptneox.errors import MissingFileError, UserError, report_user_error  # noqa: E402
 from gptneox.data import PAD_TOKEN, format_prompt  # noqa: E402
 from gptneox.generate import generate, left_pad  # noqa: E402
 
@@ -42,7 +43,7 @@ SAMPLING_CONFIGS = {
 def read_prompts(path: Path) -> list[dict]:
     """[{"prompt", "system"?}] from a JSONL file; a bad line is an error naming the file and line."""
     if not path.is_file():
-        raise ChatError(f"--prompts {path}: no such file")
+        raise MissingFileError(f"prompts file {path}: no such file")
     prompts = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if args.num_samples < 1 or args.batch_size < 1:
-            raise ChatError("--num_samples and --batch_size must be at least 1")
+            raise UserError("--num_samples and --batch_size must be at least 1")
         records = read_prompts(args.prompts)
         model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device, args.dtype)
         context = model.config.max_position_embeddings
@@ -179,9 +180,8 @@ def main(argv=None) -> int:
                 "mean_reply_tokens": sum(r["tokens"] for r in all_replies) / len(all_replies),
                 "new_tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": tokens / max(seconds, 1e-9)}
             print(f"{name}: {len(all_replies)} replies, {tokens} tokens in {seconds:.1f} s", file=sys.stderr)
-    except (ChatError, ValueError) as err:
-        print(f"sampling_report.py: error: {err}", file=sys.stderr)
-        return 1
+    except UserError as err:
+        return report_user_error("sampling_report.py", err)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     markdown = args.output.with_suffix(".md")

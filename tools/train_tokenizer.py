@@ -11,6 +11,7 @@ tokenizer. Used to build data/sample/tokenizer.json for the tests and the demo:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -18,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from gptneox.data.datasets import parse_entry, read_dataset
 from gptneox.data.tokenizer import EOS_TOKEN, PAD_TOKEN
 from gptneox.training.config import load_section, repo_path
+from gptneox.errors import run_command
 
 
 def conversation_texts(section: str) -> list[str]:
@@ -63,4 +65,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("train_tokenizer.py", main))

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from tokenizers import Tokenizer
 
 from gptneox.data.tokenizer import ASSISTANT_TOKEN, EOS_TOKEN, PROMPTER_TOKEN, SPECIAL_TOKENS, SYSTEM_TOKEN
+from gptneox.errors import UserError
 
 ROLES = ("prompter", "assistant", "system")
 ROLE_TOKENS = {"prompter": PROMPTER_TOKEN, "assistant": ASSISTANT_TOKEN, "system": SYSTEM_TOKEN}
@@ -28,7 +29,7 @@ ROLE_TOKENS = {"prompter": PROMPTER_TOKEN, "assistant": ASSISTANT_TOKEN, "system
 Conversation = list[dict[str, str]]
 
 
-class ConversationError(ValueError):
+class ConversationError(UserError, ValueError):
     """A conversation that does not follow the chat format; the message names what is wrong."""
 
 

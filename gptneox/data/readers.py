@@ -15,10 +15,12 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
+from gptneox.errors import UserError
+
 FORMATS = (".json", ".jsonl", ".parquet", ".csv")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad dataset input; the message names the file, the record and the field."""
 
 

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from gptneox.data.formatting import Conversation
+from gptneox.errors import UserError
 
 MAX_MESSAGE_CHARS = 2048  # the reference cut vicuna and dolly messages to this many characters
 CODE_ALPACA_BANNED_WORDS = ("openai",)  # the reference's FILTER_BY_WORDS at the time of SFT-7
 
 
-class RecordError(ValueError):
-    """A record that does not match its dataset's schema."""
+class RecordError(UserError, ValueError):
+    """A record that does not match its dataset's schema (reported as a DataError naming the file and place)."""
 
     def __init__(self, field: str, problem: str):
         super().__init__(f"field {field!r}: {problem}")

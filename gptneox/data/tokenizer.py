@@ -12,6 +12,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
 
+from gptneox.errors import MissingFileError, UserError
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
 PROMPTER_TOKEN = "<|prompter|>"
@@ -25,12 +27,16 @@ CHAT_TOKENS = (PROMPTER_TOKEN, ASSISTANT_TOKEN, SYSTEM_TOKEN, PREFIX_BEGIN_TOKEN
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN) + CHAT_TOKENS
 
 
+class TokenizerError(UserError, ValueError):
+    """A tokenizer file that cannot be read."""
+
+
 def _tokenizer_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
+        raise MissingFileError(f"tokenizer file not found: {path}")
     return path
 
 
@@ -44,7 +50,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_file(str(file))
     except Exception as error:  # the Rust library raises plain Exceptions with a terse message
-        raise ValueError(f"cannot read tokenizer {file}: {error}") from error
+        raise TokenizerError(f"cannot read tokenizer {file}: {error}") from error
     for token in SPECIAL_TOKENS:
         if tokenizer.token_to_id(token) is None or not _is_registered_special(tokenizer, token):
             tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])

@@ -7,14 +7,17 @@ with a suggestion instead of being carried along silently.
 from __future__ import annotations
 
 import argparse
+import sys
+import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-import torch
 import yaml
 
 from gptneox.config import did_you_mean
+from gptneox.dtypes import TORCH_DTYPES
+from gptneox.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 REPO_DIR = CONFIG_DIR.parent
@@ -26,81 +29,93 @@ def repo_path(path: str | Path) -> Path:
     return REPO_DIR / path
 
 
-# The `dtype` key's values: training precision, export precision, benchmark precision.
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class TrainConfigError(ValueError):
+class TrainConfigError(UserError, ValueError):
     """A bad configuration: the message names the config file or flag, the key and the value."""
+
+
+# The groups of `--help`, in this order.
+MODEL, DATA, OPTIMISATION, CHECKPOINTING, LOGGING = (
+    "model", "data", "optimisation", "checkpointing", "logging and evaluation")
+GROUPS = (MODEL, DATA, OPTIMISATION, CHECKPOINTING, LOGGING)
+
+
+def setting(default: Any, group: str, meaning: str) -> Any:
+    """A config key: its default, its `--help` group and its one-line meaning (kept in the field's metadata)."""
+    metadata = {"group": group, "help": meaning}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+Dtype = Literal[tuple(TORCH_DTYPES)]  # the short names of gptneox.dtypes
 
 
 @dataclass
 class TrainConfig:
     """Every key a config section or a `--key value` flag may set; defaults follow the reference `defaults`."""
 
-    # model and tokenizer
-    model_name: str | None = None           # preset name (random init) or a local Hugging Face directory
-    tokenizer_path: str | None = None       # tokenizer.json or a directory; default: the model directory
-    dtype: str = "fp16"                     # fp16 | bf16 | fp32
-    gradient_checkpointing: bool = False
-    use_flash_attention: bool = False       # flash-attn kernels (CUDA, fp16/bf16); checked at start-up
-    attention_backend: str | None = None    # sdpa | flash | flex | eager; None: flash if use_flash_attention
-    deterministic: bool = False             # deterministic kernels (flash backward, cuBLAS): bitwise resume on GPU
-    # data
-    datasets: list = field(default_factory=list)
-    cache_dir: str = ".cache"
-    max_length: int = 512
-    val_max_length: int | None = None       # None: same as max_length
-    random_offset_probability: float = 0.8
-    pad_to_multiple_of: int = 16
-    pack: bool = False                      # lay a micro-batch's conversations end to end in max_length rows
-    eval_size: int | None = None            # keep only the first N samples of every evaluation set
-    sort_by_length: bool = False            # reference option; only False is implemented
-    use_custom_sampler: bool = False        # reference option; only False is implemented
-    # optimisation
-    rng_seed: int = 0xA1221F97
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_epsilon: float = 1e-12
-    warmup_steps: int = 600
-    max_grad_norm: float = 2.0
-    num_train_epochs: int = 3
-    max_steps: int | None = None            # stop after this many optimizer steps (also the schedule length)
-    per_device_train_batch_size: int = 2
-    per_device_eval_batch_size: int = 2
-    gradient_accumulation_steps: int = 32
-    max_consecutive_skipped_steps: int = 20  # optimizer steps in a row skipped for fp16 overflow before stopping
-    # bookkeeping
-    deepspeed_config: str = "ds_config.json"
-    output_dir: str = "saved_model"
-    log_dir: str | None = None              # TensorBoard directory; default OUTPUT_DIR/tensorboard
-    logging_steps: int = 10                 # progress-bar refresh; metrics.jsonl gets every step
-    eval_steps: int = 200
-    save_strategy: str = "steps"            # steps | epoch
-    save_steps: int = 1000
-    save_total_limit: int | None = 4
-    resume: bool = False
-    peak_tflops: float | None = None        # accelerator peak for MFU; default: known-GPU table or measured
+    model_name: str | None = setting(None, MODEL, "preset name (random init) or a local Hugging Face directory")
+    tokenizer_path: str | None = setting(None, MODEL, "tokenizer.json or a directory; null: the model directory's")
+    dtype: Dtype = setting("fp16", MODEL, "training precision (DeepSpeed fp16 with loss scaling, bf16, or fp32)")
+    gradient_checkpointing: bool = setting(False, MODEL, "recompute each block in backward to save activation memory")
+    use_flash_attention: bool = setting(False, MODEL, "flash-attn kernels (CUDA, fp16/bf16); checked at start-up")
+    attention_backend: Literal["sdpa", "flash", "flex", "eager"] | None = setting(
+        None, MODEL, "attention kernels; null: flash if use_flash_attention, else sdpa")
+    deterministic: bool = setting(False, MODEL, "deterministic kernels (flash backward, cuBLAS): bitwise resume on GPU")
+
+    datasets: list[str | dict] = setting([], DATA, "dataset names or {name: options} mappings (YAML on the command line)")
+    cache_dir: str = setting(".cache", DATA, "where dataset files and model directories are looked for")
+    max_length: int = setting(512, DATA, "longest training sequence in tokens (a random window of longer ones)")
+    val_max_length: int | None = setting(None, DATA, "longest evaluation sequence; null: max_length")
+    random_offset_probability: float = setting(0.8, DATA, "chance that a too-long conversation gets a random window")
+    pad_to_multiple_of: int = setting(16, DATA, "row widths are rounded up to a multiple of this")
+    pack: bool = setting(False, DATA, "lay a micro-batch's conversations end to end in max_length rows")
+    eval_size: int | None = setting(None, DATA, "keep only the first N samples of every evaluation set")
+    sort_by_length: bool = setting(False, DATA, "reference option; only false is implemented")
+    use_custom_sampler: bool = setting(False, DATA, "reference option; only false is implemented")
+
+    rng_seed: int = setting(0xA1221F97, OPTIMISATION, "seed of the data order, the random windows and the init")
+    learning_rate: float = setting(1e-5, OPTIMISATION, "peak learning rate of WarmupDecayLR")
+    weight_decay: float = setting(0.0, OPTIMISATION, "AdamW weight decay of the matrices (not biases or LayerNorms)")
+    adam_beta1: float = setting(0.9, OPTIMISATION, "AdamW beta1")
+    adam_beta2: float = setting(0.95, OPTIMISATION, "AdamW beta2")
+    adam_epsilon: float = setting(1e-12, OPTIMISATION, "AdamW epsilon")
+    warmup_steps: int = setting(600, OPTIMISATION, "optimizer steps of learning-rate warm-up")
+    max_grad_norm: float = setting(2.0, OPTIMISATION, "gradient clipping norm")
+    num_train_epochs: int = setting(3, OPTIMISATION, "passes over the training set")
+    max_steps: int | None = setting(None, OPTIMISATION, "stop after this many optimizer steps (also the schedule length)")
+    per_device_train_batch_size: int = setting(2, OPTIMISATION, "conversations per micro-batch and rank")
+    gradient_accumulation_steps: int = setting(32, OPTIMISATION, "micro-batches per optimizer step")
+    max_consecutive_skipped_steps: int = setting(20, OPTIMISATION,
+                                             "optimizer steps in a row skipped for fp16 overflow before stopping")
+    deepspeed_config: str = setting("ds_config.json", OPTIMISATION, "DeepSpeed JSON; its \"auto\" values are filled")
+
+    output_dir: str = setting("saved_model", CHECKPOINTING, "run directory: checkpoints, metrics, the exported model")
+    save_strategy: Literal["steps", "epoch"] = setting("steps", CHECKPOINTING,
+                                                   "save every save_steps steps, or at every epoch end")
+    save_steps: int = setting(1000, CHECKPOINTING, "optimizer steps between checkpoints (save_strategy steps)")
+    save_total_limit: int | None = setting(4, CHECKPOINTING, "complete checkpoints kept; null keeps all")
+    resume: bool = setting(False, CHECKPOINTING, "continue from the newest complete checkpoint in output_dir")
+
+    log_dir: str | None = setting(None, LOGGING, "TensorBoard directory; null: OUTPUT_DIR/tensorboard")
+    logging_steps: int = setting(10, LOGGING, "progress-bar refresh; metrics.jsonl gets every step")
+    eval_steps: int = setting(200, LOGGING, "optimizer steps between evaluations (and one at the end)")
+    per_device_eval_batch_size: int = setting(2, LOGGING, "evaluation conversations per batch and rank")
+    peak_tflops: float | None = setting(None, LOGGING, "accelerator peak TFLOP/s for MFU; null: known-GPU table or measured")
 
     def __post_init__(self) -> None:
-        checks = {
-            "dtype": self.dtype in TORCH_DTYPES,
-            "save_strategy": self.save_strategy in ("steps", "epoch"),
-            "attention_backend": self.attention_backend in (None, "sdpa", "flash", "flex", "eager"),
-            "sort_by_length": not self.sort_by_length,
-            "use_custom_sampler": not self.use_custom_sampler,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                raise TrainConfigError(f"{key}={getattr(self, key)!r} is not supported "
-                                       f"(allowed: {_ALLOWED[key]})")
-        for key in ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-                    "gradient_accumulation_steps", "num_train_epochs", "eval_steps", "save_steps",
-                    "logging_steps", "max_consecutive_skipped_steps"):
-            if getattr(self, key) < 1:
-                raise TrainConfigError(f"{key}={getattr(self, key)!r} must be at least 1")
+        for name, (_, choices) in _TYPES.items():
+            if choices and getattr(self, name) not in (*choices, None):
+                raise TrainConfigError(f"{name}={getattr(self, name)!r} is not supported "
+                                       f"(allowed: {', '.join(map(str, choices))})")
+        for name in ("sort_by_length", "use_custom_sampler"):
+            if getattr(self, name):
+                raise TrainConfigError(f"{name}={getattr(self, name)!r} is not supported (allowed: false)")
+        for name in ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "num_train_epochs", "eval_steps", "save_steps",
+                     "logging_steps", "max_consecutive_skipped_steps"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"{name}={getattr(self, name)!r} must be at least 1")
         if not 0.0 <= self.random_offset_probability <= 1.0:
             raise TrainConfigError(f"random_offset_probability={self.random_offset_probability!r} "
                                    "must be in [0, 1]")
@@ -113,11 +128,19 @@ class TrainConfig:
         return yaml.safe_dump({"train": asdict(self)}, sort_keys=False)
 
 
-_ALLOWED = {"dtype": ", ".join(TORCH_DTYPES), "save_strategy": "steps, epoch",
-            "attention_backend": "sdpa, flash, flex, eager",
-            "sort_by_length": "false", "use_custom_sampler": "false"}
+def _value_type(hint: Any) -> tuple[type, tuple | None]:
+    """(the type a value must have, the allowed values of a Literal) of a field's annotation: `X | None`
+    is X (null is always accepted), `list[...]` is list, `Literal["a", "b"]` is str with its choices."""
+    if get_origin(hint) in (Union, types.UnionType):
+        (hint,) = [arg for arg in get_args(hint) if arg is not type(None)]
+    if get_origin(hint) is Literal:
+        choices = get_args(hint)
+        return type(choices[0]), choices
+    return get_origin(hint) or hint, None
+
+
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
-_DEFAULTS = asdict(TrainConfig())
+_TYPES = {name: _value_type(hint) for name, hint in get_type_hints(TrainConfig).items()}
 
 
 def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -157,17 +180,15 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         return _typed(key, value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is Path:
+        return value
     if type(value) is not kind:
         raise TrainConfigError(f"{where}={value!r} should be a {kind.__name__}")
     return value
 
 
 def _kind(key: str) -> type:
-    """The value type of a key: its default's type, or for `X | None` keys the annotation's X."""
-    default = _DEFAULTS[key]
-    if default is not None:
-        return type(default)
-    return {"int": int, "float": float, "str": str}[_FIELDS[key].type.split("|")[0].strip()]
+    return _TYPES[key][0]
 
 
 def _typed(key: str, text: str) -> Any:
@@ -179,7 +200,7 @@ def _typed(key: str, text: str) -> Any:
             if not isinstance(value, kind):
                 raise ValueError(f"expected a {kind.__name__}")
             return value
-        return int(text, 0) if kind is int else kind(text)
+        return int(text, 0) if kind is int else kind(text)  # str, float, Path
     except (ValueError, yaml.YAMLError) as err:
         raise TrainConfigError(f"--{key} {text!r}: cannot be read as {kind.__name__} ({err})") from None
 
@@ -212,16 +233,15 @@ def _parse_overrides(tokens: list[str]) -> dict:
     return overrides
 
 
-def build_parser() -> argparse.ArgumentParser:
-    keys = ", ".join(_FIELDS)
-    parser = argparse.ArgumentParser(
-        description="Supervised fine-tuning of a GPT-NeoX model with an explicit DeepSpeed ZeRO-2 loop. "
-                    "The loop always drives DeepSpeed (deepspeed.initialize with ds_config.json, its 'auto' "
-                    "values resolved from the config); --deepspeed is accepted for compatibility with the "
-                    "reference command and changes nothing.",
-        epilog=f"Any config key can be overridden with --key value (typed like its default; lists and dicts "
-               f"as YAML; --no-key sets it to None). Keys: {keys}. "
-               f"Configs in {CONFIG_DIR}: {', '.join(available_configs())}.")
+DESCRIPTION = ("Supervised fine-tuning of a GPT-NeoX model with an explicit DeepSpeed ZeRO-2 loop. The loop "
+               "always drives DeepSpeed (deepspeed.initialize with ds_config.json, its 'auto' values resolved "
+               "from the config); --deepspeed is accepted for compatibility with the reference command and "
+               "changes nothing.")
+
+
+def _launch_parser(**kwargs) -> argparse.ArgumentParser:
+    """The flags that are not config keys: which sections, and what the deepspeed launcher adds."""
+    parser = argparse.ArgumentParser(**kwargs)
     parser.add_argument("--configs", nargs="+", default=["defaults"], metavar="NAME",
                         help="config sections merged left to right (default: defaults)")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
@@ -229,9 +249,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _type_name(name: str) -> str:
+    kind, choices = _TYPES[name]
+    text = "|".join(map(str, choices)) if choices else {list: "YAML-LIST", dict: "YAML-MAP"}.get(kind, kind.__name__.upper())
+    optional = get_origin(get_type_hints(TrainConfig)[name]) in (Union, types.UnionType)
+    return text + "|null" if optional else text
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line as `--help` shows it: every config key by group, with its type, default and meaning,
+    read from TrainConfig. (Parsing the keys is _parse_overrides's: bare booleans, --no-KEY, YAML values.)"""
+    parser = _launch_parser(
+        prog="train.py", usage="%(prog)s [--configs NAME [NAME ...]] [--KEY VALUE ...]", description=DESCRIPTION,
+        epilog="Any config key can be overridden with --key value or --key=value (lists and dicts as YAML; a "
+               "bare --flag sets a boolean true; --no-key sets a key to null). "
+               f"Configs in {CONFIG_DIR}: {', '.join(available_configs())}.")
+    defaults = asdict(TrainConfig())
+    for group in GROUPS:
+        section = parser.add_argument_group(f"{group} keys")
+        for f in fields(TrainConfig):
+            if f.metadata["group"] == group:
+                section.add_argument(f"--{f.name}", metavar=_type_name(f.name),
+                                     help=f"{f.metadata['help']} (default: {_yaml_value(defaults[f.name])})")
+    return parser
+
+
 def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
     """Command line -> TrainConfig: sections merged left to right, then the overrides."""
-    args, rest = build_parser().parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        build_parser().parse_args(["--help"])  # prints the grouped keys and exits
+    args, rest = _launch_parser(add_help=False).parse_known_args(argv)
     merged: dict = {}
     for name in args.configs:
         merged.update(load_section(name))

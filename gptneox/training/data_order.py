@@ -13,6 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from gptneox.training.config import TrainConfigError
+
 
 @lru_cache(maxsize=2)
 def _permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -30,7 +32,7 @@ class DataOrder:
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set has {self.num_samples} samples, fewer than one global batch "
+            raise TrainConfigError(f"the training set has {self.num_samples} samples, fewer than one global batch "
                              f"of {self.global_batch_size} (per_device_train_batch_size x "
                              f"gradient_accumulation_steps x world size)")
 

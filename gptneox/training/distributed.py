@@ -1,12 +1,12 @@
-"""Process-group setup that works under the deepspeed launcher, torchrun, or a plain `python train.py`."""
+"""Process-group setup that works under the deepspeed launcher, torchrun, or a plain `python train.py`, and
+the collectives the loop's parts share, which are no-ops in a single process without a process group."""
 from __future__ import annotations
 
 import os
 import socket
 
-import deepspeed
+import torch
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -26,6 +26,9 @@ def single_process_environment() -> dict[str, str]:
 def init_distributed() -> tuple[int, int]:
     """(rank, world size), initialising torch.distributed through DeepSpeed if not yet done, with this
     process's accelerator selected by LOCAL_RANK."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         for key, value in single_process_environment().items():
             os.environ.setdefault(key, value)
@@ -37,3 +40,24 @@ def init_distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         deepspeed.init_distributed()
     return dist.get_rank(), dist.get_world_size()
+
+
+def is_distributed() -> bool:
+    """True when a process group exists (even of one rank)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In place over all ranks when there are several; the tensor itself otherwise."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor

@@ -14,10 +14,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from gptneox.errors import UserError
 from gptneox.training.config import TrainConfig
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(UserError, ValueError):
     """An unresolved or contradictory ds_config value; the message names the key and both values."""
 
 

@@ -15,8 +15,9 @@ from tokenizers import Tokenizer
 
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.data import load_tokenizer, save_tokenizer
+from gptneox.dtypes import dtype_name, torch_dtype
+from gptneox.errors import MissingFileError
 from gptneox.training.checkpoint import CheckpointManager
-from gptneox.training.config import TORCH_DTYPES
 
 MODEL_SUBDIR = "model"
 
@@ -37,14 +38,12 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     metadata = checkpoint_dir / MODEL_SUBDIR
     if not (metadata / "config.json").is_file():
-        raise FileNotFoundError(f"{metadata / 'config.json'} not found: {checkpoint_dir} is not a checkpoint "
+        raise MissingFileError(f"{metadata / 'config.json'} not found: {checkpoint_dir} is not a checkpoint "
                                 "directory written by train.py")
     tag = tag or CheckpointManager(checkpoint_dir, keep=None, rank=0).latest_tag()
     if tag is None or not (checkpoint_dir / tag).is_dir():
-        raise FileNotFoundError(f"{checkpoint_dir}: no complete checkpoint {tag or ''} to export")
-    dtype = dtype or json.loads((metadata / "training.json").read_text())["dtype"]
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(TORCH_DTYPES)}")
+        raise MissingFileError(f"{checkpoint_dir}: no complete checkpoint {tag or ''} to export")
+    dtype = dtype_name(dtype or json.loads((metadata / "training.json").read_text())["dtype"])
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     config = GPTNeoXConfig.from_hf(metadata)
     with torch.device("meta"):  # no random fp32 initialisation: the checkpoint's tensors become the weights
@@ -53,8 +52,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     if missing or unexpected:
         raise RuntimeError(f"{checkpoint_dir / tag}: weights do not match {metadata / 'config.json'} "
                            f"(missing {missing}, unexpected {unexpected})")
-    if config.tie_word_embeddings:  # assign gave the two names separate Parameters
-        model.embed_out.weight = model.gpt_neox.embed_in.weight
-    model.to(TORCH_DTYPES[dtype]).save_pretrained(output_dir, max_shard_size=max_shard_size)
+    model.tie_weights()  # assign gave the two names separate Parameters
+    model.to(torch_dtype(dtype)).save_pretrained(output_dir, max_shard_size=max_shard_size)
     save_tokenizer(load_tokenizer(metadata), output_dir)
     return output_dir

@@ -1,17 +1,25 @@
-"""Per-step metrics: a JSONL file (the record), TensorBoard when installed, a tqdm bar on rank 0; and the
-pieces of an honest MFU figure (accelerator peak, memory high-water mark).
+"""Per-step metrics: a JSONL file (the record), TensorBoard when installed, a tqdm bar on rank 0; the rates
+of a step (tokens/s, MFU) computed from what the step reports; the accelerator peak that MFU divides by;
+and reading a run's metrics.jsonl back (the demo, the plot).
 """
 from __future__ import annotations
 
 import json
-import resource
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
-from gptneox.training.config import TORCH_DTYPES
+from gptneox.dtypes import torch_dtype
+from gptneox.errors import UserError
+from gptneox.memory import peak_memory_mib
+
+if TYPE_CHECKING:
+    from gptneox.training.step import StepResult
+
+EVAL_PREFIX = "eval_"
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets: (16-bit tensor core, fp32 without TF32).
 GPU_PEAK_TFLOPS = {
@@ -33,8 +41,8 @@ def matmul_peak_tflops(device: str = "cpu", dtype: str = "fp32", sizes=(2048,), 
     synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     best = 0.0
     for n in sizes:
-        a = torch.randn(n, n, device=device).to(TORCH_DTYPES[dtype])
-        b = torch.randn(n, n, device=device).to(TORCH_DTYPES[dtype])
+        a = torch.randn(n, n, device=device).to(torch_dtype(dtype))
+        b = torch.randn(n, n, device=device).to(torch_dtype(dtype))
         a @ b  # warm-up: thread pool, kernel selection, caches
         for _ in range(repeats):
             synchronize()
@@ -58,11 +66,23 @@ def peak_tflops(dtype: str, configured: float | None) -> tuple[float, str]:
     return matmul_peak_tflops(), "measured fp32 matmul peak of this CPU"
 
 
-def peak_memory_gb() -> float:
-    """CUDA max allocated, or on CPU the process's resident-set high-water mark."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+class MetricsError(UserError, ValueError):
+    """A metrics.jsonl that cannot be read, or holds nothing to show."""
+
+
+def eval_key(dataset: str, metric: str) -> str:
+    """The record key of an evaluation figure: eval_NAME_loss, eval_NAME_accuracy."""
+    return f"{EVAL_PREFIX}{dataset}_{metric}"
+
+
+def eval_loss_keys(records: list[dict]) -> list[str]:
+    """The evaluation-loss keys present in any record, sorted."""
+    return sorted({k for r in records for k in r if k.startswith(EVAL_PREFIX) and k.endswith("_loss")})
+
+
+def eval_dataset(key: str) -> str:
+    """The evaluation set an eval_NAME_METRIC key is about (NAME may itself hold underscores)."""
+    return key[len(EVAL_PREFIX):].rpartition("_")[0]
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -73,7 +93,7 @@ def read_metrics(path: str | Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not a JSON line ({err})") from None
+            raise MetricsError(f"{path}:{number}: not a JSON line ({err})") from None
     return records
 
 
@@ -83,11 +103,15 @@ def last_per_step(records: list[dict]) -> list[dict]:
 
 
 class MetricsLogger:
-    """Writes one JSON object per call to OUTPUT_DIR/metrics.jsonl (rank 0 only) and mirrors it elsewhere."""
+    """Writes one JSON object per call to OUTPUT_DIR/metrics.jsonl (rank 0 only) and mirrors it elsewhere.
+
+    `peak_tflops` (per device) and `world_size` turn a step's FLOPs into MFU (no MFU when the peak is 0);
+    `show_every` steps refresh the progress bar."""
 
     def __init__(self, output_dir: str | Path, tensorboard_dir: str | Path, total_steps: int, initial_step: int,
-                 enabled: bool):
+                 enabled: bool, *, peak_tflops: float = 0.0, world_size: int = 1, show_every: int = 1):
         self.enabled = enabled
+        self.peak_tflops, self.world_size, self.show_every = peak_tflops, world_size, show_every
         self.path = Path(output_dir) / "metrics.jsonl"
         self.writer = None
         self.bar = None
@@ -116,6 +140,23 @@ class MetricsLogger:
         if show:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()
                                   if k in ("loss", "lr", "grad_norm", "mfu")})
+
+    def step_record(self, result: StepResult, seconds: float, epoch: float) -> dict:
+        """The figures of one optimizer step that took `seconds` (batch preparation included)."""
+        peak = self.peak_tflops * 1e12 * self.world_size
+        return {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "loss_scale": result.loss_scale,
+                "skipped_steps": result.skipped_steps, "epoch": epoch,
+                "tokens_per_s": result.tokens / seconds, "trained_tokens_per_s": result.trained_tokens / seconds,
+                "mfu": result.flops / seconds / peak if peak else None,
+                "peak_memory_gb": peak_memory_mib() / 1024}
+
+    def log_step(self, step: int, result: StepResult, seconds: float, epoch: float) -> None:
+        self.log(step, self.step_record(result, seconds, epoch), advance=True, show=step % self.show_every == 0)
+
+    def log_eval(self, step: int, results: dict[str, float]) -> None:
+        if results:
+            self.log(step, results, show=False)
+            self.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
 
     def write(self, message: str) -> None:
         """A line of text that does not break the progress bar."""

@@ -3,7 +3,6 @@ attention backend, gradient checkpointing, and the two weight-decay parameter gr
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -14,7 +13,9 @@ from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.attention import AttentionBackendError, check_backend
 from gptneox.config import PRESETS
 from gptneox.data import load_tokenizer
-from gptneox.training.config import TORCH_DTYPES, TrainConfig, TrainConfigError
+from gptneox.dtypes import torch_dtype
+from gptneox.sizes import round_up
+from gptneox.training.config import TrainConfig, TrainConfigError
 
 VOCAB_MULTIPLE = 16
 
@@ -38,10 +39,11 @@ def find_model_dir(model_name: str, cache_dir: str) -> Path | None:
         f"or pass --model_name /path/to/dir")
 
 
-def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]:
-    """Model, its tokenizer, and a line for the log. Pretrained weights load straight in the training dtype
-    and onto this rank's device, so a 7B model costs each rank one 16-bit copy rather than an fp32 one in
-    host memory (DeepSpeed keeps its own fp32 master copy in the optimizer)."""
+def build_training_model(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]:
+    """The model to train, its tokenizer, and a line for the log. (Chat and the reports load an exported
+    directory with gptneox.chat.load_model_and_tokenizer instead.) Pretrained weights load straight in the
+    training dtype and onto this rank's device, so a 7B model costs each rank one 16-bit copy rather than an
+    fp32 one in host memory (DeepSpeed keeps its own fp32 master copy in the optimizer)."""
     model_dir = find_model_dir(cfg.model_name, cfg.cache_dir)
     tokenizer_source = cfg.tokenizer_path or model_dir
     if tokenizer_source is None:
@@ -52,9 +54,9 @@ def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]
         origin = f"preset {cfg.model_name!r}, random init"
     else:
         device = get_accelerator().current_device_name()
-        model = GPTNeoX.from_pretrained(model_dir, dtype=TORCH_DTYPES[cfg.dtype], device=device)
+        model = GPTNeoX.from_pretrained(model_dir, dtype=torch_dtype(cfg.dtype), device=device)
         origin = str(model_dir)
-    rows = math.ceil(tokenizer.get_vocab_size() / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    rows = round_up(tokenizer.get_vocab_size(), VOCAB_MULTIPLE)
     if rows > model.config.vocab_size:  # never shrink: StableLM's 50432 rows stay
         model.resize_token_embeddings(rows)
     model.gradient_checkpointing = cfg.gradient_checkpointing
@@ -65,11 +67,12 @@ def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]
 
 def choose_attention_backend(cfg: TrainConfig, device_type: str) -> tuple[str, str]:
     """(backend, the kernels it uses), checked against the device and dtype from the config alone, so that a
-    backend that cannot run here stops the run before any weight is read (train.py calls this first)."""
+    backend that cannot run here stops the run before any weight is read (gptneox.train calls this first)."""
     backend = cfg.attention_backend or ("flash" if cfg.use_flash_attention else "sdpa")
-    key = f"attention_backend={backend!r}" if cfg.attention_backend else f"use_flash_attention={cfg.use_flash_attention}"
+    key = (f"attention_backend={backend!r}" if cfg.attention_backend
+           else f"use_flash_attention={cfg.use_flash_attention}")
     try:
-        return backend, check_backend(backend, device_type, TORCH_DTYPES[cfg.dtype], training=True)
+        return backend, check_backend(backend, device_type, torch_dtype(cfg.dtype), training=True)
     except AttentionBackendError as err:
         without = ("; or train without it: --use_flash_attention false (PyTorch SDPA) or --attention_backend flex"
                    if backend == "flash" else "")

@@ -1,4 +1,4 @@
-"""One optimizer step and one evaluation pass over a DeepSpeed engine.
+"""One optimizer step over a DeepSpeed engine, and what it reports.
 
 The loss of a step is the mean over every trained token of the step, on all micro-batches and ranks, even
 when micro-batches hold different numbers of trained tokens. DeepSpeed divides each micro-batch loss by
@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from gptneox.flops import batch_training_flops
 from gptneox.training import loss as losses
+from gptneox.training.distributed import all_reduce, world_size
+
 
 @dataclass
 class StepResult:
@@ -24,13 +25,14 @@ class StepResult:
     tokens: int                # non-padding tokens, all ranks
     flops: float               # model FLOPs of the step's useful work, all ranks (gptneox.flops)
     skipped: bool              # fp16 overflow: no update, the schedule did not advance
+    lr: float                  # the learning rate this update used
+    grad_norm: float | None    # global gradient norm before clipping (None when DeepSpeed has none)
+    loss_scale: float          # the fp16 loss scale after the step; 1.0 without fp16
+    skipped_steps: int         # steps skipped for overflow since the start of training
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
+    return all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
@@ -38,8 +40,9 @@ def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
     if len(micro_batches) != engine.gradient_accumulation_steps():
         raise ValueError(f"{len(micro_batches)} micro-batches for gradient_accumulation_steps="
                          f"{engine.gradient_accumulation_steps()}")
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     device = engine.device
+    lr = engine.get_lr()[0]  # the rate this update uses; the scheduler steps inside engine.step()
     # FLOPs before the move to the device: packed rows count each segment with .tolist(), a sync on a GPU
     flops = sum(batch_training_flops(engine.module.config, b) for b in micro_batches if b["input_ids"].numel())
     micro_batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
@@ -63,26 +66,9 @@ def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
         engine.step()
         loss_sum += total.detach().double()
     (global_loss_sum,) = all_reduce_sum([loss_sum.item()], device)
+    grad_norm = engine.get_global_grad_norm()
     return StepResult(loss=global_loss_sum / max(trained, 1.0), trained_tokens=int(trained), tokens=int(tokens),
-                      flops=flops, skipped=engine.skipped_steps > skipped_before)
-
-
-@torch.no_grad()
-def evaluate(engine: Any, batches: list[dict]) -> tuple[float, float]:
-    """(masked loss, token accuracy) over this rank's `batches`, summed over all ranks. Collective."""
-    was_training = engine.module.training
-    engine.eval()
-    loss_sum = correct = count = 0.0
-    for batch in batches:
-        if batch["input_ids"].numel() == 0:
-            continue
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
-        hidden = engine(batch["input_ids"], return_hidden=True, **losses.model_inputs(batch))
-        total, right, n = losses.masked_loss_and_correct(hidden, engine.module.output_embedding, batch["targets"],
-                                                         batch["loss_mask"])
-        loss_sum += total
-        count += n
-        correct += right
-    engine.train(was_training)
-    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], engine.device)
-    return loss_sum / max(count, 1.0), correct / max(count, 1.0)
+                      flops=flops, skipped=engine.skipped_steps > skipped_before, lr=lr,
+                      grad_norm=None if grad_norm is None else float(grad_norm),
+                      loss_scale=float(engine.optimizer.cur_scale) if engine.fp16_enabled() else 1.0,
+                      skipped_steps=engine.skipped_steps)

@@ -6,6 +6,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from gptneox.training.distributed import all_reduce
+
 
 class StopRequest:
     """Installs handlers for SIGTERM and SIGINT that only raise a flag; a second signal is not special."""
@@ -20,9 +22,7 @@ class StopRequest:
     def agreed(self, device: torch.device) -> bool:
         """True on every rank when any rank was signalled (a collective: call it on all ranks together)."""
         flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(all_reduce(flag, op=dist.ReduceOp.MAX).item())
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

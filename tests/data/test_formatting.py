@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings, strategies as st
 from gptneox.data import SPECIAL_TOKENS, ConversationError, format_prompt, load_tokenizer, normalize_conversation
 from gptneox.data.formatting import ConversationTokenizer
 
-TOKENIZER = load_tokenizer(Path(__file__).resolve().parents[1] / "data" / "sample" / "tokenizer.json")
+TOKENIZER = load_tokenizer(Path(__file__).resolve().parents[2] / "data" / "sample" / "tokenizer.json")
 
 
 def test_training_text_matches_the_reference_format():

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from gptneox.data import ConversationError, DialogueCollator, load_tokenizer
 from gptneox.data.formatting import ConversationTokenizer
 
-TOKENIZER = load_tokenizer(Path(__file__).resolve().parents[1] / "data" / "sample" / "tokenizer.json")
+TOKENIZER = load_tokenizer(Path(__file__).resolve().parents[2] / "data" / "sample" / "tokenizer.json")
 EOS, PAD = TOKENIZER.token_to_id("<|endoftext|>"), TOKENIZER.token_to_id("<|padding|>")
 ROLE_IDS = {TOKENIZER.token_to_id(t) for t in ("<|prompter|>", "<|assistant|>", "<|system|>")}
 

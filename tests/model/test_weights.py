@@ -10,9 +10,9 @@ from gptneox import GPTNeoX
 from gptneox import weights
 from gptneox.weights import CheckpointError, parse_size
 
-from conftest import run_python
+from tests.helpers import run_python
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def same_parameters(a: GPTNeoX, b: GPTNeoX) -> bool:

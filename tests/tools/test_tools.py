@@ -8,7 +8,7 @@ import pytest
 
 from gptneox.training.metrics import last_per_step
 
-from conftest import REPO, run_python
+from tests.helpers import REPO, run_python
 
 SCRIPTS = sorted(str(p.relative_to(REPO)) for p in [*(REPO / "tools").glob("*.py"), *(REPO / "bench").glob("*.py")])
 
@@ -51,6 +51,7 @@ def test_export_hf_names_a_directory_that_is_not_a_checkpoint(tmp_path):
     assert done.returncode == 2 and "is not a checkpoint directory written by train.py" in done.stderr
 
 
+@pytest.mark.slow
 def test_demo_trains_exports_and_answers(tmp_path):
     """The `make demo` pipeline, one epoch instead of the default sixteen."""
     done = run_python("tools/demo.py", "--output_dir", str(tmp_path / "demo"), "--epochs", "1",

@@ -10,7 +10,7 @@ import yaml
 from gptneox.data import DataError, build_datasets
 from gptneox.data.datasets import parse_entry
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def section(name):

@@ -2,7 +2,6 @@
 exact token-mean loss under uneven accumulation, gradient checkpointing, resume, export, fp16 overflow."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,12 +21,13 @@ from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.data import DialogueCollator, load_tokenizer
 from gptneox.training import loss as losses
 from gptneox.training.checkpoint import POINTER, CheckpointManager, tag_for
+from gptneox.train import main as train_main
 from gptneox.training.distributed import free_port, init_distributed
 from gptneox.training.export import export_checkpoint, write_model_metadata
-from gptneox.training import step as step_module
+from gptneox.training import loop
 from gptneox.training.step import train_step
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample"
 SAMPLE_DATASETS = [
     {"code_alpaca": {"input_file_path": str(SAMPLE / "code_alpaca_sample.jsonl"), "val_split": 0.2}},
@@ -35,13 +35,6 @@ SAMPLE_DATASETS = [
     {"vicuna": {"input_file_path": str(SAMPLE / "vicuna_sample.json"), "val_split": 0.2}},
     {"oasst_export": {"input_file_path": str(SAMPLE / "oasst_sample.jsonl.gz"), "lang": "en,de"}},
 ]
-
-
-def load_train_script():
-    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +52,7 @@ def run_train(workspace, output_dir, *extra) -> int:
     argv = ["--configs", "defaults", "tiny", str(root / "mix.yaml"), "--tokenizer_path", str(tokenizer),
             "--output_dir", str(output_dir), "--max_length", "64", "--per_device_train_batch_size", "2",
             "--gradient_accumulation_steps", "2", "--eval_size", "4", *extra]
-    return load_train_script().main(argv)
+    return train_main(argv)
 
 
 def read_metrics(output_dir) -> list[dict]:
@@ -136,6 +129,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 # ------------------------------------------------------------------ resume and export
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_and_export_loads_in_transformers(workspace, tmp_path, capsys):
     straight = tmp_path / "straight"
     assert run_train(workspace, straight, "--max_steps", "8", "--save_steps", "4", "--eval_steps", "4",
@@ -181,7 +175,7 @@ def test_export_keeps_tied_embeddings_tied(workspace, tmp_path):
     model = GPTNeoX(GPTNeoXConfig.from_name("tiny", tie_word_embeddings=True))
     engine = _sgd_engine(model, gas=1, micro=1)
     write_model_metadata(tmp_path / "checkpoints", model.config, load_tokenizer(workspace[1]), "fp32")
-    CheckpointManager(tmp_path / "checkpoints", keep=None, rank=0).save(engine, tag_for(0), {})
+    CheckpointManager(tmp_path / "checkpoints", keep=None, rank=0).write(engine, tag_for(0), {})
     export_checkpoint(tmp_path / "checkpoints", tmp_path / "out")
     exported = GPTNeoX.from_pretrained(tmp_path / "out")
     assert exported.embed_out.weight is exported.gpt_neox.embed_in.weight
@@ -190,10 +184,11 @@ def test_export_keeps_tied_embeddings_tied(workspace, tmp_path):
         torch.testing.assert_close(exported.eval()(ids), engine.module.eval()(ids))
 
 
+@pytest.mark.slow
 def test_a_stop_skips_evaluation_and_saves_each_step_once(workspace, tmp_path, monkeypatch, capsys):
     """SIGTERM during step 3 (an evaluation and save step): no evaluation, one save; with save_strategy steps
     the epoch ends (every 2 steps of these 8 conversations) are not saved."""
-    real_step, saved = step_module.train_step, []
+    real_step, saved = loop.train_step, []
 
     def signalled_at_step_3(engine, micro_batches):
         result = real_step(engine, micro_batches)
@@ -203,11 +198,11 @@ def test_a_stop_skips_evaluation_and_saves_each_step_once(workspace, tmp_path, m
 
     def recording(manager, engine, tag, client_state):
         saved.append(tag)
-        return real_save(manager, engine, tag, client_state)
+        return real_write(manager, engine, tag, client_state)
 
-    real_save = CheckpointManager.save
-    monkeypatch.setattr(step_module, "train_step", signalled_at_step_3)
-    monkeypatch.setattr(CheckpointManager, "save", recording)
+    real_write = CheckpointManager.write
+    monkeypatch.setattr(loop, "train_step", signalled_at_step_3)
+    monkeypatch.setattr(CheckpointManager, "write", recording)
     small = json.dumps([{"vicuna": {"input_file_path": str(SAMPLE / "vicuna_sample.json"), "val_split": 0.8}}])
     out = tmp_path / "stopped"
     assert run_train(workspace, out, "--datasets", small, "--max_steps", "6", "--eval_steps", "3",
@@ -232,6 +227,7 @@ def fp16_on_cpu(monkeypatch):
     monkeypatch.setattr(losses, "masked_cross_entropy_from_hidden", overflowing)
 
 
+@pytest.mark.slow
 def test_fp16_overflow_skips_steps_then_stops_after_saving(workspace, tmp_path, fp16_on_cpu, capsys):
     out = tmp_path / "overflow"
     assert run_train(workspace, out, "--dtype", "fp16", "--max_steps", "10", "--max_consecutive_skipped_steps",
@@ -247,6 +243,7 @@ def test_fp16_overflow_skips_steps_then_stops_after_saving(workspace, tmp_path, 
     assert state["skipped_steps"] == 3
 
 
+@pytest.mark.slow
 def test_fp16_deepspeed_minimum_scale_error_is_handled(workspace, tmp_path, fp16_on_cpu, capsys):
     ds_config = json.loads((REPO / "ds_config.json").read_text())
     ds_config["fp16"].update(initial_scale_power=1, hysteresis=1)
@@ -266,6 +263,7 @@ def _script_argv(workspace, output_dir, *extra) -> list[str]:
             "--output_dir", str(output_dir), "--max_length", "64", "--eval_size", "4", *extra]
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_losses_of_one_rank_with_the_same_global_batch(workspace, tmp_path):
     common = ["--max_steps", "4", "--gradient_accumulation_steps", "2",  # random windows on: keyed by sample
               "--eval_steps", "4"]
@@ -288,6 +286,7 @@ def test_two_ranks_give_the_losses_of_one_rank_with_the_same_global_batch(worksp
     assert json.loads((two / "ds_config.resolved.json").read_text())["train_batch_size"] == 4
 
 
+@pytest.mark.slow
 def test_a_rank_whose_micro_batch_was_all_dropped_stays_in_step_with_the_others(tmp_path):
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     run = subprocess.run(launcher + [str(REPO / "tests" / "scripts" / "empty_micro_batch.py"), str(tmp_path)],
@@ -298,6 +297,7 @@ def test_a_rank_whose_micro_batch_was_all_dropped_stays_in_step_with_the_others(
     assert rank0 == rank1  # same losses, same weights
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_a_step_boundary_and_exits_cleanly(workspace, tmp_path):
     out = tmp_path / "signalled"
     # without the launch variables this (in-process, world 1) test process has set: train.py picks its own
@@ -325,9 +325,14 @@ def test_sigterm_saves_at_a_step_boundary_and_exits_cleanly(workspace, tmp_path)
     assert not (out / "model.safetensors").exists()  # stopped, not finished: no final export
 
 
+@pytest.mark.slow
 def test_help_and_a_bad_config_fail_fast():
     help_run = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert help_run.returncode == 0 and "always drives DeepSpeed" in help_run.stdout
+    module_help = subprocess.run([sys.executable, "-m", "gptneox.train", "--help"], cwd=REPO, capture_output=True,
+                                 text=True)
+    usage = help_run.stdout[help_run.stdout.index("usage:"):]  # after DeepSpeed's accelerator warning
+    assert module_help.stdout[module_help.stdout.index("usage:"):] == usage
     bad = subprocess.run([sys.executable, "train.py", "--configs", "defaults", "tiny", "--warmup_step", "3"],
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean 'warmup_steps'" in bad.stderr
@@ -346,6 +351,7 @@ def test_help_and_a_bad_config_fail_fast():
     assert "training conversations" not in flash_fp32.stdout  # before the datasets and weights were read
 
 
+@pytest.mark.slow
 def test_packed_rows_give_the_loss_of_padded_rows(workspace, tmp_path, monkeypatch):
     common = ["--max_steps", "1", "--max_length", "256", "--eval_steps", "100"]
     assert run_train(workspace, tmp_path / "padded", *common) == 0

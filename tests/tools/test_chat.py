@@ -14,7 +14,7 @@ from gptneox.data import format_prompt, load_tokenizer, save_tokenizer
 
 from gptneox.chat import ChatSession, TextStream, load_model_and_tokenizer
 
-from conftest import REPO, run_python
+from tests.helpers import REPO, run_python
 
 CHAT = REPO / "tools" / "chat.py"
 REPORT = REPO / "tools" / "sampling_report.py"
@@ -85,7 +85,7 @@ def test_oldest_turns_are_dropped_to_fit_the_context(model_dir):
 def test_too_long_prompt_is_a_clear_error(model_dir):
     long_message = "word " * 150
     result = run_python(CHAT, "--model", str(model_dir), "--prompt", long_message)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "the prompt is" in result.stderr and "context is 128 tokens" in result.stderr
     # interactively the message is refused, the history kept, and the chat goes on
@@ -106,13 +106,13 @@ def test_model_directory_without_tokenizer_is_a_clear_error(model_dir, tmp_path)
     for name in ("config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((model_dir / name).read_bytes())
     result = run_python(CHAT, "--model", str(tmp_path), "--prompt", "hi")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{tmp_path / 'tokenizer.json'}: tokenizer not found" in result.stderr
 
 
 def test_bad_sampling_flag_is_a_clear_error(model_dir):
     result = run_python(CHAT, "--model", str(model_dir), "--prompt", "hi", "--temperature", "0")
-    assert result.returncode == 1 and "temperature must be > 0" in result.stderr
+    assert result.returncode == 2 and "temperature must be > 0" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -123,8 +123,8 @@ def test_unusable_device_is_a_clear_error(model_dir, tmp_path):
     for script, args in ((CHAT, ("--prompt", "hi", "--seed", "1")),
                          (REPORT, ("--prompts", str(prompts), "--output", str(tmp_path / "r.json")))):
         result = run_python(script, "--model", str(model_dir), "--device", device, *args)
-        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-        assert f"{script.name}: error: --device {device}: " in result.stderr
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"{script.name}: error: device {device}: " in result.stderr
 
 
 def test_stream_releases_only_complete_characters(model_dir):
@@ -174,5 +174,5 @@ def test_sampling_report_names_a_bad_prompt_line(model_dir, tmp_path):
     prompts.write_text('{"prompt": "fine"}\n{"text": "no prompt key"}\n')
     result = run_python(REPORT, "--model", str(model_dir), "--prompts", str(prompts),
                       "--output", str(tmp_path / "r.json"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{prompts}:2" in result.stderr and '"prompt"' in result.stderr

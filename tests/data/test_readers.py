@@ -14,7 +14,7 @@ from gptneox.data.datasets import read_units
 from gptneox.data.readers import BadRecords, DataError, read_records
 from gptneox.data.sources import code_alpaca, dolly15k, oasst_export, vicuna
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 
 
 def flat(units):

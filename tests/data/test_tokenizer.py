@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from gptneox.data import CHAT_TOKENS, SPECIAL_TOKENS, load_tokenizer, save_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_TOKENIZER = ROOT / "data" / "sample" / "tokenizer.json"
 
 

@@ -1,0 +1,43 @@
+"""The `train.py` command: parse the config, start the process group, run the loop.
+
+    deepspeed train.py --configs defaults stablelm-7b oasst-mix --cache_dir DATA --output_dir OUT --deepspeed
+    deepspeed --module gptneox.train --configs ...              # the same, from an installed package
+    python -m gptneox.train --configs defaults tiny sample-mix  # one process, no launcher
+
+Exit status: 0 done or stopped by a signal (after saving), 2 a user error (one line), 3 training could not
+go on (fp16 overflow; a checkpoint was saved). Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+
+from deepspeed.accelerator import get_accelerator
+
+from gptneox.errors import UserError, report_user_error
+from gptneox.training.config import parse_train_config
+from gptneox.training.determinism import use_deterministic_algorithms
+from gptneox.training.distributed import init_distributed
+from gptneox.training.loop import TrainingStopped, train
+from gptneox.training.model_setup import choose_attention_backend, find_model_dir
+
+PROG = "train.py"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_train_config(argv)
+        find_model_dir(cfg.model_name, cfg.cache_dir)  # a missing model fails before DeepSpeed starts
+        choose_attention_backend(cfg, get_accelerator().device_name())  # so does an unusable attention backend
+        use_deterministic_algorithms(cfg.deterministic)
+        rank, world = init_distributed()
+        train(cfg, rank, world)
+    except UserError as err:
+        return report_user_error(PROG, err)
+    except TrainingStopped as err:
+        print(f"{PROG}: stopped: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

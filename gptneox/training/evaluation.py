@@ -1,0 +1,72 @@
+"""Evaluation during training: the evaluation sets, their collator, each rank's share, and when to run.
+
+Evaluation batches are collated deterministically (no random windows, no rounding of the row width), so
+every evaluation of a run sees the same tokens. Each rank takes every world-th batch; the sums are
+all-reduced, so the figures do not depend on the number of ranks.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from tokenizers import Tokenizer
+
+from gptneox.data import DialogueCollator
+from gptneox.training import loss as losses
+from gptneox.training.distributed import all_reduce
+from gptneox.training.metrics import eval_key
+from gptneox.training.stop import StopRequest
+
+
+@torch.no_grad()
+def evaluate(engine: Any, batches: Iterable[dict]) -> tuple[float, float]:
+    """(masked loss, token accuracy) over this rank's `batches`, summed over all ranks. Collective."""
+    was_training = engine.module.training
+    engine.eval()
+    loss_sum = correct = count = 0.0
+    for batch in batches:
+        if batch["input_ids"].numel() == 0:
+            continue
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        hidden = engine(batch["input_ids"], return_hidden=True, **losses.model_inputs(batch))
+        total, right, n = losses.masked_loss_and_correct(hidden, engine.module.output_embedding, batch["targets"],
+                                                         batch["loss_mask"])
+        loss_sum += total
+        count += n
+        correct += right
+    engine.train(was_training)
+    sums = all_reduce(torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=engine.device))
+    loss_sum, correct, count = sums.tolist()
+    return loss_sum / max(count, 1.0), correct / max(count, 1.0)
+
+
+class Evaluator:
+    """Runs every `every` optimizer steps, and once more at the end unless the last step just did."""
+
+    def __init__(self, eval_sets: dict[str, list], tokenizer: Tokenizer, *, max_length: int, batch_size: int,
+                 every: int, rank: int, world: int, size: int | None = None):
+        """`size` keeps only the first samples of every set (None: all)."""
+        self.eval_sets = {name: samples[:size] if size else samples for name, samples in eval_sets.items()}
+        self.collate = DialogueCollator(tokenizer, max_length=max_length, random_offset_probability=0.0,
+                                        pad_to_multiple_of=None)
+        self.batch_size, self.every, self.rank, self.world = batch_size, every, rank, world
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def my_batches(self, samples: list) -> list[list]:
+        """This rank's batches of one set: batch i goes to rank i mod world."""
+        size = self.batch_size
+        return [samples[i:i + size] for i in range(self.rank * size, len(samples), self.world * size)]
+
+    def run(self, engine: Any, stop: StopRequest) -> dict[str, float]:
+        """{eval_NAME_loss, eval_NAME_accuracy} of every set; nothing once a stop is requested: the launcher
+        kills the job soon after its SIGTERM (DeepSpeed's after about 30 s), and the checkpoint comes first.
+        Collective, like stop.agreed."""
+        if stop.agreed(engine.device):
+            return {}
+        results = {}
+        for name, samples in self.eval_sets.items():
+            loss, accuracy = evaluate(engine, (self.collate(batch) for batch in self.my_batches(samples)))
+            results.update({eval_key(name, "loss"): loss, eval_key(name, "accuracy"): accuracy})
+        return results

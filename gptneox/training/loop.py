@@ -1,0 +1,166 @@
+"""The training loop: `prepare` sets up the parts of gptneox.training, `train` runs one optimizer step per
+iteration until the last step (then exports) or a stop request (then saves and returns).
+
+Each part decides its own "when" and "what": the checkpoint manager whether a step saves and what a
+resume must match (TrainState), the evaluator whether a step evaluates and on what, the metrics logger
+what a step's figures are. The loop only calls them in order.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from gptneox.data import DialogueCollator
+from gptneox.data.datasets import build_datasets
+from gptneox.training.checkpoint import CheckpointManager, TrainState
+from gptneox.training.config import TrainConfig
+from gptneox.training.data_order import DataOrder
+from gptneox.training.distributed import barrier
+from gptneox.training.ds_config import load_ds_config, resolve_ds_config
+from gptneox.training.evaluation import Evaluator
+from gptneox.training.export import export_checkpoint, write_model_metadata
+from gptneox.training.metrics import MetricsLogger, peak_tflops
+from gptneox.training.model_setup import build_training_model, parameter_groups
+from gptneox.training.step import train_step
+from gptneox.training.stop import StopRequest
+
+MIN_SCALE_MESSAGE = "loss scale already at minimum"
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (fp16 overflow at the minimum loss scale); a checkpoint was saved first."""
+
+
+@dataclass
+class Run:
+    """What the loop works with, as `prepare` set it up."""
+
+    cfg: TrainConfig
+    engine: Any
+    train_set: list
+    order: DataOrder
+    collate: DialogueCollator
+    state: TrainState
+    checkpoints: CheckpointManager
+    evaluator: Evaluator
+    metrics: MetricsLogger
+    total_steps: int
+    rank: int
+
+    def micro_batches(self) -> list[dict]:
+        """This rank's collated micro-batches of the step that `state` points at."""
+        epoch, step = self.state.epoch, self.state.step_in_epoch
+        self.collate.set_epoch(epoch)
+        return [self.collate([self.train_set[i] for i in indices], sample_ids=indices)
+                for indices in self.order.micro_batches(epoch, step)]
+
+    def save(self, due_only: bool = False) -> None:
+        """A checkpoint of the current step (only where the save policy says so, with due_only)."""
+        save = self.checkpoints.save_if_due if due_only else self.checkpoints.save
+        path = save(self.engine, self.state)
+        if path is not None:
+            self.metrics.write(f"saved {path}")
+
+    def evaluate(self, stop: StopRequest) -> None:
+        self.metrics.log_eval(self.engine.global_steps, self.evaluator.run(self.engine, stop))
+
+
+def train(cfg: TrainConfig, rank: int, world: int) -> None:
+    run = prepare(cfg, rank, world)
+    engine, state, metrics = run.engine, run.state, run.metrics
+    stop = StopRequest()
+    consecutive_skips = 0
+    try:
+        while engine.global_steps < run.total_steps:
+            state.advance()
+            if stop.agreed(engine.device):
+                run.save()
+                metrics.write(f"{stop.signal_name or 'signal on another rank'}: saved, exiting")
+                return
+            started = time.perf_counter()
+            micro_batches = run.micro_batches()
+            try:
+                result = train_step(engine, micro_batches)
+            except Exception as err:
+                if MIN_SCALE_MESSAGE not in str(err):
+                    raise
+                run.save()
+                raise TrainingStopped(f"fp16 overflow at the minimum loss scale at step {engine.global_steps + 1} "
+                                      f"(DeepSpeed: {err}); checkpoint saved in {run.checkpoints.directory}") from err
+            state.step_in_epoch += 1
+            metrics.log_step(engine.global_steps, result, time.perf_counter() - started, state.progress)
+            consecutive_skips = consecutive_skips + 1 if result.skipped else 0
+            if consecutive_skips >= cfg.max_consecutive_skipped_steps:
+                run.save()
+                raise TrainingStopped(f"{consecutive_skips} optimizer steps in a row skipped for fp16 overflow "
+                                      f"(loss scale {result.loss_scale}); checkpoint saved in "
+                                      f"{run.checkpoints.directory}")
+            if run.evaluator.due(engine.global_steps):
+                run.evaluate(stop)
+            run.save(due_only=True)
+        if not run.evaluator.due(engine.global_steps):
+            run.evaluate(stop)
+        barrier()
+        if rank == 0:
+            export_checkpoint(run.checkpoints.directory, cfg.output_dir)
+            metrics.write(f"exported the final model to {cfg.output_dir}")
+    finally:
+        stop.restore()
+        metrics.close()
+
+
+def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
+    """Data, model, DeepSpeed engine, resume, and the loop's parts; rank 0 writes the run's set-up files."""
+    say = print if rank == 0 else (lambda *a, **k: None)
+    out = Path(cfg.output_dir)
+    checkpoint_dir = out / "checkpoints"
+    # data first: a bad dataset file should fail in seconds, not after loading billions of weights
+    train_set, eval_sets = build_datasets(cfg.datasets, cache_dir=cfg.cache_dir, seed=cfg.rng_seed)
+    torch.manual_seed(cfg.rng_seed)  # the same random init on every rank
+    model, tokenizer, model_line = build_training_model(cfg)
+    say(model_line)
+    evaluator = Evaluator(eval_sets, tokenizer, max_length=cfg.eval_max_length,
+                          batch_size=cfg.per_device_eval_batch_size, every=cfg.eval_steps, rank=rank, world=world,
+                          size=cfg.eval_size)
+    order = DataOrder(len(train_set), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                      world, rank, cfg.rng_seed)
+    total_steps = cfg.max_steps or order.steps_per_epoch * cfg.num_train_epochs
+    say(f"{len(train_set)} training conversations, {order.steps_per_epoch} steps/epoch of "
+        f"{order.global_batch_size}, {total_steps} steps; eval sets: "
+        + ", ".join(f"{k} ({len(v)})" for k, v in evaluator.eval_sets.items()))
+    ds_config, notes = resolve_ds_config(
+        load_ds_config(cfg.deepspeed_config), cfg, world_size=world, hidden_size=model.config.hidden_size,
+        total_num_steps=total_steps, cpu=get_accelerator().device_name() == "cpu")
+    for note in notes:
+        say(note)
+    if rank == 0:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (out / "ds_config.resolved.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        (out / "train_config.yaml").write_text(cfg.to_yaml())
+        write_model_metadata(checkpoint_dir, model.config, tokenizer, cfg.dtype)
+
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.weight_decay),
+                                      config=ds_config)
+    state = TrainState(data_seed=cfg.rng_seed, global_batch_size=order.global_batch_size,
+                       num_samples=len(train_set))
+    checkpoints = CheckpointManager(checkpoint_dir, cfg.save_total_limit, rank, strategy=cfg.save_strategy,
+                                    every=cfg.save_steps, last_step=total_steps)
+    if cfg.resume:
+        tag = checkpoints.resume(engine, state)
+        say(f"resumed from {tag} (epoch {state.epoch}, step {engine.global_steps})" if tag else
+            f"resume: no complete checkpoint in {checkpoint_dir}, starting from scratch")
+    collate = DialogueCollator(tokenizer, max_length=cfg.max_length, pad_to_multiple_of=cfg.pad_to_multiple_of,
+                               random_offset_probability=cfg.random_offset_probability, pack=cfg.pack,
+                               seed=cfg.rng_seed)
+    peak, peak_source = peak_tflops(cfg.dtype, cfg.peak_tflops)
+    say(f"MFU peak: {peak:.3g} TFLOP/s per device ({peak_source})")
+    metrics = MetricsLogger(out, cfg.log_dir or out / "tensorboard", total_steps, engine.global_steps, rank == 0,
+                            peak_tflops=peak, world_size=world, show_every=cfg.logging_steps)
+    return Run(cfg, engine, train_set, order, collate, state, checkpoints, evaluator, metrics, total_steps, rank)

@@ -1,0 +1,36 @@
+"""Every error a user can fix derives from UserError, and commands print it as one line with exit status 2."""
+from __future__ import annotations
+
+import pytest
+
+from gptneox.attention import AttentionBackendError
+from gptneox.chat import ChatError
+from gptneox.config import ConfigError
+from gptneox.data.formatting import ConversationError
+from gptneox.data.readers import DataError
+from gptneox.data.sources import RecordError
+from gptneox.data.tokenizer import TokenizerError
+from gptneox.dtypes import DtypeError, dtype_name
+from gptneox.errors import MissingFileError, UserError, run_command
+from gptneox.generate import GenerationError
+from gptneox.training.checkpoint import CheckpointStateError
+from gptneox.training.config import TrainConfigError
+from gptneox.training.ds_config import DeepSpeedConfigError
+from gptneox.training.metrics import MetricsError
+from gptneox.weights import CheckpointError
+
+
+@pytest.mark.parametrize("error", [ChatError, ConfigError, ConversationError, DataError, RecordError, TokenizerError,
+                                   DtypeError, MissingFileError, GenerationError, CheckpointStateError,
+                                   TrainConfigError, DeepSpeedConfigError, MetricsError, CheckpointError,
+                                   AttentionBackendError])
+def test_every_domain_error_is_a_user_error(error):
+    assert issubclass(error, UserError)
+
+
+def test_a_command_prints_a_user_error_in_one_line_and_lets_a_bug_through(capsys):
+    assert run_command("tool.py", lambda: dtype_name("fp8")) == 2
+    assert capsys.readouterr().err == "tool.py: error: dtype='fp8': expected one of fp32, fp16, bf16, float32, " \
+                                      "float16, bfloat16\n"
+    with pytest.raises(ValueError, match="a bug"):
+        run_command("tool.py", lambda: (_ for _ in ()).throw(ValueError("a bug")))

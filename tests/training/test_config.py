@@ -1,0 +1,71 @@
+"""The training config: sections merged left to right, typed overrides, errors that name the key."""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from gptneox.training.config import TrainConfig, TrainConfigError, parse_train_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_sft7_command_line_merges_left_to_right_and_overrides():
+    cfg = parse_train_config(["--configs", "defaults", "stablelm-7b", "--cache_dir", "DATA", "--output_dir", "OUT",
+                              "--num_train_epochs", "4", "--deepspeed", "--local_rank=0"])
+    assert cfg.model_name == "stabilityai/stablelm-base-alpha-7b"
+    assert (cfg.max_length, cfg.warmup_steps, cfg.gradient_accumulation_steps) == (4096, 100, 2)
+    assert (cfg.learning_rate, cfg.adam_beta2, cfg.adam_epsilon, cfg.max_grad_norm) == (1e-5, 0.95, 1e-12, 2.0)
+    assert (cfg.cache_dir, cfg.output_dir, cfg.num_train_epochs) == ("DATA", "OUT", 4)
+    assert cfg.rng_seed == 0xA1221F97 and cfg.dtype == "fp16" and cfg.gradient_checkpointing
+
+
+def test_overrides_are_typed_like_the_default():
+    cfg = parse_train_config(["--configs", "defaults", "tiny", "--learning_rate", "3e-4", "--max_steps", "7",
+                              "--resume", "--gradient_checkpointing", "false", "--no-save_total_limit",
+                              "--datasets", "[{vicuna: {val_split: 0.1}}]", "--peak_tflops=1e2"])
+    assert cfg.learning_rate == 3e-4 and isinstance(cfg.learning_rate, float)
+    assert cfg.max_steps == 7 and cfg.resume is True and cfg.gradient_checkpointing is False
+    assert cfg.save_total_limit is None and cfg.peak_tflops == 100.0
+    assert cfg.datasets == [{"vicuna": {"val_split": 0.1}}]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--configs", "defaults", "stablelm7b"], "did you mean stablelm-7b"),
+    (["--learnig_rate", "1e-4"], "did you mean 'learning_rate'"),
+    (["--max_length", "long"], "--max_length 'long'"),
+    (["--dtype", "fp8"], "dtype='fp8'"),
+    (["--resume", "maybe"], "--resume 'maybe'"),
+])
+def test_bad_command_lines_name_the_problem(argv, message):
+    with pytest.raises(TrainConfigError, match=message):
+        parse_train_config(argv)
+
+
+def test_unknown_key_in_a_section_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("bad:\n  warmup_step: 10\n")
+    with pytest.raises(TrainConfigError, match=r"bad.yaml: unknown key 'warmup_step'; did you mean 'warmup_steps'"):
+        parse_train_config(["--configs", "defaults", str(bad)])
+
+
+def test_every_shipped_config_loads():
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(paths) >= 8, paths
+    for path in paths:
+        parse_train_config(["--configs", "defaults", path.stem])
+
+
+def test_help_lists_every_key_by_group_with_type_default_and_meaning(capsys):
+    with pytest.raises(SystemExit) as done:
+        parse_train_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert done.value.code == 0
+    groups = ["model keys:", "data keys:", "optimisation keys:", "checkpointing keys:", "logging and evaluation keys:"]
+    assert [text.index(g) for g in groups] == sorted(text.index(g) for g in groups)
+    assert "--dtype fp32|fp16|bf16 training precision" in text and "(default: fp16)" in text
+    assert "--max_steps INT|null stop after this many optimizer steps" in text
+    assert "--datasets YAML-LIST" in text and "--save_strategy steps|epoch" in text
+    for f in fields(TrainConfig):
+        assert f"--{f.name} " in text and f.metadata["help"] in text, f.name

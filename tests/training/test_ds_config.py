@@ -1,0 +1,61 @@
+"""ds_config.json "auto" values resolved from the training config, as the Hugging Face Trainer did."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gptneox.training.config import TrainConfig, parse_train_config
+from gptneox.training.ds_config import DeepSpeedConfigError, load_ds_config, resolve_ds_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _resolve(cfg: TrainConfig, template: dict | None = None, **kwargs):
+    template = template or load_ds_config(REPO / "ds_config.json")
+    args = dict(world_size=4, hidden_size=6144, total_num_steps=1234, cpu=False) | kwargs
+    return resolve_ds_config(template, cfg, **args)
+
+
+def test_seed_ds_config_resolves_like_the_hf_trainer():
+    cfg = parse_train_config(["--configs", "defaults", "stablelm-7b"])
+    original = load_ds_config(REPO / "ds_config.json")
+    resolved, notes = _resolve(cfg, original)
+    assert resolved["train_micro_batch_size_per_gpu"] == 4 and resolved["gradient_accumulation_steps"] == 2
+    assert resolved["train_batch_size"] == 4 * 2 * 4 and resolved["gradient_clipping"] == 2.0
+    assert resolved["optimizer"]["params"] == {"lr": 1e-5, "betas": [0.9, 0.95], "eps": 1e-12, "weight_decay": 0.0}
+    assert resolved["scheduler"]["params"] == {"warmup_min_lr": 0, "warmup_max_lr": 1e-5, "warmup_num_steps": 100,
+                                               "total_num_steps": 1234}
+    assert resolved["fp16"]["enabled"] is True and resolved["bf16"]["enabled"] is False
+    assert resolved["zero_optimization"]["reduce_bucket_size"] == 1e9  # not "auto" in the seed: kept
+    assert "auto" not in json.dumps(resolved)
+    assert original["train_batch_size"] == "auto"  # the template is not modified
+    assert any("logarithmic warmup" in n for n in notes)
+
+
+def test_cpu_gets_torch_adam_and_an_auto_bucket_gets_hidden_squared():
+    template = load_ds_config(REPO / "ds_config.json")
+    template["zero_optimization"]["reduce_bucket_size"] = "auto"
+    resolved, notes = _resolve(TrainConfig(dtype="bf16"), template, cpu=True, hidden_size=64)
+    assert resolved["optimizer"]["params"]["torch_adam"] is True and any("torch_adam" in n for n in notes)
+    assert resolved["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert resolved["bf16"]["enabled"] is True and resolved["fp16"]["enabled"] is False
+
+
+def test_contradicting_value_names_key_and_both_values():
+    template = load_ds_config(REPO / "ds_config.json")
+    template["optimizer"]["params"]["lr"] = 3e-4
+    with pytest.raises(DeepSpeedConfigError, match=r"optimizer.params.lr=0.0003 .* gives 1e-05"):
+        _resolve(TrainConfig(), template)
+    template = load_ds_config(REPO / "ds_config.json")
+    template["gradient_accumulation_steps"] = 1
+    with pytest.raises(DeepSpeedConfigError, match=r"gradient_accumulation_steps=1 .* gives 32"):
+        _resolve(TrainConfig(), template)
+
+
+def test_an_auto_nobody_fills_is_refused():
+    template = load_ds_config(REPO / "ds_config.json")
+    template["zero_optimization"]["allgather_bucket_size"] = "auto"
+    with pytest.raises(DeepSpeedConfigError, match="zero_optimization.allgather_bucket_size"):
+        _resolve(TrainConfig(), template)

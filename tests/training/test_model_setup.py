@@ -1,0 +1,67 @@
+"""From model_name to a model ready for DeepSpeed: local directories, dtype, vocabulary, parameter groups."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptneox import GPTNeoX, GPTNeoXConfig
+from gptneox.data import load_tokenizer, save_tokenizer
+from gptneox.training.config import TrainConfig, TrainConfigError, parse_train_config
+from gptneox.training.model_setup import build_training_model, choose_attention_backend, find_model_dir, parameter_groups
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_hub_id_without_local_files_says_where_to_put_them(tmp_path):
+    with pytest.raises(TrainConfigError, match=r"Nothing is downloaded: put the Hugging Face files .* in "):
+        find_model_dir("stabilityai/stablelm-base-alpha-7b", str(tmp_path))
+    assert find_model_dir("tiny", str(tmp_path)) is None
+    (tmp_path / "org" / "m").mkdir(parents=True)
+    (tmp_path / "org" / "m" / "config.json").write_text("{}")
+    assert find_model_dir("org/m", str(tmp_path)) == tmp_path / "org" / "m"
+
+
+@pytest.mark.parametrize("rows, expected", [(1024, 1552), (2048, 2048)])
+def test_pretrained_directory_loads_in_the_training_dtype_and_only_grows_the_vocabulary(tmp_path, rows, expected):
+    """A local model directory: its weights (distinctive LayerNorms) and its tokenizer (1541 ids) are used,
+    the vocabulary grows to a multiple of 16 that fits the tokenizer, and a larger one is never cut."""
+    pretrained = GPTNeoX(GPTNeoXConfig.from_name("tiny", vocab_size=rows))
+    torch.nn.init.constant_(pretrained.gpt_neox.final_layer_norm.weight, 3.0)
+    pretrained.save_pretrained(tmp_path / "model")
+    save_tokenizer(load_tokenizer(REPO / "data" / "sample" / "tokenizer.json"), tmp_path / "model")
+    for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        cfg = TrainConfig(model_name="model", cache_dir=str(tmp_path), dtype=dtype, gradient_checkpointing=True)
+        model, tokenizer, line = build_training_model(cfg)
+        assert tokenizer.get_vocab_size() == 1541 and str(tmp_path / "model") in line
+        assert model.config.vocab_size == expected and model.output_embedding.shape[0] == expected
+        assert model.output_embedding.dtype == torch_dtype and model.gradient_checkpointing
+        assert torch.all(model.gpt_neox.final_layer_norm.weight == 3.0)
+
+
+def test_weight_decay_spares_biases_and_layernorms():
+    model = GPTNeoX(GPTNeoXConfig.from_name("tiny"))
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all("bias" in names[id(p)] or "norm" in names[id(p)] for p in no_decay["params"])
+    assert all(names[id(p)].endswith("weight") and "norm" not in names[id(p)] for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_attention_backend_is_checked_from_the_config_alone(monkeypatch):
+    cfg = parse_train_config(["--configs", "defaults", "tiny", "--dtype", "fp32"])
+    assert choose_attention_backend(cfg, "cpu") == ("sdpa", "sdpa")
+    cfg = parse_train_config(["--configs", "defaults", "stablelm-7b"])  # fp16 + use_flash_attention: true
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
+    with pytest.raises(TrainConfigError, match="use_flash_attention=True with dtype fp16 on cuda: .*not installed"
+                                               ".*--use_flash_attention false"):
+        choose_attention_backend(cfg, "cuda")
+    cfg = parse_train_config(["--configs", "defaults", "tiny", "--attention_backend", "flex"])
+    with pytest.raises(TrainConfigError, match="attention_backend='flex' with dtype fp32 on cpu: .*no FlexAttention "
+                                               "backward"):
+        choose_attention_backend(cfg, "cpu")
+    with pytest.raises(TrainConfigError, match="attention_backend='xformers' is not supported"):
+        parse_train_config(["--configs", "defaults", "tiny", "--attention_backend", "xformers"])
