@@ -30,7 +30,8 @@ LayerNorm = nn.LayerNorm
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, config: GPTNeoXConfig, dtype: torch.dtype):
-    """cos, sin [B, T, 1, 1, rotary_ndims] for each token's position.
+    """cos, sin [B, T, 1, 1, rotary_ndims / 2] for each token's position (the two halves of the rotated
+    dims share their angles, so only one half is kept).
 
     Angles are computed in fp32 (fp16 cannot even represent positions above 2048 exactly) and only the
     final cos/sin are cast to the activation dtype, as transformers does.
@@ -38,17 +39,46 @@ def rotary_cos_sin(position_ids: torch.Tensor, config: GPTNeoXConfig, dtype: tor
     r = config.rotary_ndims
     inv_freq = 1.0 / (config.rotary_emb_base ** (
         torch.arange(0, r, 2, dtype=torch.float32, device=position_ids.device) / r))
-    angles = position_ids.float()[..., None] * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)[:, :, None, None, :]
+    angles = (position_ids.float()[..., None] * inv_freq)[:, :, None, None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] dims of the last axis of x; the rest pass through."""
-    r = cos.shape[-1]
-    rot, rest = x[..., :r], x[..., r:]
-    rotated_half = torch.cat((-rot[..., r // 2:], rot[..., : r // 2]), dim=-1)
-    return torch.cat((rot * cos + rotated_half * sin, rest), dim=-1)
+class _RotateQK(torch.autograd.Function):
+    """GPT-NeoX "rotate-half" rotary embedding of q and k, applied in place to the fused QKV output.
+
+    qkv [B * T, H * 3 * D] ([head][q|k|v][head_dim], the Hugging Face layout); only the first
+    2 * cos.shape[-1] dims of each q and k head change. Written out (rather than rotating a copy and `cat`-ing it back onto the
+    pass-through dims) so that no activation is copied: q, k and v stay views of the projection output and
+    the backward writes the projection's gradient once (unbind's stack) and un-rotates it in place.
+    The projection's backward needs only its input and weight, so overwriting its output is safe.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, num_heads):
+        ctx.mark_dirty(qkv)
+        ctx.save_for_backward(cos, sin)
+        ctx.num_heads = num_heads
+        _rotate(qkv, cos, sin, num_heads)
+        return qkv
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        # The rotation is orthogonal: its gradient is the rotation by the opposite angle. `grad` is the
+        # fresh tensor that unbind's backward stacked for this op alone, so it may be overwritten.
+        _rotate(grad, cos, -sin, ctx.num_heads)
+        return grad, None, None, None
+
+
+def _rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> None:
+    """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) on the rotary dims of q and k, in place.
+    qkv [B * T, H * 3 * D]; cos, sin [B, T, 1, 1, rotary_ndims / 2]."""
+    B, T, half = cos.shape[0], cos.shape[1], cos.shape[-1]
+    qkv = qkv.view(B, T, num_heads, 3, -1)
+    x1, x2 = qkv[..., :2, :half], qkv[..., :2, half:2 * half]
+    x1_sin, x2_sin = x1 * sin, x2 * sin
+    x1.mul_(cos).sub_(x2_sin)
+    x2.mul_(cos).add_(x1_sin)
 
 
 class Attention(nn.Module):
@@ -62,11 +92,12 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask: AttentionMask, backend: str, kv_cache: KVCache | None):
         B, T, C = x.shape
-        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3, self.head_dim)
-        qk, v = qkv[:, :, :, :2], qkv[:, :, :, 2]
-        if rope is not None:  # rotate q and k together: one kernel per op instead of two
-            qk = apply_rotary(qk, *rope)
-        q, k = qk.unbind(dim=3)
+        # 2-D in, so the projection output is addmm's own tensor, not a view: rotating it in place then
+        # needs no CopySlices (which would clone the whole gradient)
+        qkv = self.query_key_value(x.reshape(B * T, C))
+        if rope is not None:
+            qkv = _RotateQK.apply(qkv, *rope, self.num_heads)
+        q, k, v = qkv.view(B, T, self.num_heads, 3, self.head_dim).unbind(dim=3)  # views [B, T, H, D]
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)
         y = attend(q, k, v, mask, backend)  # [B, T, H, D]
