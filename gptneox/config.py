@@ -236,4 +236,6 @@ PRESETS: dict[str, dict] = {
                                    num_attention_heads=32, intermediate_size=16384, max_position_embeddings=4096),
     "stablelm-base-alpha-7b": dict(vocab_size=50432, hidden_size=6144, num_hidden_layers=16,
                                    num_attention_heads=48, intermediate_size=24576, max_position_embeddings=4096),
+    "gpt-neox-20b": dict(vocab_size=50432, hidden_size=6144, num_hidden_layers=44, num_attention_heads=64,
+                         intermediate_size=24576, max_position_embeddings=2048),
 }

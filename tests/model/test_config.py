@@ -17,6 +17,8 @@ def parameter_count(config: GPTNeoXConfig) -> int:
     ("pythia-160m", 162_322_944),
     ("stablelm-base-alpha-3b", 3_637_321_728),
     ("stablelm-base-alpha-7b", 7_868_755_968),
+    ("pythia-12b", 11_846_072_320),
+    ("gpt-neox-20b", 20_554_567_680),     # the GPT-NeoX-20B paper's count
 ])
 def test_preset_parameter_counts(name, expected):
     assert parameter_count(GPTNeoXConfig.from_name(name)) == expected
