@@ -20,11 +20,16 @@ from dataclasses import dataclass, field
 import torch
 
 from gptneox import GPTNeoX, GPTNeoXConfig
+from gptneox.errors import UserError
 from gptneox.training.loss import DEFAULT_CHUNK_ROWS
 
 HEADROOM = 0.10          # fraction of GPU memory left for fragmentation, the CUDA context and NCCL buffers
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 FP32 = 4
+
+
+class PlanError(UserError, ValueError):
+    """A DeepSpeed config the planner cannot estimate (a ZeRO stage other than 2 or 3)."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ def zero_plans(config: GPTNeoXConfig, hardware: Hardware, batch: Batch, zero_sec
                 plan.gpu_step["fp32 gradient partition"] = FP32 * min(sub_group, psi / n)
             plan.gpu_states["reduce bucket"] = bucket
         else:
-            raise ValueError(f"{name}: zero_optimization.stage={stage}; the planner covers stages 2 and 3")
+            raise PlanError(f"{name}: zero_optimization.stage={stage}; the planner covers stages 2 and 3")
         host_rank = {}
         if offload_params:
             host_rank["weights partition (16-bit, pinned)"] = s * psi / n

@@ -8,10 +8,10 @@ import torch
 
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.memory_plan import loss_buffer_bytes, parameter_counts, saved_activation_bytes_per_token
-from gptneox.training.config import TORCH_DTYPES
+from gptneox.dtypes import TORCH_DTYPES
 from gptneox.training.loss import masked_cross_entropy_from_hidden
 
-from conftest import REPO, TINY_CONFIG, run_python
+from tests.helpers import REPO, TINY_CONFIG, run_python
 
 
 def saved_bytes(model: GPTNeoX, input_ids: torch.Tensor) -> int:

@@ -17,9 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptneox import GPTNeoXConfig  # noqa: E402
 from gptneox.config import PRESETS  # noqa: E402
+from gptneox.dtypes import TORCH_DTYPES  # noqa: E402
+from gptneox.errors import UserError, report_user_error  # noqa: E402
 from gptneox.memory_plan import HEADROOM, Batch, Hardware, activation_terms, zero_plans  # noqa: E402
 from gptneox.training.config import TrainConfig, TrainConfigError, load_section  # noqa: E402
-from gptneox.training.ds_config import DeepSpeedConfigError, load_ds_config, resolve_ds_config  # noqa: E402
+from gptneox.training.ds_config import load_ds_config, resolve_ds_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DS_CONFIGS = ["ds_config.json", "ds_config_zero3.json", "ds_config_zero3_offload.json"]
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host_memory_gb", type=float, default=None, help="memory of one node, GB; checked if given")
     parser.add_argument("--max_length", type=int, required=True, help="tokens per row")
     parser.add_argument("--micro_batch", type=int, required=True, help="rows per GPU per forward")
-    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    parser.add_argument("--dtype", choices=list(TORCH_DTYPES), default="fp16")
     parser.add_argument("--deepspeed_configs", nargs="+", default=DEFAULT_DS_CONFIGS, metavar="JSON",
                         help=f"DeepSpeed config files to compare (default: {' '.join(DEFAULT_DS_CONFIGS)})")
     args = parser.parse_args(argv)
@@ -80,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         hardware = Hardware(args.gpus, args.gpus_per_node or min(args.gpus, 8), args.gpu_memory_gb, args.host_memory_gb)
         plans = zero_plans(config, hardware, batch, zero_sections(args.deepspeed_configs, batch, config.hidden_size,
                                                                   args.gpus))
-    except (TrainConfigError, DeepSpeedConfigError, ValueError, FileNotFoundError) as err:
-        print(f"plan_memory.py: error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report_user_error("plan_memory.py", err)
     print(f"{origin}; {hardware.gpus} GPUs ({hardware.gpus_per_node} per node) of {hardware.gpu_memory_gb:g} GB; "
           f"micro-batch {batch.micro_batch} x {batch.max_length} tokens, {batch.dtype}. GB = 1e9 bytes.\n")
     activations = {checkpointing: activation_terms(config, batch, checkpointing) for checkpointing in (True, False)}

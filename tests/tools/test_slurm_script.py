@@ -5,7 +5,7 @@ import json
 import os
 import subprocess
 
-from conftest import REPO
+from tests.helpers import REPO
 
 FAKE_SRUN = """#!/bin/bash
 # start the command once per task, as srun would, with the variables SLURM gives each task
