@@ -54,9 +54,9 @@ def saved_activation_bytes_per_token(config: GPTNeoXConfig, dtype: str, checkpoi
                                      layer_norm_stats_bytes: int = FP32) -> dict[str, float]:
     """Bytes per token that autograd keeps from forward to backward, by part of the model.
 
-    Per block (SDPA/flash attention): the block input, the two LayerNorm outputs, the fused qkv output (v
-    is a view of it), the rotated q and k, the attention output, the MLP's up-projection and its GELU
-    output, all in the training dtype; mean and rstd of both LayerNorms (fp32 on CUDA; torch's CPU kernel keeps
+    Per block (SDPA/flash attention): the block input, the two LayerNorm outputs, the fused qkv output
+    (rotary embeddings are applied to it in place; q, k and v are views of it), the attention output, the
+    MLP's up-projection and its GELU output, all in the training dtype; mean and rstd of both LayerNorms (fp32 on CUDA; torch's CPU kernel keeps
     them in the input dtype, hence `layer_norm_stats_bytes`) and the attention's fp32 logsumexp per head.
     A sequential-residual block also keeps the mid-block sum. Under checkpointing a block keeps only its input.
     """
@@ -64,11 +64,10 @@ def saved_activation_bytes_per_token(config: GPTNeoXConfig, dtype: str, checkpoi
     if checkpointing:
         block = s * h
     else:
-        rotated_qk = 2 * h if config.rotary_ndims else 0
         mid_sum = 0 if config.use_parallel_residual else h
-        block = (s * (h + 2 * h + 3 * h + rotated_qk + h + 2 * inner + mid_sum)
+        block = (s * (h + 2 * h + 3 * h + h + 2 * inner + mid_sum)
                  + layer_norm_stats_bytes * 2 * 2 + FP32 * config.num_attention_heads)
-    rotary = 2 * s * config.rotary_ndims  # cos and sin, shared by all blocks
+    rotary = 2 * s * (config.rotary_ndims // 2)  # cos and sin of half the rotary dims, shared by all blocks
     return {"blocks": config.num_hidden_layers * block,
             "embedding and final LayerNorm": 8 + rotary + s * h + layer_norm_stats_bytes * 2}
 

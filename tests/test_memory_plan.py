@@ -45,7 +45,7 @@ def test_saved_activations_per_token_match_the_model(dtype, parallel_residual, c
                                                    layer_norm_stats_bytes=TORCH_DTYPES[dtype].itemsize
                                                    ).values())
     if checkpointing:  # cos/sin are kept as the blocks' recompute arguments, which the hooks do not see
-        measured += 2 * config.rotary_ndims * TORCH_DTYPES[dtype].itemsize * batch * length
+        measured += 2 * (config.rotary_ndims // 2) * TORCH_DTYPES[dtype].itemsize * batch * length
     assert measured == planned * batch * length
 
 
