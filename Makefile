@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-gpu demo bench clean
 
-$(STAMP): setup.py constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==2.13.0

@@ -4,4 +4,6 @@ from gptneox.attention import KVCache
 from gptneox.config import ConfigError, GPTNeoXConfig
 from gptneox.model import GPTNeoX
 
-__all__ = ["ConfigError", "GPTNeoX", "GPTNeoXConfig", "KVCache"]
+__version__ = "0.1.0"
+
+__all__ = ["ConfigError", "GPTNeoX", "GPTNeoXConfig", "KVCache", "__version__"]

@@ -15,6 +15,7 @@ from gptneox.data import EOS_TOKEN, PAD_TOKEN, format_prompt, load_tokenizer
 from gptneox.data.formatting import ROLE_TOKENS
 from gptneox.errors import MissingFileError, UserError
 from gptneox.generate import generate
+from gptneox.hub import find_model
 from gptneox.model import GPTNeoX
 
 
@@ -25,15 +26,17 @@ class ChatError(UserError):
 def load_model_and_tokenizer(model_dir: str | Path, tokenizer_path: str | Path | None = None,
                              device: str = "cpu", dtype: str | None = None):
     """An exported model directory and its chat tokenizer (model_dir/tokenizer.json unless tokenizer_path
-    is given), for inference. Training builds its model from the training config instead
-    (gptneox.training.model_setup.build_training_model)."""
+    is given), for inference; an `org/name` model is looked up in the Hugging Face cache. Training builds
+    its model from the training config instead (gptneox.training.model_setup.build_training_model)."""
     try:  # an unusable device (cuda without CUDA, a typo) is named before any weights are read
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as err:
         raise ChatError(f"device {device}: {err}") from None
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise MissingFileError(f"model directory {model_dir}: no such directory")
+    found, looked = find_model(str(model_dir), [Path.cwd()])
+    if found is None:
+        raise MissingFileError(f"model directory {model_dir}: not found (looked at: {'; '.join(looked)}); "
+                               "nothing is downloaded")
+    model_dir = found
     tokenizer_file = Path(tokenizer_path) if tokenizer_path else model_dir / "tokenizer.json"
     if not tokenizer_file.exists():
         raise MissingFileError(f"{tokenizer_file}: tokenizer not found; a model directory needs its "

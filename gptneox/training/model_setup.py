@@ -14,6 +14,7 @@ from gptneox.attention import AttentionBackendError, check_backend
 from gptneox.config import PRESETS
 from gptneox.data import load_tokenizer
 from gptneox.dtypes import torch_dtype
+from gptneox.hub import find_model, is_repo_id
 from gptneox.sizes import round_up
 from gptneox.training.config import TrainConfig, TrainConfigError
 
@@ -21,22 +22,21 @@ VOCAB_MULTIPLE = 16
 
 
 def find_model_dir(model_name: str, cache_dir: str) -> Path | None:
-    """A local Hugging Face directory for `model_name` (absolute, relative to cwd, or to cache_dir);
-    None for a preset name; an error naming the places looked at otherwise. Nothing is downloaded."""
+    """A local Hugging Face directory for `model_name`: relative to cwd (or absolute), relative to
+    cache_dir, or for an `org/name` id the newest complete snapshot in the Hugging Face cache; None for a
+    preset name; an error naming every place looked at otherwise. Nothing is downloaded."""
     if not model_name:
         raise TrainConfigError("model_name is not set (add a model config such as tiny or stablelm-7b)")
-    candidates = [Path(model_name), Path(cache_dir) / model_name]
-    for path in candidates:
-        if (path / "config.json").is_file():
-            return path
-    if model_name in PRESETS:
-        return None
-    looked = ", ".join(str(p.resolve() / "config.json") for p in candidates)
+    path, looked = find_model(model_name, [Path.cwd(), Path(cache_dir)])
+    if path is not None or model_name in PRESETS:
+        return path
+    fetch = f"fetch them into the Hugging Face cache beforehand (hf download {model_name}), " \
+        if is_repo_id(model_name) else ""
     raise TrainConfigError(
-        f"model_name={model_name!r}: no local model directory (looked for {looked}) and not a preset "
-        f"({', '.join(PRESETS)}). Nothing is downloaded: put the Hugging Face files (config.json, "
-        f"*.safetensors or pytorch_model*.bin, tokenizer.json) in {Path(cache_dir) / model_name} "
-        f"or pass --model_name /path/to/dir")
+        f"model_name={model_name!r}: no model directory and not a preset ({', '.join(PRESETS)}). "
+        f"Looked at: {'; '.join(looked)}. Nothing is downloaded: put the Hugging Face files (config.json, "
+        f"*.safetensors or pytorch_model*.bin, tokenizer.json) in {Path(cache_dir) / model_name}, "
+        f"{fetch}or pass --model_name /path/to/dir")
 
 
 def build_training_model(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]:
