@@ -5,6 +5,7 @@ Used by tools/chat.py (the terminal chat), tools/sampling_report.py and the demo
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -17,6 +18,12 @@ from gptneox.errors import MissingFileError, UserError
 from gptneox.generate import generate
 from gptneox.hub import find_model
 from gptneox.model import GPTNeoX
+
+
+# The chat's sampling defaults; an exported model carries them in generation_config.json, so transformers'
+# generate() and pipeline("text-generation") sample as `chat.py` does.
+DEFAULT_SAMPLING = {"do_sample": True, "temperature": 0.8, "top_k": 0, "top_p": 0.9, "repetition_penalty": 1.0}
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 class ChatError(UserError):
@@ -52,6 +59,18 @@ def load_model_and_tokenizer(model_dir: str | Path, tokenizer_path: str | Path |
 def reply_stop_ids(tokenizer) -> list[int]:
     """A reply ends at eos; a role token would start a new turn, so it ends the reply too."""
     return [tokenizer.token_to_id(token) for token in (EOS_TOKEN, *ROLE_TOKENS.values())]
+
+
+def save_generation_config(tokenizer, directory: str | Path) -> Path:
+    """generation_config.json: stop where the chat stops (eos or a role token), pad with the pad token,
+    and sample with the chat's defaults."""
+    eos_id = tokenizer.token_to_id(EOS_TOKEN)
+    config = {"bos_token_id": eos_id, "eos_token_id": reply_stop_ids(tokenizer),
+              "pad_token_id": tokenizer.token_to_id(PAD_TOKEN), "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
+              **DEFAULT_SAMPLING}
+    path = Path(directory) / "generation_config.json"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
 
 
 class TextStream:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -189,6 +190,14 @@ def parse_size(size: int | str) -> int:
     return int(number * scale)
 
 
+def _give_default_mode(path: Path) -> None:
+    """safetensors writes through a private temporary file and keeps its mode (-rw-------); a weight file
+    should be readable like the config.json beside it (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_pretrained(model: nn.Module, directory: str | Path, max_shard_size: int | str = "2GB") -> None:
     """config.json plus model.safetensors, or numbered shards and model.safetensors.index.json.
 
@@ -219,6 +228,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_size: int
     for file_name, shard in zip(names, shards):
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in shard.items()}
         save_file(tensors, str(directory / file_name), metadata={"format": "pt"})
+        _give_default_mode(directory / file_name)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {k: f for f, shard in zip(names, shards) for k in shard}}

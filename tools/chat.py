@@ -3,8 +3,8 @@
 
 Every turn is sent as <|prompter|>...<|endoftext|><|assistant|> after the earlier turns (and the optional
 --system text); the oldest exchanges are dropped, with a notice, when the history would not leave room
-for a reply within the model's context. Type /reset to forget the history, /quit (or end of input) to
-leave.
+for a reply within the model's context. Type /help for the commands: /reset forgets the history, /quit
+(or end of input) leaves.
 
     python tools/chat.py --model out/sft-7b                       # interactive
     python tools/chat.py --model out/sft-7b --prompt "What is a meme?" --greedy
@@ -20,12 +20,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from gptneox.chat import ChatError, ChatSession, load_model_and_tokenizer  # noqa: E402
+from gptneox.chat import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING, ChatError, ChatSession,  # noqa: E402
+                          load_model_and_tokenizer)
 from gptneox.errors import UserError, report_user_error  # noqa: E402
+
+COMMANDS = {"/help": "list these commands", "/reset": "forget the conversation so far",
+            "/quit": "leave (end of input does too)"}
+
+
+def banner(model_dir: str, session: ChatSession) -> str:
+    """One line: which model, its size and context, how it samples, and the commands."""
+    parameters = sum(p.numel() for p in session.model.parameters())
+    sampling = session.sampling
+    how = "greedy" if not sampling.get("do_sample", True) else ", ".join(
+        f"{key} {sampling[key]}" for key in ("temperature", "top_k", "top_p", "repetition_penalty") if key in sampling)
+    return (f"chat with {model_dir} ({parameters / 1e6:.1f}M parameters, {session.context}-token context, {how}); "
+            f"commands: {' '.join(COMMANDS)}")
 
 
 def run_interactive(session: ChatSession, lines: TextIO) -> None:
-    """Read one message per line until /quit or end of input."""
+    """Read one message per line until /quit or end of input; a line of one word starting with / is a
+    command, never sent to the model."""
     interactive = lines.isatty()
     while True:
         if interactive:
@@ -37,11 +52,16 @@ def run_interactive(session: ChatSession, lines: TextIO) -> None:
         text = line.strip()
         if not text:
             continue
-        if text == "/quit":
-            break
-        if text == "/reset":
-            session.reset()
-            session.notice("history cleared")
+        if text.startswith("/") and " " not in text:
+            if text == "/quit":
+                break
+            if text == "/reset":
+                session.reset()
+                session.notice("history cleared")
+            elif text == "/help":
+                session.notice("; ".join(f"{name}: {what}" for name, what in COMMANDS.items()))
+            else:
+                session.notice(f"unknown command {text}; /help lists the commands")
             continue
         try:
             session.reply(text)
@@ -55,13 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", help="tokenizer.json to use instead of the model directory's")
     parser.add_argument("--prompt", help="answer this one message and exit")
     parser.add_argument("--system", help="system text put before the conversation")
-    parser.add_argument("--max_new_tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                        help=f"longest reply in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
     parser.add_argument("--greedy", action="store_true", help="always pick the most likely token (no sampling)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
-    parser.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    parser.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling mass (1 = off; default 0.9)")
-    parser.add_argument("--repetition_penalty", type=float, default=1.0,
-                        help="> 1 discourages tokens already in the conversation (default 1.0 = off)")
+    parser.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING["temperature"],
+                        help="sampling temperature (default %(default)s)")
+    parser.add_argument("--top_k", type=int, default=DEFAULT_SAMPLING["top_k"],
+                        help="sample from the k most likely tokens (0 = off; default %(default)s)")
+    parser.add_argument("--top_p", type=float, default=DEFAULT_SAMPLING["top_p"],
+                        help="nucleus sampling mass (1 = off; default %(default)s)")
+    parser.add_argument("--repetition_penalty", type=float, default=DEFAULT_SAMPLING["repetition_penalty"],
+                        help="> 1 discourages tokens already in the conversation (default %(default)s = off)")
     parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda if available, else cpu)")
@@ -80,6 +104,7 @@ def main(argv=None) -> int:
         if args.prompt is not None:
             session.reply(args.prompt)
         else:
+            session.notice(banner(args.model, session))
             run_interactive(session, sys.stdin)
     except UserError as err:  # files, device, sampling flags that generate() rejects
         return report_user_error("chat.py", err)

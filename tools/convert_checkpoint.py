@@ -2,12 +2,13 @@
 """Convert a Hugging Face GPT-NeoX checkpoint in any supported layout to (sharded) safetensors.
 
 Reads model.safetensors, pytorch_model.bin or their sharded index forms, writes config.json plus
-safetensors shards. Without --dtype every tensor is written in the dtype of the stored embed_in
+safetensors shards, and copies the tokenizer files and generation_config.json along. Without --dtype every tensor is written in the dtype of the stored embed_in
 weight: bit-exact for the usual one-dtype checkpoint, while a mixed-dtype one is cast to that dtype.
 
     python tools/convert_checkpoint.py path/to/stablelm-base-alpha-7b out/stablelm-7b --max_shard_size 2GB
 """
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptneox import GPTNeoX  # noqa: E402
 from gptneox.errors import UserError, report_user_error  # noqa: E402
+
+# Copied along unchanged when the source has them: the tokenizer and the generation settings.
+COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json", "generation_config.json")
 
 
 def main(argv=None) -> int:
@@ -30,10 +35,14 @@ def main(argv=None) -> int:
     try:
         model = GPTNeoX.from_pretrained(args.src, dtype=args.dtype)
         model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
+        copied = [name for name in COMPANION_FILES if (Path(args.src) / name).is_file()]
+        for name in copied:
+            shutil.copyfile(Path(args.src) / name, Path(args.dst) / name)
     except UserError as err:  # missing files, CheckpointError, ConfigError, a bad size or dtype
         return report_user_error("convert_checkpoint.py", err)
     count = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.dst}: {count:,} parameters in {next(model.parameters()).dtype}")
+    print(f"wrote {args.dst}: {count:,} parameters in {next(model.parameters()).dtype}"
+          + (f"; copied {', '.join(copied)}" if copied else "; the source has no tokenizer files"))
     return 0
 
 

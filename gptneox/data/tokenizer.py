@@ -26,6 +26,21 @@ PREFIX_END_TOKEN = "<|prefix_end|>"
 CHAT_TOKENS = (PROMPTER_TOKEN, ASSISTANT_TOKEN, SYSTEM_TOKEN, PREFIX_BEGIN_TOKEN, PREFIX_END_TOKEN)
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN) + CHAT_TOKENS
 
+# The chat format of gptneox.data.formatting.format_prompt as a Jinja template, so that transformers'
+# apply_chat_template and pipeline("text-generation") build exactly the training string from Hugging Face
+# messages ({"role": "system" | "user" | "assistant", "content": ...}).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    f"{{%- if message['role'] == 'system' -%}}{SYSTEM_TOKEN}"
+    f"{{%- elif message['role'] == 'user' -%}}{PROMPTER_TOKEN}"
+    f"{{%- elif message['role'] == 'assistant' -%}}{ASSISTANT_TOKEN}"
+    "{%- else -%}{{ raise_exception(\"unknown role \" ~ message['role'] ~ \"; expected system, user or assistant\") }}"
+    "{%- endif -%}"
+    f"{{{{- message['content'] -}}}}{EOS_TOKEN}"
+    "{%- endfor -%}"
+    f"{{%- if add_generation_prompt -%}}{ASSISTANT_TOKEN}{{%- endif -%}}"
+)
+
 
 class TokenizerError(UserError, ValueError):
     """A tokenizer file that cannot be read."""
@@ -67,8 +82,9 @@ def _is_registered_special(tokenizer: Tokenizer, token: str) -> bool:
 def save_tokenizer(tokenizer: Tokenizer, directory: str | Path, model_max_length: int = 4096) -> Path:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
 
-    The two small JSON files tell ``transformers.AutoTokenizer`` which tokens play which role; the
-    tokenizer itself is the ``tokenizers`` file, so no Python vocabulary code is needed to load it.
+    The two small JSON files tell ``transformers.AutoTokenizer`` which tokens play which role and how a
+    chat is formatted (``CHAT_TEMPLATE``); the tokenizer itself is the ``tokenizers`` file, so no Python
+    vocabulary code is needed to load it.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -97,6 +113,7 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str | Path, model_max_length
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
         "padding_side": "right",
+        "chat_template": CHAT_TEMPLATE,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")

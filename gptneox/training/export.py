@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO checkpoint -> Hugging Face model directory (config.json, safetensors, tokenizer files).
+"""DeepSpeed ZeRO checkpoint -> Hugging Face model directory (config.json with the pad id, safetensors,
+tokenizer files with the chat template, generation_config.json with the chat's stop ids and sampling).
 
 The weights are the fp32 master copy gathered from the ZeRO partitions (not the fp16 module copy), cast
 to the training dtype or a chosen one. The checkpoint directory carries what the export needs besides
@@ -6,6 +7,7 @@ weights in `model/`: config.json (after the vocabulary resize), the tokenizer, a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from tokenizers import Tokenizer
 
 from gptneox import GPTNeoX, GPTNeoXConfig
-from gptneox.data import load_tokenizer, save_tokenizer
+from gptneox.chat import save_generation_config
+from gptneox.data import EOS_TOKEN, PAD_TOKEN, load_tokenizer, save_tokenizer
 from gptneox.dtypes import dtype_name, torch_dtype
 from gptneox.errors import MissingFileError
 from gptneox.training.checkpoint import CheckpointManager
@@ -53,6 +56,18 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
         raise RuntimeError(f"{checkpoint_dir / tag}: weights do not match {metadata / 'config.json'} "
                            f"(missing {missing}, unexpected {unexpected})")
     model.tie_weights()  # assign gave the two names separate Parameters
-    model.to(torch_dtype(dtype)).save_pretrained(output_dir, max_shard_size=max_shard_size)
-    save_tokenizer(load_tokenizer(metadata), output_dir)
-    return output_dir
+    return save_chat_model(model.to(torch_dtype(dtype)), load_tokenizer(metadata), output_dir, max_shard_size)
+
+
+def save_chat_model(model: GPTNeoX, tokenizer: Tokenizer, output_dir: str | Path,
+                    max_shard_size: str = "2GB") -> Path:
+    """A model directory that Hugging Face tools use as a chat model with no further settings: config.json
+    with the tokenizer's eos and pad ids, the weights, the tokenizer with the chat template, and
+    generation_config.json with the chat's stop ids and sampling defaults."""
+    eos_id = tokenizer.token_to_id(EOS_TOKEN)
+    model.config = dataclasses.replace(model.config, bos_token_id=eos_id, eos_token_id=eos_id,
+                                       pad_token_id=tokenizer.token_to_id(PAD_TOKEN))
+    model.save_pretrained(output_dir, max_shard_size=max_shard_size)
+    save_tokenizer(tokenizer, output_dir)
+    save_generation_config(tokenizer, output_dir)
+    return Path(output_dir)

@@ -1,5 +1,7 @@
 """Checkpoint reading and writing, vocabulary resize, the conversion tools and the golden logits."""
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -8,11 +10,13 @@ from safetensors.torch import load_file, save_file
 
 from gptneox import GPTNeoX
 from gptneox import weights
+from gptneox.data import load_tokenizer, save_tokenizer
 from gptneox.weights import CheckpointError, parse_size
 
-from tests.helpers import run_python
+from tests.helpers import REPO, run_python
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+SAMPLE_TOKENIZER = REPO / "data" / "sample" / "tokenizer.json"
 
 
 def same_parameters(a: GPTNeoX, b: GPTNeoX) -> bool:
@@ -61,6 +65,17 @@ def test_save_round_trip_bit_exact(tmp_path, tiny_model):
     # saving again with one shard removes the stale shards and index
     model.save_pretrained(tmp_path / "many")
     assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_weight_files_get_the_mode_of_every_other_file(tmp_path, tiny_model, umask):
+    previous = os.umask(umask)
+    try:
+        tiny_model().save_pretrained(tmp_path, max_shard_size="20KB")
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert len(modes) > 3 and set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_tied_save_writes_no_head(tmp_path, tiny_model):
@@ -191,9 +206,14 @@ def test_resize_token_embeddings(tiny_model, tied):
 
 def test_convert_checkpoint_tool_bit_exact(tiny_checkpoint, tmp_path):
     source, model = tiny_checkpoint(fmt="bin", num_shards=2)
+    save_tokenizer(load_tokenizer(SAMPLE_TOKENIZER), source)
+    (source / "generation_config.json").write_text('{"max_new_tokens": 7}')
     result = run_python("tools/convert_checkpoint.py", str(source), str(tmp_path / "out"), "--max_shard_size", "30KB")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (source / name).read_bytes(), name
+    assert "copied tokenizer.json, tokenizer_config.json" in result.stdout
     assert same_parameters(GPTNeoX.from_pretrained(tmp_path / "out", dtype="auto"), model)
     result = run_python("tools/convert_checkpoint.py", str(tmp_path / "out"), str(tmp_path / "half"), "--dtype", "float16")
     assert result.returncode == 0, result.stderr

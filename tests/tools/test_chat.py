@@ -49,6 +49,7 @@ def test_one_shot_prints_the_streamed_greedy_reply(model_dir):
                       "--system", "Be brief.", "--greedy", "--max_new_tokens", "12")
     assert result.returncode == 0, result.stderr
     assert reply and result.stdout == reply + "\n" == out.getvalue()
+    assert result.stderr == ""  # one answer: no banner
 
 
 def test_piped_multi_turn_chat_keeps_history_and_resets(model_dir):
@@ -65,9 +66,26 @@ def test_piped_multi_turn_chat_keeps_history_and_resets(model_dir):
     assert "history cleared" in result.stderr
 
 
-def test_end_of_input_exits_quietly(model_dir):
+def test_end_of_input_exits_after_the_banner(model_dir):
     result = run_python(CHAT, "--model", str(model_dir), stdin="")
-    assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
+    assert result.returncode == 0 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"[chat with {model_dir} (") and "128-token context" in line
+    assert "temperature 0.8" in line and line.endswith("commands: /help /reset /quit]")
+
+
+def test_help_and_unknown_commands_are_answered_not_sent_to_the_model(model_dir):
+    chat_session, _, _ = session(model_dir)
+    reply = chat_session.reply("hi")
+    result = run_python(CHAT, "--model", str(model_dir), "--greedy", "--max_new_tokens", "12",
+                        stdin="/help\n/frobnicate\nhi\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{reply}\n"  # the first message the model saw was "hi"
+    notices = result.stderr.splitlines()
+    assert "greedy" in notices[0]
+    assert notices[1] == ("[/help: list these commands; /reset: forget the conversation so far; "
+                          "/quit: leave (end of input does too)]")
+    assert notices[2] == "[unknown command /frobnicate; /help lists the commands]"
 
 
 def test_oldest_turns_are_dropped_to_fit_the_context(model_dir):

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -18,7 +19,9 @@ import transformers
 from deepspeed.accelerator import get_accelerator
 
 from gptneox import GPTNeoX, GPTNeoXConfig
+from gptneox.chat import DEFAULT_SAMPLING, reply_stop_ids
 from gptneox.data import DialogueCollator, load_tokenizer
+from gptneox.data.tokenizer import CHAT_TEMPLATE
 from gptneox.training import loss as losses
 from gptneox.training.checkpoint import POINTER, CheckpointManager, tag_for
 from gptneox.train import main as train_main
@@ -169,7 +172,7 @@ def test_resume_reproduces_the_uninterrupted_run_and_export_loads_in_transformer
     assert (straight / "tokenizer.json").is_file()
 
 
-def test_export_keeps_tied_embeddings_tied(workspace, tmp_path):
+def test_export_keeps_tied_embeddings_tied_and_writes_the_chat_files(workspace, tmp_path):
     """The export builds its model on the meta device and assigns the checkpoint's tensors."""
     torch.manual_seed(0)
     model = GPTNeoX(GPTNeoXConfig.from_name("tiny", tie_word_embeddings=True))
@@ -182,6 +185,17 @@ def test_export_keeps_tied_embeddings_tied(workspace, tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(exported.eval()(ids), engine.module.eval()(ids))
+    # what makes the directory a chat model for Hugging Face tools (tests/test_hf_chat.py uses them)
+    tokenizer = load_tokenizer(tmp_path / "out")
+    eos, pad = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|padding|>")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"]) == (eos, pad)
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == reply_stop_ids(tokenizer) and generation["pad_token_id"] == pad
+    assert {k: generation[k] for k in DEFAULT_SAMPLING} == DEFAULT_SAMPLING
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    mode = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert len(mode) == 1, "the weights are readable like the other files"
 
 
 @pytest.mark.slow
