@@ -1,12 +1,21 @@
 """Process-group setup that works under the deepspeed launcher, torchrun, or a plain `python train.py`, and
-the collectives the loop's parts share, which are no-ops in a single process without a process group."""
+the collectives the loop's parts share, which are no-ops in a single process without a process group.
+
+On a CPU, DeepSpeed JIT-compiles a shared-memory communication op when the process group starts. torch
+keys its build cache on the sources and compiler flags, and each environment's include paths differ, so
+environments sharing ~/.cache/torch_extensions rebuild it in turn at every start (about a minute each).
+The cache is therefore kept inside the environment, and a first build is announced.
+"""
 from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils import cpp_extension
 
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -21,6 +30,34 @@ def single_process_environment() -> dict[str, str]:
     """What a launcher would set for one process; without it DeepSpeed falls back to MPI discovery."""
     return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(free_port())}
+
+
+def environment_extensions_dir() -> Path | None:
+    """`torch_extensions` inside this virtual or conda environment, when it is one and writable."""
+    in_environment = sys.prefix != sys.base_prefix or os.environ.get("CONDA_PREFIX") == sys.prefix
+    return Path(sys.prefix) / "torch_extensions" if in_environment and os.access(sys.prefix, os.W_OK) else None
+
+
+def use_environment_extensions_dir() -> None:
+    """Default TORCH_EXTENSIONS_DIR to the environment's own cache; a value the user set is kept."""
+    directory = environment_extensions_dir()
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and directory is not None:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(directory)
+
+
+def announce_comm_op_build() -> str | None:
+    """The line to print when DeepSpeed is about to build its CPU communication op (None: nothing to build)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    build_dir = Path(cpp_extension._get_build_directory(builder.name, verbose=False))
+    if (build_dir / f"{builder.name}.so").is_file():
+        return None
+    return (f"building DeepSpeed's {builder.name} op in {build_dir} (first start in this environment; "
+            "about a minute on two cores, once)")
 
 
 def init_distributed() -> tuple[int, int]:
@@ -38,6 +75,10 @@ def init_distributed() -> tuple[int, int]:
                            f"(use the deepspeed launcher, torchrun, or set all of {', '.join(_LAUNCH_VARIABLES)})")
     get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))  # before weights load onto "this" device
     if not dist.is_initialized():
+        use_environment_extensions_dir()
+        line = announce_comm_op_build()
+        if line and os.environ["LOCAL_RANK"] == "0":
+            print(line, file=sys.stderr, flush=True)
         deepspeed.init_distributed()
     return dist.get_rank(), dist.get_world_size()
 
