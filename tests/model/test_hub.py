@@ -18,8 +18,10 @@ from gptneox.hub import cache_dirs, find_snapshot
 from gptneox.training.config import TrainConfigError
 from gptneox.training.model_setup import find_model_dir
 
+from tests.helpers import REPO
+
 REPO_ID = "stabilityai/stablelm-base-alpha-7b"
-SAMPLE_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "sample" / "tokenizer.json"
+SAMPLE_TOKENIZER = REPO / "data" / "sample" / "tokenizer.json"
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from gptneox.data.formatting import ConversationTokenizer
 from gptneox.training.config import load_section, repo_path
 from gptneox.training.export import save_chat_model
 
-from conftest import REPO, run_python
+from tests.helpers import REPO, run_python
 
 transformers = pytest.importorskip("transformers")
 HF_ROLES = {"prompter": "user", "assistant": "assistant", "system": "system"}
