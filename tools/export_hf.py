@@ -1,40 +1,11 @@
 #!/usr/bin/env python
-"""Export a train.py checkpoint directory (OUTPUT_DIR/checkpoints) to a Hugging Face model directory.
-
-The weights are the fp32 master copy gathered from the ZeRO partitions, written in the training dtype
-(or --dtype); config.json and the tokenizer files come from the checkpoint directory. The result loads
-with GPTNeoX.from_pretrained and transformers.GPTNeoXForCausalLM.from_pretrained.
-"""
-from __future__ import annotations
-
-import argparse
+"""`gptneox-export` from a checkout; the tool is gptneox/cli/export_hf.py."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptneox.dtypes import DTYPE_NAMES  # noqa: E402
-from gptneox.errors import UserError, report_user_error  # noqa: E402
-from gptneox.training.export import export_checkpoint  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint_dir", help="OUTPUT_DIR/checkpoints of a train.py run")
-    parser.add_argument("output_dir", help="where to write config.json, *.safetensors and tokenizer files")
-    parser.add_argument("--tag", help="checkpoint tag, e.g. step00000500 (default: the newest complete one)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES,
-                        help="weight dtype (default: the training dtype)")
-    parser.add_argument("--max_shard_size", default="2GB", help="safetensors shard size (default 2GB)")
-    args = parser.parse_args(argv)
-    try:
-        path = export_checkpoint(args.checkpoint_dir, args.output_dir, tag=args.tag, dtype=args.dtype,
-                                 max_shard_size=args.max_shard_size)
-    except UserError as err:
-        return report_user_error("export_hf.py", err)
-    print(f"wrote {path}")
-    return 0
-
+from gptneox.cli.export_hf import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,14 +19,20 @@ from gptneox.config import did_you_mean
 from gptneox.dtypes import TORCH_DTYPES
 from gptneox.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-REPO_DIR = CONFIG_DIR.parent
+# The bundled files (package data in an installed package; in a checkout, symlinks to the top-level
+# configs/, ds_config.json and data/).
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PACKAGE_DIR / "configs"
+# Keys naming files a section reads. Relative values are taken from the YAML file's folder (a bundled
+# section's from the package) and from the working directory on the command line. Where a run writes
+# (output_dir, log_dir) is always taken from the working directory.
+INPUT_PATH_KEYS = ("cache_dir", "tokenizer_path", "deepspeed_config")
 
 
 def repo_path(path: str | Path) -> Path:
-    """A relative path of a shipped config section (cache_dir, tokenizer_path), taken from the repository
-    root so that tools and benchmarks run from any directory; an absolute path stays as it is."""
-    return REPO_DIR / path
+    """A bundled file (`data/sample/tokenizer.json`, say) wherever the package is; an absolute path, such as
+    a loaded section's resolved cache_dir, stays as it is."""
+    return PACKAGE_DIR / path
 
 
 class TrainConfigError(UserError, ValueError):
@@ -163,7 +169,12 @@ def load_section(name: str, config_dir: Path = CONFIG_DIR) -> dict:
     section = next(iter(document.values()))
     for key in section:
         _check_key(key, where=str(path))
-    return {key: _coerce(key, value, where=f"{path}: {key}") for key, value in section.items()}
+    values = {key: _coerce(key, value, where=f"{path}: {key}") for key, value in section.items()}
+    base = PACKAGE_DIR if path.resolve().parent == CONFIG_DIR.resolve() else path.resolve().parent
+    for key in INPUT_PATH_KEYS:
+        if isinstance(values.get(key), str):
+            values[key] = str(base / Path(values[key]).expanduser())
+    return values
 
 
 def _check_key(key: str, where: str) -> None:
@@ -284,7 +295,7 @@ def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
     if "-h" in argv or "--help" in argv:
         build_parser().parse_args(["--help"])  # prints the grouped keys and exits
     args, rest = _launch_parser(add_help=False).parse_known_args(argv)
-    merged: dict = {}
+    merged: dict = {"deepspeed_config": str(PACKAGE_DIR / _FIELDS["deepspeed_config"].default)}  # the bundled one
     for name in args.configs:
         merged.update(load_section(name))
     merged.update(_parse_overrides(rest))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gptneox.training.config import TrainConfig, TrainConfigError, parse_train_config
+from gptneox.training.config import PACKAGE_DIR, TrainConfig, TrainConfigError, parse_train_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,3 +69,40 @@ def test_help_lists_every_key_by_group_with_type_default_and_meaning(capsys):
     assert "--datasets YAML-LIST" in text and "--save_strategy steps|epoch" in text
     for f in fields(TrainConfig):
         assert f"--{f.name} " in text and f.metadata["help"] in text, f.name
+
+
+# ------------------------------------------------------------------ where relative paths point
+def test_a_sections_input_paths_are_taken_from_its_yaml_file(tmp_path, monkeypatch):
+    section = tmp_path / "mine" / "mine.yaml"
+    section.parent.mkdir()
+    section.write_text("mine:\n  cache_dir: data\n  tokenizer_path: tok/tokenizer.json\n"
+                       "  deepspeed_config: /abs/ds.json\n  output_dir: out\n  log_dir: logs\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_train_config(["--configs", "defaults", str(section.relative_to(tmp_path))])
+    assert cfg.cache_dir == str(tmp_path / "mine" / "data")
+    assert cfg.tokenizer_path == str(tmp_path / "mine" / "tok" / "tokenizer.json")
+    assert cfg.deepspeed_config == "/abs/ds.json"
+    assert (cfg.output_dir, cfg.log_dir) == ("out", "logs")  # where the run writes: the working directory
+
+
+def test_bundled_sections_point_into_the_package_and_the_command_line_at_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_train_config(["--configs", "defaults", "tiny", "sample-mix"])
+    assert Path(cfg.cache_dir) == PACKAGE_DIR / "data" / "sample"
+    assert Path(cfg.tokenizer_path).read_bytes() == (REPO / "data" / "sample" / "tokenizer.json").read_bytes()
+    assert Path(cfg.deepspeed_config).read_bytes() == (REPO / "ds_config.json").read_bytes()
+    assert cfg.output_dir == "out/tiny"
+    assert Path(parse_train_config(["--configs", "tiny"]).deepspeed_config) == PACKAGE_DIR / "ds_config.json"
+    cfg = parse_train_config(["--configs", "defaults", "sample-mix", "--cache_dir", "DATA",
+                              "--deepspeed_config", "my.json"])
+    assert (cfg.cache_dir, cfg.deepspeed_config) == ("DATA", "my.json")
+    assert parse_train_config(["--configs", "defaults"]).cache_dir == ".cache"
+
+
+def test_the_bundled_files_are_the_top_level_ones():
+    """The package's configs, ds_config.json and sample data are the checkout's top-level files (symlinks
+    here, copies in a wheel), so the seed's ds_config.json exists once."""
+    for bundled, top in ((PACKAGE_DIR / "configs", REPO / "configs"), (PACKAGE_DIR / "ds_config.json", REPO / "ds_config.json"),
+                         (PACKAGE_DIR / "data" / "sample", REPO / "data" / "sample"),
+                         (PACKAGE_DIR / "data" / "prompts", REPO / "data" / "prompts")):
+        assert bundled.resolve() == top.resolve()

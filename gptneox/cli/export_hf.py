@@ -1,0 +1,36 @@
+"""Export a train.py checkpoint directory (OUTPUT_DIR/checkpoints) to a Hugging Face model directory.
+
+The weights are the fp32 master copy gathered from the ZeRO partitions, written in the training dtype
+(or --dtype); config.json and the tokenizer files come from the checkpoint directory. The result loads
+with GPTNeoX.from_pretrained and transformers.GPTNeoXForCausalLM.from_pretrained.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptneox.dtypes import DTYPE_NAMES
+from gptneox.errors import UserError, report_user_error
+from gptneox.training.export import export_checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint_dir", help="OUTPUT_DIR/checkpoints of a train.py run")
+    parser.add_argument("output_dir", help="where to write config.json, *.safetensors and tokenizer files")
+    parser.add_argument("--tag", help="checkpoint tag, e.g. step00000500 (default: the newest complete one)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES,
+                        help="weight dtype (default: the training dtype)")
+    parser.add_argument("--max_shard_size", default="2GB", help="safetensors shard size (default 2GB)")
+    args = parser.parse_args(argv)
+    try:
+        path = export_checkpoint(args.checkpoint_dir, args.output_dir, tag=args.tag, dtype=args.dtype,
+                                 max_shard_size=args.max_shard_size)
+    except UserError as err:
+        return report_user_error("export_hf.py", err)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

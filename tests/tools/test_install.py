@@ -1,0 +1,81 @@
+"""A real, non-editable `pip install .` into a fresh virtual environment, then the console commands from an
+empty directory: train on the bundled sections, export, chat. Offline and quick: the new environment sees
+this one's dependencies through a .pth file (not its editable gptneox), and pip builds without isolation."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from gptneox.training.distributed import environment_extensions_dir
+
+from tests.helpers import LAUNCH_VARIABLES, REPO
+
+# What a source distribution holds; the test installs from a copy so that the build leaves the checkout alone.
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "ds_config.json", "gptneox", "configs", "data")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """The bin/ directory of a fresh environment with gptneox installed from a copy of the sources."""
+    root = tmp_path_factory.mktemp("install")
+    source = root / "source"
+    source.mkdir()
+    for name in SOURCES:
+        if (REPO / name).is_dir():  # the package's symlinks to configs/ and data/ stay symlinks
+            shutil.copytree(REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / name, source / name)
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    (Path(purelib) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    done = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+                           "--no-build-isolation", "--no-index", "-q", str(source)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return venv / "bin"
+
+
+def run(command: list, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    # the op this environment already built; a fresh environment would build its own (about a minute)
+    environment["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR") or str(environment_extensions_dir())
+    return subprocess.run(list(map(str, command)), cwd=cwd, env=environment, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_the_installed_package_is_not_the_checkout(installed, tmp_path):
+    done = run([installed / "python", "-c", "import gptneox; print(gptneox.__file__); print(gptneox.__version__)"],
+               cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    location, version = done.stdout.split()
+    assert Path(location).is_relative_to(installed.parent) and version == __import__("gptneox").__version__
+    for command in ("train", "chat", "export", "convert", "reference-logits", "plot", "sampling-report"):
+        assert run([installed / f"gptneox-{command}", "--help"], cwd=tmp_path).returncode == 0, command
+
+
+def test_train_export_and_chat_from_an_empty_directory(installed, tmp_path):
+    work = tmp_path / "empty"
+    work.mkdir()
+    done = run([installed / "gptneox-train", "--configs", "defaults", "tiny", "sample-mix", "--output_dir", "OUT",
+                "--max_steps", "3", "--eval_steps", "3"], cwd=work)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "297 training conversations" in done.stdout + done.stderr
+    assert (work / "OUT" / "model.safetensors").is_file()
+    assert sorted(p.name for p in work.iterdir()) == ["OUT"]  # nothing written beside the run directory
+
+    exported = run([installed / "gptneox-export", "OUT/checkpoints", "again"], cwd=work)
+    assert exported.returncode == 0, exported.stderr
+    assert (work / "again" / "model.safetensors").read_bytes() == (work / "OUT" / "model.safetensors").read_bytes()
+
+    chat = run([installed / "gptneox-chat", "--model", "again", "--prompt", "What is a meme?", "--greedy",
+                "--max_new_tokens", "5"], cwd=work)
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
