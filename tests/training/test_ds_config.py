@@ -39,6 +39,7 @@ def test_cpu_gets_torch_adam_and_an_auto_bucket_gets_hidden_squared():
     template["zero_optimization"]["reduce_bucket_size"] = "auto"
     resolved, notes = _resolve(TrainConfig(dtype="bf16"), template, cpu=True, hidden_size=64)
     assert resolved["optimizer"]["params"]["torch_adam"] is True and any("torch_adam" in n for n in notes)
+    assert resolved["optimizer"]["params"]["fused"] is True
     assert resolved["zero_optimization"]["reduce_bucket_size"] == 64 * 64
     assert resolved["bf16"]["enabled"] is True and resolved["fp16"]["enabled"] is False
 
@@ -59,6 +60,15 @@ def test_an_auto_nobody_fills_is_refused():
     template["zero_optimization"]["allgather_bucket_size"] = "auto"
     with pytest.raises(DeepSpeedConfigError, match="zero_optimization.allgather_bucket_size"):
         _resolve(TrainConfig(), template)
+
+
+def test_a_chosen_torch_adam_implementation_is_kept():
+    template = load_ds_config(REPO / "ds_config.json")
+    template["optimizer"]["params"]["foreach"] = True
+    resolved, notes = _resolve(TrainConfig(dtype="bf16"), template, cpu=True)
+    assert "fused" not in resolved["optimizer"]["params"] and not any("fused" in n for n in notes)
+    resolved, _ = _resolve(TrainConfig(dtype="bf16"), cpu=False)
+    assert "fused" not in resolved["optimizer"]["params"]  # GPU: DeepSpeed's FusedAdam
 
 
 # ------------------------------------------------------------------ ZeRO-3 files

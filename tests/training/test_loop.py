@@ -29,6 +29,9 @@ from gptneox.training.distributed import free_port, init_distributed
 from gptneox.training.export import export_checkpoint, write_model_metadata
 from gptneox.training import loop
 from gptneox.training.step import train_step
+from gptneox.training.config import TrainConfig
+from gptneox.training.ds_config import resolve_ds_config
+from gptneox.training.model_setup import parameter_groups
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample"
@@ -382,3 +385,33 @@ def test_packed_rows_give_the_loss_of_padded_rows(workspace, tmp_path, monkeypat
     padded, packed = read_metrics(tmp_path / "padded")[0], read_metrics(tmp_path / "packed")[0]
     assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
     assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
+
+
+# ------------------------------------------------------------------ optimizer implementation
+def test_fused_cpu_adamw_gives_the_loss_curve_of_the_plain_one(workspace):
+    """resolve_ds_config picks torch's fused AdamW on CPU; a few steps must match the for-loop AdamW."""
+    template = {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
+                "zero_optimization": {"stage": 2}}
+    cfg = TrainConfig(learning_rate=1e-2, weight_decay=0.1, per_device_train_batch_size=2,
+                      gradient_accumulation_steps=2)
+    fused_config, _ = resolve_ds_config(template, cfg, world_size=1, hidden_size=64, total_num_steps=5, cpu=True)
+    plain_config = json.loads(json.dumps(fused_config))
+    del plain_config["optimizer"]["params"]["fused"]
+    plain_config["optimizer"]["params"]["foreach"] = False
+    torch.manual_seed(1)
+    micro_batches = [_batch(torch.randint(0, 1024, (12,)).tolist(), list(range(2, 11))) for _ in range(4)]
+    micro_batches = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(micro_batches[::2], micro_batches[1::2])]
+
+    def curve(config):
+        torch.manual_seed(0)
+        model = GPTNeoX(GPTNeoXConfig.from_name("tiny"))
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.weight_decay),
+                                          config=config)
+        losses_ = [train_step(engine, micro_batches).loss for _ in range(5)]
+        return losses_, engine.optimizer.optimizer.defaults
+
+    fused_losses, fused_defaults = curve(fused_config)
+    plain_losses, plain_defaults = curve(plain_config)
+    assert fused_defaults["fused"] is True and not plain_defaults["fused"] and plain_defaults["foreach"] is False
+    assert fused_losses[-1] < fused_losses[0] - 0.1  # it trains
+    assert fused_losses == pytest.approx(plain_losses, rel=1e-5)
