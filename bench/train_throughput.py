@@ -68,9 +68,42 @@ def model_config(args) -> GPTNeoXConfig:
 SAMPLE_MIX = load_section("sample-mix")
 
 
+def chat_profile(sample: list[list], count: int, seed: int) -> list[list]:
+    """`count` synthetic multi-turn conversations with the lengths of real chat data and a long tail.
+
+    1 + Geometric(0.45) prompter/assistant pairs (at most 8); prompter messages LogNormal(median 180
+    characters, sigma 0.9), assistant ones LogNormal(median 650, sigma 1.0), capped at 12,000: median
+    conversation about 2,100 characters, a tail into tens of thousands. The text is the bundled sample's own
+    messages laid end to end and cut at word boundaries, so it tokenizes like real text.
+    """
+    words = " ".join(m["text"] for conversation in sample for m in conversation).split()
+    rng = np.random.default_rng(seed)
+    conversations, cursor = [], 0
+
+    def text(chars: int) -> str:
+        nonlocal cursor
+        out, size = [], 0
+        while size < chars:
+            out.append(words[cursor % len(words)])
+            size += len(out[-1]) + 1
+            cursor += 1
+        return " ".join(out)
+
+    for _ in range(count):
+        pairs = min(int(rng.geometric(0.45)), 8)
+        conversation = []
+        for _ in range(pairs):
+            conversation.append({"role": "prompter", "text": text(min(rng.lognormal(np.log(180), 0.9), 12000))})
+            conversation.append({"role": "assistant", "text": text(min(rng.lognormal(np.log(650), 1.0), 12000))})
+        conversations.append(conversation)
+    return conversations
+
+
 def draw_batches(args) -> list[list]:
     """(warmup + iters) x accumulation lists of batch_size conversations, without replacement while they last."""
     conversations, _ = build_datasets(SAMPLE_MIX["datasets"], cache_dir=repo_path(SAMPLE_MIX["cache_dir"]), seed=0)
+    if args.lengths == "chat":
+        conversations = chat_profile(conversations, 1000, seed=args.seed)
     rng = np.random.default_rng(args.seed)
     count = (args.warmup + args.iters) * args.accumulation
     order = np.concatenate([rng.permutation(len(conversations)) for _ in range(
@@ -129,8 +162,9 @@ class Variant:
         self.batches = [{k: v.to(self.device) for k, v in b.items()}
                         for b in collate_all(args, conversations, pack=name == "C")]
         self.model = build_model(name, self.config, args, self.device, dtype)
+        # fused: the kernel the trainer uses on CPU (gptneox.training.ds_config), one pass per tensor
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-12,
-                                           weight_decay=0.0)
+                                           weight_decay=0.0, fused=True)
         self.setup_mib = peak_memory_mib(self.device)
         self.first_loss = None
         self.steps: list[dict] = []
@@ -237,6 +271,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--accumulation", type=int, default=1,
                         help="micro-batches per optimizer step (the stablelm-7b recipe uses 2, defaults 32)")
+    parser.add_argument("--lengths", default="sample", choices=["sample", "chat"],
+                        help="sample: the bundled conversations (about 70 tokens); chat: synthetic multi-turn "
+                             "conversations of real chat lengths (median about 2,100 characters, long tail)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=1, help="pass over the timed batches this many times")
@@ -266,7 +303,7 @@ def main(argv=None) -> None:
     print(f"machine: {machine_line(device)}")
     print(f"model: {args.model} ({config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab "
           f"{config.vocab_size}), {args.dtype}, attention {args.attention}; {args.batch_size} conversations x "
-          f"max_length {args.max_length}, {args.accumulation} micro-batch(es) per optimizer step; {args.warmup} "
+          f"max_length {args.max_length} ({args.lengths} lengths), {args.accumulation} micro-batch(es) per optimizer step; {args.warmup} "
           f"warm-up + {args.iters} timed steps x {args.rounds} "
           f"round(s) per variant, interleaved; loss chunk {args.loss_chunk_rows} rows")
     print(f"measured {args.dtype} matmul peak: {peak:.4f} TFLOP/s (MFU column divides by this)")
