@@ -18,7 +18,8 @@ from gptneox.training.config import parse_train_config
 from gptneox.training.determinism import use_deterministic_algorithms
 from gptneox.training.distributed import init_distributed
 from gptneox.training.loop import TrainingStopped, train
-from gptneox.training.model_setup import choose_attention_backend, find_model_dir
+from gptneox.training.model_files import find_model_dir
+from gptneox.training.model_setup import choose_attention_backend
 
 PROG = "train.py"
 

@@ -6,29 +6,33 @@ A config is a list like the reference's ``oasst-mix``::
     - vicuna: {val_split: 0.05, max_val_set: 800}
 
 Options every dataset takes:
-  ``input_file_path`` (relative to ``cache_dir``; a per-dataset default file name otherwise),
-  ``val_split`` (default 0.2, the reference's), ``max_val_set`` (evaluation set capped by sampling
-  without replacement), ``fraction`` (keep this share of the training conversations, sampled once here;
-  the reference applied it only with its custom sampler), ``skip_bad_records`` (count and log bad
-  records instead of stopping).
+  ``input_file_path`` (a file, a glob, a directory or a list of them, relative to ``cache_dir``; a
+  per-dataset default file name otherwise), ``val_split`` (default 0.2, the reference's),
+  ``max_val_set`` (evaluation set capped by sampling without replacement), ``fraction`` (keep this
+  share of the training conversations, sampled once here; the reference applied it only with its
+  custom sampler), ``skip_bad_records`` (count and log bad records instead of stopping).
 
 All randomness is seeded by ``seed`` and the dataset name, so the same config gives the same split in
 every process. The split is over *units* (whole message trees for oasst_export), so no tree has
-threads on both sides.
+threads on both sides. ``train.py`` and every tool that reads a datasets config load it through
+``load_run_datasets``, so they all see the same conversations.
 """
 
 from __future__ import annotations
 
 import logging
 import zlib
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from gptneox.data.files import dataset_files
 from gptneox.data.formatting import Conversation
-from gptneox.data.readers import BadRecords, DataError, read_records
-from gptneox.data.sources import SOURCES, RecordError
+from gptneox.data.readers import BadRecords, DataError, RecordError, read_records
+from gptneox.data.sources import BAD_RECORD, SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +40,54 @@ COMMON_OPTIONS = ("input_file_path", "val_split", "max_val_set", "fraction", "sk
 DEFAULT_VAL_SPLIT = 0.2
 
 
+@dataclass
+class LoadedDataset:
+    """One dataset of the mix after reading and splitting, with the counts of its log line."""
+
+    name: str
+    files: list[Path]
+    records: int  # records read from the files (message rows for the hub oasst layout)
+    conversations: int  # conversations made, before max_val_set and fraction
+    drops: Counter  # reason -> records (or oasst threads) that gave no conversation
+    train: list[Conversation]
+    eval: list[Conversation]
+
+    def summary(self) -> str:
+        """The dataset's one log line: what was read, what was made, and every reason something was dropped."""
+        dropped = ", ".join(f"{reason} {count}" for reason, count in sorted(self.drops.items())) or "nothing"
+        left_out = self.conversations - len(self.train) - len(self.eval)
+        cut = f", {left_out} left out by max_val_set/fraction" if left_out else ""
+        files = self.files[0] if len(self.files) == 1 else f"{len(self.files)} files"
+        return (f"{self.name}: {self.records} records read from {files}, {self.conversations} conversations made "
+                f"({len(self.train)} train, {len(self.eval)} eval{cut}); dropped: {dropped}")
+
+
+def load_run_datasets(cfg: Any) -> list[LoadedDataset]:
+    """The datasets of a training config (``datasets``, ``cache_dir``, ``rng_seed``), exactly as the training
+    loop reads them: every data tool calls this, so its counts are the run's counts. (``eval_size`` is applied
+    by the Evaluator.)"""
+    return load_datasets(cfg.datasets, cfg.cache_dir, cfg.rng_seed)
+
+
 def build_datasets(
     datasets_config: list[Any], cache_dir: str | Path = ".", seed: int = 0
 ) -> tuple[list[Conversation], dict[str, list[Conversation]]]:
-    """Return ``(train_conversations, {dataset_name: eval_conversations})``.
+    """Return ``(train_conversations, {dataset_name: eval_conversations})``; see ``merge_datasets``."""
+    return merge_datasets(load_datasets(datasets_config, cache_dir, seed))
 
-    Training conversations are concatenated in config order; a dataset with no evaluation
-    conversations (``val_split: 0``) has no entry in the dict.
-    """
+
+def merge_datasets(datasets: list[LoadedDataset]) -> tuple[list[Conversation], dict[str, list[Conversation]]]:
+    """Training conversations concatenated in config order, and the evaluation sets by dataset name (a
+    dataset with no evaluation conversations has no entry). An empty training set is refused."""
+    train = [conversation for dataset in datasets for conversation in dataset.train]
+    if not train:
+        names = ", ".join(d.name for d in datasets) or "no dataset is configured"
+        raise DataError(f"the training set is empty ({names}): no dataset gave a training conversation")
+    return train, {dataset.name: dataset.eval for dataset in datasets if dataset.eval}
+
+
+def load_datasets(datasets_config: list[Any], cache_dir: str | Path = ".", seed: int = 0) -> list[LoadedDataset]:
+    """Read and split every dataset of the config; each logs its summary line, an empty one a warning."""
     if not isinstance(datasets_config, list):
         raise DataError(
             f"datasets config must be a list of {{dataset_name: options}}, got {type(datasets_config).__name__}"
@@ -53,14 +97,14 @@ def build_datasets(
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise DataError(f"dataset(s) {', '.join(repeated)} listed more than once in the datasets config")
-    train: list[Conversation] = []
-    evals: dict[str, list[Conversation]] = {}
+    datasets = []
     for name, options in entries:
-        dataset_train, dataset_eval = load_dataset(name, options, cache_dir, seed)
-        train.extend(dataset_train)
-        if dataset_eval:
-            evals[name] = dataset_eval
-    return train, evals
+        dataset = load_dataset(name, options, cache_dir, seed)
+        log.info("%s", dataset.summary())
+        if not dataset.conversations:
+            log.warning("dataset %s gives no conversations: %s", name, dataset.summary())
+        datasets.append(dataset)
+    return datasets
 
 
 def parse_entry(entry: Any) -> tuple[str, dict[str, Any]]:
@@ -95,28 +139,39 @@ def _number(name: str, options: dict, key: str, default: Any, low: float, high: 
     return value
 
 
-def read_dataset(name: str, options: dict[str, Any], cache_dir: str | Path) -> list[list[Conversation]]:
-    """All conversations of one dataset's file, grouped per record (per message tree for oasst_export)."""
-    skip = options.get("skip_bad_records", False)
-    if not isinstance(skip, bool):
-        raise DataError(f"dataset {name!r}: option skip_bad_records must be true or false, got {skip!r}")
+def read_dataset(name: str, options: dict[str, Any], cache_dir: str | Path) -> UnitsRead:
+    """All conversations of one dataset's files, grouped per record (per message tree for oasst_export)."""
+    skip = _flag(name, options, "skip_bad_records")
     converter_options = {key: options[key] for key in SOURCES[name].options if key in options}
     if "top_k" in converter_options:
         converter_options["top_k"] = _number(name, options, "top_k", None, 1, float("inf"), int)
+    if "keep_final_answer" in converter_options:
+        converter_options["keep_final_answer"] = _flag(name, options, "keep_final_answer")
     if "lang" in converter_options and not isinstance(options["lang"], (str, list)):
         lang = options["lang"]
         raise DataError(f"dataset {name!r}: option lang must be a comma-separated string or a list, got {lang!r}")
-    return read_units(name, _resolve_path(name, options, cache_dir), skip, converter_options)
+    default_file = SOURCES[name].default_file
+    spec = options.get("input_file_path", default_file)
+    if spec is None:
+        raise DataError(f"dataset {name!r} needs the option input_file_path")
+    files = dataset_files(name, spec, cache_dir, default_used="input_file_path" not in options)
+    return read_units(name, files, skip, converter_options)
 
 
-def load_dataset(
-    name: str, options: dict[str, Any], cache_dir: str | Path, seed: int
-) -> tuple[list[Conversation], list[Conversation]]:
-    """Read one dataset and split it by record (by tree for oasst_export): ``(train, eval)``."""
+def _flag(name: str, options: dict, key: str) -> bool:
+    value = options.get(key, False)
+    if not isinstance(value, bool):
+        raise DataError(f"dataset {name!r}: option {key} must be true or false, got {value!r}")
+    return value
+
+
+def load_dataset(name: str, options: dict[str, Any], cache_dir: str | Path, seed: int) -> LoadedDataset:
+    """Read one dataset and split it by record (by tree for oasst_export)."""
     val_split = _number(name, options, "val_split", DEFAULT_VAL_SPLIT, 0.0, 1.0)
     max_val_set = _number(name, options, "max_val_set", None, 0, float("inf"), int)
     fraction = _number(name, options, "fraction", 1.0, 0.0, 1.0)
-    units = read_dataset(name, options, cache_dir)
+    read = read_dataset(name, options, cache_dir)
+    units = read.units
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     order = rng.permutation(len(units))
     n_val = round(len(units) * val_split)
@@ -127,38 +182,60 @@ def load_dataset(
         val = [val[i] for i in sorted(rng.choice(len(val), size=max_val_set, replace=False))]
     if fraction < 1.0:
         train = [train[i] for i in sorted(rng.choice(len(train), size=int(len(train) * fraction), replace=False))]
-    log.info("%s: %d train and %d eval conversations (%d records)", name, len(train), len(val), len(units))
-    return train, val
+    return LoadedDataset(name, read.files, read.records, sum(len(unit) for unit in units), read.drops, train, val)
 
 
-def _resolve_path(name: str, options: dict, cache_dir: str | Path) -> Path:
-    file = options.get("input_file_path", SOURCES[name].default_file)
-    if file is None:
-        raise DataError(f"dataset {name!r} needs the option input_file_path")
-    if not isinstance(file, (str, Path)):
-        raise DataError(f"dataset {name!r}: input_file_path must be a path, got {file!r}")
-    path = Path(cache_dir) / Path(file).expanduser()
-    if not path.is_file():
-        hint = "" if "input_file_path" in options else " (default file name; set input_file_path to change it)"
-        raise DataError(f"dataset {name!r}: file not found: {path}{hint}")
-    return path
+class UnitsRead(NamedTuple):
+    """What reading a dataset's files gave: conversations per unit, records read, drops by reason."""
+
+    files: list[Path]
+    units: list[list[Conversation]]
+    records: int
+    drops: Counter
 
 
 def read_units(
-    name: str, path: Path, skip: bool = False, converter_options: dict | None = None
-) -> list[list[Conversation]]:
-    """Conversations of every record of one file, grouped per record (per tree for oasst_export)."""
-    bad = BadRecords(path, skip)
-    convert = SOURCES[name].convert
-    units = []
-    for where, record in read_records(path, bad):
+    name: str, files: Path | list[Path], skip: bool = False, converter_options: dict | None = None
+) -> UnitsRead:
+    """Conversations of every record of the files, grouped per record (per tree for oasst_export).
+
+    A source with ``gather`` (oasst_export's hub rows) collects its records across all files first, so a
+    unit split over several files stays one unit.
+    """
+    files = [files] if isinstance(files, Path) else files
+    source = SOURCES[name]
+    bad = BadRecords(skip)
+    drops: Counter = Counter()
+    gathered = source.gather() if source.gather else None
+    units: list[list[Conversation]] = []
+    records = failed_conversions = 0
+
+    def convert(path: Path, where: str, record: Any) -> None:
+        nonlocal failed_conversions
         try:
-            conversations = convert(record, **(converter_options or {}))
+            conversations = source.convert(record, drops, **(converter_options or {}))
         except RecordError as error:
-            bad.report(f"{where}: {error}")
-            continue
+            failed_conversions += 1
+            bad.report(path, f"{where}: {error}")
+            return
         if conversations:
             units.append(conversations)
+
+    for path in files:
+        for where, record in read_records(path, bad):
+            records += 1
+            if not (gathered and gathered.take(path, where, record)):
+                convert(path, where, record)
+    records += bad.count - failed_conversions  # records too damaged to parse were read all the same
+    if gathered:
+        for path, where, build in gathered.trees():
+            try:
+                tree = build()
+            except RecordError as error:
+                bad.report(path, f"{where}: {error}")
+                continue
+            convert(path, where, tree)
     if bad.count:
-        log.warning("%s: skipped %d bad record(s) in %s; first: %s", name, bad.count, path, bad.first)
-    return units
+        drops[BAD_RECORD] = bad.count
+        log.warning("%s: skipped %d bad record(s); first: %s", name, bad.count, bad.first)
+    return UnitsRead(files, units, records, drops)

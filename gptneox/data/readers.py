@@ -1,51 +1,72 @@
-"""Read records from local dataset files: .json, .jsonl, .parquet, .csv (each optionally .gz).
+"""Read records from local dataset files: JSON arrays, JSON Lines, parquet and csv (each optionally .gz).
 
-Every record comes with a location (``line 12``, ``record 3``, ``row 7``) so that a bad record can be
-reported by file and place. Bad input stops with a ``DataError`` unless the caller skips bad records,
-in which case ``BadRecords`` counts them and keeps the first message for the log.
+Every record comes with a location (``line 12``, ``record 3 (line 40)``, ``row 7``) so that a bad record
+can be reported by file and place. Bad input stops with a ``DataError`` unless the caller skips bad
+records, in which case ``BadRecords`` counts them and keeps the first message for the log.
+
+Files are streamed: a JSON Lines file is read line by line as bytes and each line is decoded on its own
+(a bad byte spoils that record only), a JSON array is parsed one element at a time from a bounded
+buffer, and parquet is read in record batches. So reading holds one record at a time, not the file.
+Whether a ``.json`` file is a JSON array or JSON Lines (what pandas and ``datasets`` write under that
+name) is decided from its first character.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import json
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from gptneox.errors import UserError
 
 FORMATS = (".json", ".jsonl", ".parquet", ".csv")
+CHUNK_CHARS = 1 << 20  # a JSON array is parsed from a buffer of about this many characters
+PARQUET_BATCH_ROWS = 1024
+BOM = "\ufeff"
 
 
 class DataError(UserError, ValueError):
     """Bad dataset input; the message names the file, the record and the field."""
 
 
+class RecordError(UserError, ValueError):
+    """A record that does not match its dataset's schema; the reader adds the file and the location."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"field {field!r}: {problem}")
+
+
 class BadRecords:
     """Raise on a bad record, or count it when the user asked to skip bad records."""
 
-    def __init__(self, path: Path, skip: bool):
-        self.path = path
+    def __init__(self, skip: bool):
         self.skip = skip
         self.count = 0
         self.first: str | None = None
 
-    def report(self, message: str) -> None:
-        error = f"{self.path}: {message}"
+    def report(self, path: Path, message: str) -> None:
+        error = f"{path}: {message}"
         if not self.skip:
             raise DataError(error + " (set skip_bad_records: true to skip bad records)")
         self.count += 1
         self.first = self.first or error
 
 
-def file_format(path: Path) -> str:
-    """The record format of ``path``, from its suffix with any ``.gz`` removed."""
+def record_format(path: Path) -> str | None:
+    """The record format of ``path`` from its suffix with any ``.gz`` removed; None for other files."""
     suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
     kind = suffixes[0] if suffixes else ""
-    if kind not in FORMATS:
+    return kind if kind in FORMATS else None
+
+
+def file_format(path: Path) -> str:
+    kind = record_format(path)
+    if kind is None:
         raise DataError(f"{path}: unsupported file type; expected one of {', '.join(FORMATS)} (optionally .gz)")
     return kind
 
@@ -60,46 +81,134 @@ def read_records(path: Path, bad: BadRecords) -> Iterator[tuple[str, Any]]:
         return
     last = "the start"
     try:
-        with _open_text(path) as stream:
-            if kind == ".jsonl":
-                records = _read_jsonl(stream, bad)
-            elif kind == ".json":
-                records = _read_json(path, stream)
+        with _open_binary(path) as stream:
+            if kind == ".csv":
+                records = _read_csv(io.TextIOWrapper(stream, encoding="utf-8", newline=""))
+            elif kind == ".json" and _first_char(stream) == "[":
+                records = _read_json_array(path, stream)
             else:
-                records = _read_csv(stream)
+                hint = " (read as JSON Lines: the file does not start with '[')" if kind == ".json" else ""
+                records = _read_json_lines(path, stream, bad, hint)
             for last, record in records:
                 yield last, record
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error) as error:
-        bad.report(f"unreadable after {last}: {type(error).__name__}: {error}")
+        bad.report(path, f"unreadable after {last}: {type(error).__name__}: {error}")
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+def _open_binary(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def _read_jsonl(stream: io.TextIOBase, bad: BadRecords) -> Iterator[tuple[str, Any]]:
-    for number, line in enumerate(stream, start=1):
+def _first_char(stream: BinaryIO) -> str:
+    """The first character that is not whitespace or a byte-order mark; the stream is rewound."""
+    head = stream.read(4096)
+    stream.seek(0)
+    return head.decode("utf-8", errors="replace").lstrip(BOM + " \t\r\n")[:1]
+
+
+def _read_json_lines(path: Path, stream: BinaryIO, bad: BadRecords, hint: str) -> Iterator[tuple[str, Any]]:
+    for number, raw in enumerate(stream, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            bad.report(path, f"line {number}: not UTF-8: byte 0x{raw[error.start]:02x} at byte {error.start + 1} "
+                             f"of the line ({error.reason})")
+            continue
+        line = line.rstrip("\r\n")  # so that the column of an error at the end of the line is on the line
+        if number == 1:
+            line = line.lstrip(BOM)
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            bad.report(f"line {number}: malformed JSON: {error.msg} at column {error.colno}")
+            bad.report(path, f"line {number}: malformed JSON at column {error.colno}: {error.msg}{hint}")
             continue
         yield f"line {number}", record
 
 
-def _read_json(path: Path, stream: io.TextIOBase) -> Iterator[tuple[str, Any]]:
-    try:
-        data = json.load(stream)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON array of records, found a {type(data).__name__}")
-    for index, record in enumerate(data):
-        yield f"record {index}", record
+def _read_json_array(path: Path, stream: BinaryIO) -> Iterator[tuple[str, Any]]:
+    """The elements of a top-level JSON array, parsed one at a time from a bounded text buffer."""
+    decoder = json.JSONDecoder()
+    text = codecs.getincrementaldecoder("utf-8")()
+    buffer, pos, eof, read_bytes = "", 0, False, 0
+    line, dropped_columns = 1, 0  # the line of buffer[pos]; characters of buffer[0]'s line already dropped
+    want = CHUNK_CHARS
+
+    def refill() -> None:
+        nonlocal buffer, pos, eof, read_bytes, dropped_columns
+        chunk = stream.read(want)
+        read_bytes += len(chunk)
+        newline = buffer.rfind("\n", 0, pos)
+        dropped_columns = pos - newline - 1 if newline >= 0 else dropped_columns + pos
+        try:
+            buffer = buffer[pos:] + text.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not UTF-8 near byte {read_bytes - len(chunk) + error.start + 1} "
+                            f"(line {line} or later): {error.reason}") from None
+        pos, eof = 0, not chunk
+
+    def skip_space() -> None:
+        nonlocal pos, line
+        while True:
+            end = pos
+            while end < len(buffer) and buffer[end] in " \t\r\n" + BOM:
+                end += 1
+            line += buffer.count("\n", pos, end)
+            pos = end
+            if pos < len(buffer) or eof:
+                return
+            refill()
+
+    def malformed(message: str, at: int) -> DataError:
+        row = line + buffer.count("\n", pos, at)
+        newline = buffer.rfind("\n", 0, at)
+        column = at - newline if newline >= 0 else dropped_columns + at + 1
+        return DataError(f"{path}: malformed JSON at line {row}, column {column}: {message}")
+
+    def close() -> None:
+        nonlocal pos
+        pos += 1
+        skip_space()
+        if pos < len(buffer):
+            raise malformed("extra data after the array", pos)
+
+    refill()
+    skip_space()
+    pos += 1  # the "[" that decided the format
+    skip_space()
+    if buffer[pos:pos + 1] == "]":
+        close()
+        return
+    index = 0
+    while True:
+        if pos == len(buffer):
+            raise malformed("the array is not closed", pos)
+        while True:  # a value that reaches the end of the buffer may go on in the next chunk
+            try:
+                record, end = decoder.raw_decode(buffer, pos)
+                if end < len(buffer) or eof:
+                    break
+            except json.JSONDecodeError as error:
+                if eof:
+                    raise malformed(error.msg, error.pos) from None
+            want *= 2  # an element longer than the buffer: read more at once, so retries stay rare
+            refill()
+        want = CHUNK_CHARS
+        yield f"record {index} (line {line})", record
+        line += buffer.count("\n", pos, end)
+        pos = end
+        index += 1
+        skip_space()
+        if pos == len(buffer):
+            raise malformed("the array is not closed", pos)
+        if buffer[pos] == "]":
+            close()
+            return
+        if buffer[pos] != ",":
+            raise malformed("expected ',' or ']' after an element", pos)
+        pos += 1
+        skip_space()
 
 
 def _read_csv(stream: io.TextIOBase) -> Iterator[tuple[str, Any]]:
@@ -113,9 +222,11 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
         import pyarrow.parquet as parquet
     except ImportError:
         raise DataError(f"{path}: reading .parquet files needs pyarrow (pip install 'gptneox[data]')") from None
+    index = 0
     try:
-        rows = parquet.read_table(path).to_pylist()
+        for batch in parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for row in batch.to_pylist():
+                yield f"row {index}", row
+                index += 1
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-        raise DataError(f"{path}: cannot read parquet file: {error}") from error
-    for index, row in enumerate(rows):
-        yield f"row {index}", row
+        raise DataError(f"{path}: cannot read parquet file after row {index}: {error}") from error

@@ -3,28 +3,36 @@
 The conversion rules follow the Open-Assistant ``stable_lm_training`` branch (the code that trained
 StableLM SFT-7). Each converter returns the conversations of one *unit*: a whole message tree for
 ``oasst_export`` (so that the train/validation split keeps every tree on one side), one record for
-the others. A bad record raises ``RecordError`` naming the field; the caller adds file and line.
+the others. A record that cannot be read raises ``RecordError`` naming the field (the caller adds file
+and line); a readable record that gives nothing to train on is counted in ``drops`` under its reason.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from gptneox.data.formatting import Conversation
-from gptneox.errors import UserError
+from gptneox.data.oasst_rows import MessageRows
+from gptneox.data.readers import RecordError
 
 MAX_MESSAGE_CHARS = 2048  # the reference cut vicuna and dolly messages to this many characters
 CODE_ALPACA_BANNED_WORDS = ("openai",)  # the reference's FILTER_BY_WORDS at the time of SFT-7
 
-
-class RecordError(UserError, ValueError):
-    """A record that does not match its dataset's schema (reported as a DataError naming the file and place)."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"field {field!r}: {problem}")
+# Why a record (or, marked "thread", one oasst thread) gives no conversation: the keys of ``drops``.
+EMPTY = "empty"
+NOT_PROMPTER_FIRST = "not starting with a human turn"
+OTHER_SPEAKER = "system or unknown speaker after the first turn"
+NO_REPLY = "no assistant reply"
+LANGUAGE = "language"
+REVIEW_STATE = "review state"
+DELETED_OR_SYNTHETIC = "thread with a deleted/synthetic message"
+RANK = "thread with an assistant ranked >= top_k or unranked"
+BANNED_WORD = "banned word"
+BAD_RECORD = "bad record"
 
 
 def _get(record: Any, field: str, kind: type = str, path: str | None = None, default: Any = ...) -> Any:
@@ -49,7 +57,8 @@ def _pair(question: str, answer: str) -> list[Conversation]:
 # --- oasst_export: message trees ------------------------------------------------------------------
 
 
-def oasst_export(record: Any, lang: str | list[str] = "en", top_k: int | None = None) -> list[Conversation]:
+def oasst_export(record: Any, drops: Counter, lang: str | list[str] = "en", top_k: int | None = None
+                 ) -> list[Conversation]:
     """Every root-to-leaf thread of a reviewed, exportable tree in an accepted language.
 
     A thread ends on an assistant leaf, or on a prompter leaf that is its parent's first reply (that
@@ -57,17 +66,22 @@ def oasst_export(record: Any, lang: str | list[str] = "en", top_k: int | None = 
     ``top_k``, so are threads through an assistant ranked ``>= top_k`` or unranked among siblings.
     """
     languages = set(lang.split(",") if isinstance(lang, str) else lang)
-    if _get(record, "tree_state") != "ready_for_export":
-        return []
     root = _get(record, "prompt", dict)
-    if not root.get("review_result") or _get(root, "lang", path="prompt.lang") not in languages:
+    if _get(record, "tree_state") != "ready_for_export" or not root.get("review_result"):
+        drops[REVIEW_STATE] += 1
+        return []
+    if _get(root, "lang", path="prompt.lang") not in languages:
+        drops[LANGUAGE] += 1
         return []
     threads: list[Conversation] = []
-    _visit(root, "prompt", [], None, threads, top_k)
+    _visit(root, "prompt", [], None, threads, top_k, drops)
+    if not threads:
+        drops[NO_REPLY] += 1
     return threads
 
 
-def _visit(node: dict, where: str, path: list[dict], parent: dict | None, out: list, top_k: int | None) -> None:
+def _visit(node: dict, where: str, path: list[dict], parent: dict | None, out: list, top_k: int | None,
+           drops: Counter) -> None:
     role = _get(node, "role", path=f"{where}.role")
     expected = "prompter" if parent is None or parent["role"] == "assistant" else "assistant"
     if role not in ("prompter", "assistant"):
@@ -75,70 +89,124 @@ def _visit(node: dict, where: str, path: list[dict], parent: dict | None, out: l
     if role != expected:
         raise RecordError(f"{where}.role", f"{role!r} follows a {'nothing' if parent is None else parent['role']!r}")
     _get(node, "text", path=f"{where}.text")
-    _get(node, "rank", int, path=f"{where}.rank", default=None)  # _thread_allowed compares it
+    _get(node, "rank", int, path=f"{where}.rank", default=None)  # _thread_drop compares it
     replies = _get(node, "replies", list, path=f"{where}.replies", default=[])
     path = path + [node]
     if not replies and len(path) > 1:
         ends_on_first_prompter = role == "prompter" and parent["replies"][0] is node
-        if (role == "assistant" or ends_on_first_prompter) and _thread_allowed(path, top_k):
-            kept = path if role == "assistant" else path[:-1]
-            out.append([{"role": n["role"], "text": n["text"]} for n in kept])
+        if role == "assistant" or ends_on_first_prompter:
+            reason = _thread_drop(path, top_k)
+            if reason:
+                drops[reason] += 1
+            else:
+                kept = path if role == "assistant" else path[:-1]
+                out.append([{"role": n["role"], "text": n["text"]} for n in kept])
     for index, child in enumerate(replies):
-        _visit(child, f"{where}.replies[{index}]", path, node, out, top_k)
+        _visit(child, f"{where}.replies[{index}]", path, node, out, top_k, drops)
 
 
-def _thread_allowed(path: list[dict], top_k: int | None) -> bool:
+def _thread_drop(path: list[dict], top_k: int | None) -> str | None:
+    """Why the reference's thread filter rejects this root-to-leaf path; None when it keeps it."""
     if any(node.get("deleted") or node.get("synthetic") for node in path):
-        return False
+        return DELETED_OR_SYNTHETIC
     if top_k is None:
-        return True
+        return None
     for parent, node in zip(path, path[1:]):
         if node["role"] != "assistant":
             continue
         rank = node.get("rank")
         if (rank is None and len(parent["replies"]) > 1) or (rank is not None and rank >= top_k):
-            return False
-    return True
+            return RANK
+    return None
 
 
-# --- single-pair and chat sources -----------------------------------------------------------------
+# --- multi-turn chats ----------------------------------------------------------------------------
+
+SHAREGPT_ROLES = {"human": "prompter", "user": "prompter",
+                  "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                  "assistant": "assistant", "model": "assistant"}
+CHAT_ROLES = {"system": "system", "user": "prompter", "assistant": "assistant"}
 
 
-def vicuna(record: Any) -> list[Conversation]:
-    """ShareGPT ``conversations`` of ``{from: human|gpt, value}``; consecutive turns of one speaker join."""
+def vicuna(record: Any, drops: Counter) -> list[Conversation]:
+    """ShareGPT ``conversations`` of ``{from, value}``, as the real files have them.
+
+    ``human``/``user`` are the prompter, ``gpt``/``chatgpt``/``bing``/``bard``/``assistant``/``model`` the
+    assistant. As in the reference, a conversation that is empty or does not start with a human turn
+    (``system``, ``gpt``, ...) is dropped, turns of one speaker join with a newline, the dump's markdown
+    escapes are undone and each message is cut to 2,048 characters.
+    """
     turns = _get(record, "conversations", list)
-    messages: Conversation = []
+    dialogue = []
     for index, turn in enumerate(turns):
         speaker = _get(turn, "from", path=f"conversations[{index}].from")
         value = _get(turn, "value", path=f"conversations[{index}].value")
-        if speaker not in ("human", "gpt"):
-            raise RecordError(f"conversations[{index}].from", f"unknown speaker {speaker!r}; expected 'human' or 'gpt'")
-        role = "prompter" if speaker == "human" else "assistant"
         text = value.replace("\\_", "_").replace("\\*", "*")  # undo the dump's markdown escaping
+        dialogue.append((SHAREGPT_ROLES.get(speaker.lower()), text))
+    conversations = _dialogue(dialogue, drops)
+    return [[{"role": m["role"], "text": m["text"][:MAX_MESSAGE_CHARS]} for m in c] for c in conversations]
+
+
+def chat(record: Any, drops: Counter) -> list[Conversation]:
+    """``messages: [{role: system|user|assistant, content}]`` (TRL, axolotl, OpenAI fine-tuning files).
+
+    A leading system message becomes the ``<|system|>`` turn; then the same rules as ShareGPT: it must
+    start with a user turn, turns of one role join with a newline, a trailing user turn is dropped.
+    """
+    messages = _get(record, "messages", list)
+    dialogue = []
+    for index, message in enumerate(messages):
+        role = _get(message, "role", path=f"messages[{index}].role")
+        content = _get(message, "content", path=f"messages[{index}].content")
+        if role not in CHAT_ROLES:
+            raise RecordError(f"messages[{index}].role", f"unknown role {role!r}; expected {', '.join(CHAT_ROLES)}")
+        dialogue.append((CHAT_ROLES[role], content))
+    system = dialogue.pop(0)[1] if dialogue and dialogue[0][0] == "system" else None
+    conversations = _dialogue([(None if role == "system" else role, text) for role, text in dialogue], drops)
+    if system is not None:
+        conversations = [[{"role": "system", "text": system}] + c for c in conversations]
+    return conversations
+
+
+def _dialogue(turns: list[tuple[str | None, str]], drops: Counter) -> list[Conversation]:
+    """Prompter/assistant turns (role None: any other speaker) -> [conversation], or [] with a drop counted."""
+    if not turns:
+        drops[EMPTY] += 1
+        return []
+    if turns[0][0] != "prompter":
+        drops[NOT_PROMPTER_FIRST] += 1
+        return []
+    if any(role is None for role, _ in turns):
+        drops[OTHER_SPEAKER] += 1
+        return []
+    messages: Conversation = []
+    for role, text in turns:
         if messages and messages[-1]["role"] == role:
             messages[-1]["text"] += "\n" + text
         else:
             messages.append({"role": role, "text": text})
-    if not messages or messages[0]["role"] != "prompter":
-        return []
     if messages[-1]["role"] == "prompter":  # a trailing question has nothing to train
         messages.pop()
     if not messages:
+        drops[NO_REPLY] += 1
         return []
-    return [[{"role": m["role"], "text": m["text"][:MAX_MESSAGE_CHARS]} for m in messages]]
+    return [messages]
+
+
+# --- single pairs ---------------------------------------------------------------------------------
 
 
 _NUMBERED_REFERENCE = re.compile(r"\[\d+(?:\s*[,–-]\s*\d+)*\]")
-_LETTER_REFERENCE = re.compile(r"\[[a-z]\]")
+_LETTER_REFERENCE = re.compile(r"\[[a-zA-Z]\]")
 
 
 def _clean_context(context: str) -> str:
-    """Remove Wikipedia reference marks: ``[12]``, ``[3, 4]``, ``[citation needed]``, ``[a]``."""
+    """Remove Wikipedia reference marks: ``[12]``, ``[3, 4]``, ``[citation needed]``, ``[a]``, ``[B]``."""
     context = _NUMBERED_REFERENCE.sub("", context).replace("[citation needed]", "")
     return _LETTER_REFERENCE.sub("", context).strip()
 
 
-def dolly15k(record: Any) -> list[Conversation]:
+def dolly15k(record: Any, drops: Counter) -> list[Conversation]:
     """Dolly 15k, OA schema (``INSTRUCTION/RESPONSE/METADATA.CONTEXT``) or the original lower-case one.
 
     A non-empty context is placed before the instruction: ``"{context} {instruction}"``.
@@ -173,37 +241,65 @@ def _oa_dolly_context(record: dict) -> str:
     return _get(metadata, "CONTEXT", path="METADATA.CONTEXT", default="")
 
 
-def grade_school_math_instructions(record: Any) -> list[Conversation]:
-    """``INSTRUCTION`` -> ``RESPONSE``."""
-    return _pair(_get(record, "INSTRUCTION"), _get(record, "RESPONSE"))
+_CALCULATOR_MARK = re.compile(r"<<[^<>]*>>")
 
 
-def code_alpaca(record: Any) -> list[Conversation]:
+def grade_school_math_instructions(record: Any, drops: Counter, keep_final_answer: bool = False
+                                   ) -> list[Conversation]:
+    """The reference's hub copy (``INSTRUCTION`` -> ``RESPONSE``) or OpenAI's GSM8K (``question``/``answer``).
+
+    From an original answer the ``<<48/2=24>>`` calculator marks and the final ``#### 72`` line are
+    removed, as in the hub copy; ``keep_final_answer`` turns that line into a last sentence instead. The
+    question is the prompt as it is (the hub copy wrapped it in a random instruction template).
+    """
+    if not (isinstance(record, dict) and "question" in record):
+        return _pair(_get(record, "INSTRUCTION"), _get(record, "RESPONSE"))
+    question, answer = _get(record, "question"), _get(record, "answer")
+    working, marker, result = answer.rpartition("####")
+    if not marker or "\n" in result.strip():
+        raise RecordError("answer", "has no final '#### <number>' line")
+    answer = _CALCULATOR_MARK.sub("", working).rstrip()
+    if keep_final_answer:
+        answer += f"\nThe answer is {result.strip()}."
+    return _pair(question, answer)
+
+
+def code_alpaca(record: Any, drops: Counter) -> list[Conversation]:
     """``instruction`` (+ ``"\\n" + input`` when given) -> ``output``; pairs mentioning OpenAI are dropped."""
+    (pair,) = alpaca(record, drops)
+    if any(word in m["text"].lower() for m in pair for word in CODE_ALPACA_BANNED_WORDS):
+        drops[BANNED_WORD] += 1
+        return []
+    return [pair]
+
+
+def alpaca(record: Any, drops: Counter) -> list[Conversation]:
+    """``instruction`` (+ ``"\\n" + input`` when given) -> ``output``, the reference's alpaca rule."""
     instruction = _get(record, "instruction")
     extra = _get(record, "input", default="")
     output = _get(record, "output")
-    prompt = f"{instruction}\n{extra}" if extra else instruction
-    if any(word in text.lower() for text in (prompt, output) for word in CODE_ALPACA_BANNED_WORDS):
-        return []
-    return _pair(prompt, output)
+    return _pair(f"{instruction}\n{extra}" if extra else instruction, output)
 
 
 @dataclass(frozen=True)
 class Source:
-    """A named dataset: its converter, its own options, and the file name used when none is given."""
+    """A named dataset: its converter, its own options, the file name used when none is given, and for
+    sources whose units span records, the class that gathers such records into units."""
 
     convert: Callable[..., list[Conversation]]
     options: tuple[str, ...] = ()
     default_file: str | None = None
+    gather: type | None = None
 
 
 SOURCES = {
-    "oasst_export": Source(oasst_export, options=("lang", "top_k")),
+    "oasst_export": Source(oasst_export, options=("lang", "top_k"), gather=MessageRows),
     "vicuna": Source(vicuna, default_file="ShareGPT_V3_unfiltered_cleaned_split_no_imsorry.json"),
     "dolly15k": Source(dolly15k, default_file="databricks-dolly-15k.jsonl"),
     "grade_school_math_instructions": Source(
-        grade_school_math_instructions, default_file="grade-school-math-instructions.csv"
-    ),
+        grade_school_math_instructions, options=("keep_final_answer",),
+        default_file="grade-school-math-instructions.csv"),
     "code_alpaca": Source(code_alpaca, default_file="code_alpaca_20k.json"),
+    "chat": Source(chat),
+    "alpaca": Source(alpaca),
 }

@@ -6,6 +6,7 @@ all-reduced, so the figures do not depend on the number of ranks.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 import torch
@@ -17,10 +18,13 @@ from gptneox.training.distributed import all_reduce
 from gptneox.training.metrics import eval_key
 from gptneox.training.stop import StopRequest
 
+log = logging.getLogger(__name__)
+
 
 @torch.no_grad()
-def evaluate(engine: Any, batches: Iterable[dict]) -> tuple[float, float]:
-    """(masked loss, token accuracy) over this rank's `batches`, summed over all ranks. Collective."""
+def evaluate(engine: Any, batches: Iterable[dict]) -> tuple[float, float] | None:
+    """(masked loss, token accuracy) over this rank's `batches`, summed over all ranks; None when no rank's
+    batches held a trained token (every rank agrees, the count is summed first). Collective."""
     was_training = engine.module.training
     engine.eval()
     loss_sum = correct = count = 0.0
@@ -37,7 +41,9 @@ def evaluate(engine: Any, batches: Iterable[dict]) -> tuple[float, float]:
     engine.train(was_training)
     sums = all_reduce(torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=engine.device))
     loss_sum, correct, count = sums.tolist()
-    return loss_sum / max(count, 1.0), correct / max(count, 1.0)
+    if count == 0:
+        return None
+    return loss_sum / count, correct / count
 
 
 class Evaluator:
@@ -50,6 +56,7 @@ class Evaluator:
         self.collate = DialogueCollator(tokenizer, max_length=max_length, random_offset_probability=0.0,
                                         pad_to_multiple_of=None)
         self.batch_size, self.every, self.rank, self.world = batch_size, every, rank, world
+        self.without_trained_tokens: set[str] = set()  # sets already reported as such
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -67,6 +74,14 @@ class Evaluator:
             return {}
         results = {}
         for name, samples in self.eval_sets.items():
-            loss, accuracy = evaluate(engine, (self.collate(batch) for batch in self.my_batches(samples)))
+            result = evaluate(engine, (self.collate(batch) for batch in self.my_batches(samples)))
+            if result is None:  # a loss of 0.0 would read as a perfect model
+                if self.rank == 0 and name not in self.without_trained_tokens:
+                    log.warning("eval set %s: its %d conversations hold no trained (assistant) token within "
+                                "max_length %d; it has no loss or accuracy", name, len(samples),
+                                self.collate.max_length)
+                self.without_trained_tokens.add(name)
+                continue
+            loss, accuracy = result
             results.update({eval_key(name, "loss"): loss, eval_key(name, "accuracy"): accuracy})
         return results

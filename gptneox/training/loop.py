@@ -18,7 +18,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from gptneox.data import DialogueCollator
-from gptneox.data.datasets import build_datasets
+from gptneox.data.datasets import load_run_datasets, merge_datasets
 from gptneox.training.checkpoint import CheckpointManager, TrainState
 from gptneox.training.config import TrainConfig
 from gptneox.training.data_order import DataOrder
@@ -122,7 +122,10 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
     out = Path(cfg.output_dir)
     checkpoint_dir = out / "checkpoints"
     # data first: a bad dataset file should fail in seconds, not after loading billions of weights
-    train_set, eval_sets = build_datasets(cfg.datasets, cache_dir=cfg.cache_dir, seed=cfg.rng_seed)
+    datasets = load_run_datasets(cfg)
+    for dataset in datasets:
+        say(dataset.summary())
+    train_set, eval_sets = merge_datasets(datasets)
     torch.manual_seed(cfg.rng_seed)  # the same random init on every rank
     model, tokenizer, model_line = build_training_model(cfg)
     say(model_line)

@@ -3,40 +3,18 @@ attention backend, gradient checkpointing, and the two weight-decay parameter gr
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from deepspeed.accelerator import get_accelerator
 from tokenizers import Tokenizer
 
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.attention import AttentionBackendError, check_backend
-from gptneox.config import PRESETS
-from gptneox.data import load_tokenizer
 from gptneox.dtypes import torch_dtype
-from gptneox.hub import find_model, is_repo_id
 from gptneox.sizes import round_up
 from gptneox.training.config import TrainConfig, TrainConfigError
+from gptneox.training.model_files import find_model_dir, load_run_tokenizer
 
 VOCAB_MULTIPLE = 16
-
-
-def find_model_dir(model_name: str, cache_dir: str) -> Path | None:
-    """A local Hugging Face directory for `model_name`: relative to cwd (or absolute), relative to
-    cache_dir, or for an `org/name` id the newest complete snapshot in the Hugging Face cache; None for a
-    preset name; an error naming every place looked at otherwise. Nothing is downloaded."""
-    if not model_name:
-        raise TrainConfigError("model_name is not set (add a model config such as tiny or stablelm-7b)")
-    path, looked = find_model(model_name, [Path.cwd(), Path(cache_dir)])
-    if path is not None or model_name in PRESETS:
-        return path
-    fetch = f"fetch them into the Hugging Face cache beforehand (hf download {model_name}), " \
-        if is_repo_id(model_name) else ""
-    raise TrainConfigError(
-        f"model_name={model_name!r}: no model directory and not a preset ({', '.join(PRESETS)}). "
-        f"Looked at: {'; '.join(looked)}. Nothing is downloaded: put the Hugging Face files (config.json, "
-        f"*.safetensors or pytorch_model*.bin, tokenizer.json) in {Path(cache_dir) / model_name}, "
-        f"{fetch}or pass --model_name /path/to/dir")
 
 
 def build_training_model(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]:
@@ -45,10 +23,7 @@ def build_training_model(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]:
     training dtype and onto this rank's device, so a 7B model costs each rank one 16-bit copy rather than an
     fp32 one in host memory (DeepSpeed keeps its own fp32 master copy in the optimizer)."""
     model_dir = find_model_dir(cfg.model_name, cfg.cache_dir)
-    tokenizer_source = cfg.tokenizer_path or model_dir
-    if tokenizer_source is None:
-        raise TrainConfigError(f"model_name={cfg.model_name!r} is a preset without files: set tokenizer_path")
-    tokenizer = load_tokenizer(tokenizer_source)
+    tokenizer = load_run_tokenizer(cfg)
     if model_dir is None:
         model = GPTNeoX(GPTNeoXConfig.from_name(cfg.model_name))
         origin = f"preset {cfg.model_name!r}, random init"

@@ -41,7 +41,9 @@ def test_plot_metrics_keeps_the_newest_record_of_a_step():
 
 
 def test_padding_report_runs_from_another_directory(tmp_path):
-    done = run_python(str(REPO / "tools" / "padding_report.py"), "--max_length", "128", cwd=tmp_path)
+    done = run_python(str(REPO / "tools" / "padding_report.py"), "--max_length", "128", "--cache_dir",
+                      REPO / "data" / "sample", "--tokenizer_path", REPO / "data" / "sample" / "tokenizer.json",
+                      cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| 128 | 8 |" in done.stdout
 

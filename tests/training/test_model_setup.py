@@ -10,7 +10,8 @@ import torch
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.data import load_tokenizer, save_tokenizer
 from gptneox.training.config import TrainConfig, TrainConfigError, parse_train_config
-from gptneox.training.model_setup import build_training_model, choose_attention_backend, find_model_dir, parameter_groups
+from gptneox.training.model_files import find_model_dir
+from gptneox.training.model_setup import build_training_model, choose_attention_backend, parameter_groups
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,51 @@
+"""The Evaluator reports an evaluation set whose windows hold no trained token as such, never as loss 0.0."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from gptneox import GPTNeoX, GPTNeoXConfig
+from gptneox.data import load_tokenizer
+from gptneox.training.evaluation import Evaluator
+from gptneox.training.stop import StopRequest
+
+from tests.helpers import REPO
+
+
+class _EvalEngine:
+    """What evaluate() uses of a DeepSpeed engine, over a plain module."""
+
+    def __init__(self, module):
+        self.module, self.device = module, torch.device("cpu")
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def eval(self):
+        self.module.eval()
+
+    def train(self, mode=True):
+        self.module.train(mode)
+
+
+def test_an_eval_set_without_trained_tokens_has_no_loss_and_is_named_once(caplog):
+    tokenizer = load_tokenizer(REPO / "data" / "sample" / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPTNeoX(GPTNeoXConfig.from_name("tiny", vocab_size=tokenizer.get_vocab_size()))
+    short = [{"role": "prompter", "text": "Hi"}, {"role": "assistant", "text": "Hello there"}]
+    long_question = [{"role": "prompter", "text": "why " * 60}, {"role": "assistant", "text": "Because."}]
+    evaluator = Evaluator({"short": [short], "long_questions": [long_question] * 3}, tokenizer, max_length=16,
+                          batch_size=2, every=1, rank=0, world=1)
+    stop = StopRequest()
+    try:
+        with caplog.at_level(logging.WARNING):
+            first = evaluator.run(_EvalEngine(model), stop)
+            second = evaluator.run(_EvalEngine(model), stop)
+    finally:
+        stop.restore()
+    assert set(first) == set(second) == {"eval_short_loss", "eval_short_accuracy"}
+    assert first["eval_short_loss"] > 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["eval set long_questions: its 3 conversations hold no trained (assistant) token within "
+                        "max_length 16; it has no loss or accuracy"]
