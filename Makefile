@@ -28,7 +28,7 @@ test-gpu: $(STAMP)
 	$(PY) -m pytest -q -rs -m cuda tests
 
 demo: $(STAMP)
-	$(PY) tools/demo.py --output_dir out/demo
+	$(PY) tools/demo.py --output out/demo
 
 bench: $(STAMP)
 	$(PY) bench/model_throughput.py

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gptneox.dtypes import DTYPE_NAMES  # noqa: E402
+from gptneox.dtypes import DTYPE_HELP, TORCH_DTYPES, dtype_name  # noqa: E402
 from gptneox.training.metrics import matmul_peak_tflops  # noqa: E402
 from gptneox.errors import run_command  # noqa: E402
 
@@ -22,7 +22,8 @@ from gptneox.errors import run_command  # noqa: E402
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
+    parser.add_argument("--dtype", default="fp32", type=dtype_name, choices=list(TORCH_DTYPES), metavar="DTYPE",
+                        help=DTYPE_HELP)
     parser.add_argument("--size", type=int, nargs="+", default=[2048, 3072], help="square matrix sizes")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)

@@ -44,7 +44,7 @@ from gptneox import GPTNeoX, GPTNeoXConfig  # noqa: E402
 from gptneox.attention import AttentionBackendError, check_backend  # noqa: E402
 from gptneox.data import DialogueCollator, build_datasets, load_tokenizer  # noqa: E402
 from gptneox.flops import conversation_lengths, training_flops  # noqa: E402
-from gptneox.dtypes import torch_dtype  # noqa: E402
+from gptneox.dtypes import dtype_name, torch_dtype  # noqa: E402
 from gptneox.memory import peak_memory_mib  # noqa: E402
 from gptneox.training.config import load_section, repo_path  # noqa: E402
 from gptneox.training.metrics import matmul_peak_tflops  # noqa: E402
@@ -259,8 +259,9 @@ def machine_line(device) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                        help="weights, activations and AdamW state (no fp16: it would need a loss scaler)")
+    parser.add_argument("--dtype", default="fp32", type=dtype_name, choices=["fp32", "bf16"], metavar="DTYPE",
+                        help="weights, activations and AdamW state: fp32 or bf16 (float32, bfloat16 mean the same; "
+                             "no fp16: it would need a loss scaler)")
     parser.add_argument("--model", default="pythia-70m", choices=sorted(MODELS),
                         help="pythia-70m (vocab 50304) or stablelm-7b-layers (StableLM-7B shape, vocab 50432)")
     parser.add_argument("--layers", type=int, default=None, help="number of layers (default: the model's)")
@@ -280,7 +281,7 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--loss_chunk_rows", type=int, default=DEFAULT_CHUNK_ROWS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--output", type=Path, default=None, help="also write the figures here (JSON)")
     parser.add_argument("--memory_worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:  # before any model is built: the backend against the device and dtype, and flash-attn's import
@@ -324,8 +325,8 @@ def main(argv=None) -> None:
         for v in results:
             if v != "A":
                 print(f"{v}/A trained tokens/s: {results[v]['trained_per_s'] / results['A']['trained_per_s']:.2f}")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "peak_tflops": peak,
+    if args.output:
+        args.output.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "peak_tflops": peak,
                                          "machine": machine_line(device), "results": results}, indent=2))
 
 

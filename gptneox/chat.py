@@ -127,7 +127,7 @@ class ChatSession:
 
     def reply(self, text: str) -> str:
         """Generate, stream and remember the assistant's answer to `text`."""
-        prompt_ids = self._prompt_ids({"role": "prompter", "text": text})
+        prompt_ids = self.prompt_ids(text)
         room = self.context - len(prompt_ids)
         max_new_tokens = min(self.max_new_tokens, room)
         if max_new_tokens < self.max_new_tokens:
@@ -156,8 +156,10 @@ class ChatSession:
         self.history += [{"role": "prompter", "text": text}, {"role": "assistant", "text": answer}]
         return answer
 
-    def _prompt_ids(self, message: dict) -> list[int]:
-        """Token ids of system + history + message, dropping the oldest exchanges that do not fit."""
+    def prompt_ids(self, text: str) -> list[int]:
+        """Token ids of the generation prompt for the user's `text`: system + history + text + <|assistant|>,
+        dropping the oldest exchanges that do not fit (also what tools/sampling_report.py generates from)."""
+        message = {"role": "prompter", "text": text}
         system = [{"role": "system", "text": self.system}] if self.system else []
         dropped = 0
         while True:

@@ -13,6 +13,7 @@ from gptneox.errors import UserError
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LONG_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 DTYPE_NAMES = (*TORCH_DTYPES, *LONG_NAMES)  # every accepted spelling, short ones first
+DTYPE_HELP = "fp32, fp16 or bf16 (float32, float16, bfloat16 mean the same)"
 
 
 class DtypeError(UserError, ValueError):

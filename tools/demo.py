@@ -58,11 +58,11 @@ def answer(model_dir: Path, max_new_tokens: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="out/demo", help="run directory (default out/demo)")
+    parser.add_argument("--output", default="out/demo", help="run directory (default out/demo)")
     parser.add_argument("--epochs", type=int, default=16, help="passes over the sample mix (default 16)")
     parser.add_argument("--max_new_tokens", type=int, default=100, help="length limit of the answer (tokens)")
     args, extra = parser.parse_known_args(argv)  # anything else goes to train.py, e.g. --learning_rate 1e-3
-    output_dir = Path(args.output_dir).resolve()
+    output_dir = Path(args.output).resolve()
     started = time.perf_counter()
     train(output_dir, args.epochs, extra)
     summarize(output_dir)

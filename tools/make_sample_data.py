@@ -346,10 +346,10 @@ def code_alpaca_records(rng: random.Random) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="data/sample", help="where to write the files")
+    parser.add_argument("--output", default="data/sample", help="directory to write the files to (default data/sample)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the template choices")
     args = parser.parse_args()
-    out = Path(args.output_dir)
+    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
 

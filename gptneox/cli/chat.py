@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", help="float32 (default), float16, bfloat16, or auto (as stored)")
+    parser.add_argument("--dtype", help="fp32 (default), fp16, bf16 (or float32, float16, bfloat16), or auto (as stored)")
     return parser
 
 

@@ -24,7 +24,8 @@ def main(argv=None) -> int:
     parser.add_argument("src", help="Hugging Face model directory (config.json + weights)")
     parser.add_argument("dst", help="output directory")
     parser.add_argument("--dtype", default="auto",
-                        help="float32, float16, bfloat16, or auto (the stored embed_in dtype; default)")
+                        help="fp32, fp16, bf16 (or float32, float16, bfloat16), or auto (the stored embed_in "
+                             "dtype; default)")
     parser.add_argument("--max_shard_size", default="2GB", help="largest shard, e.g. 2GB or 500MiB (default 2GB)")
     args = parser.parse_args(argv)
     if Path(args.src).resolve() == Path(args.dst).resolve():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptneox.dtypes import DTYPE_NAMES
+from gptneox.dtypes import DTYPE_HELP, TORCH_DTYPES, dtype_name
 from gptneox.errors import UserError, report_user_error
 from gptneox.training.export import export_checkpoint
 
@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint_dir", help="OUTPUT_DIR/checkpoints of a train.py run")
     parser.add_argument("output_dir", help="where to write config.json, *.safetensors and tokenizer files")
     parser.add_argument("--tag", help="checkpoint tag, e.g. step00000500 (default: the newest complete one)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES,
-                        help="weight dtype (default: the training dtype)")
+    parser.add_argument("--dtype", type=dtype_name, choices=list(TORCH_DTYPES), metavar="DTYPE",
+                        help=f"weight dtype: {DTYPE_HELP} (default: the training dtype)")
     parser.add_argument("--max_shard_size", default="2GB", help="safetensors shard size (default 2GB)")
     args = parser.parse_args(argv)
     try:

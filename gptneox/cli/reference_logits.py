@@ -6,7 +6,7 @@ The output is a safetensors file with input_ids.<i> and logits.<i> per prompt (f
 and its version in the metadata.
 
     gptneox-reference-logits --model tests/fixtures/tiny-gptneox \\
-        --prompts "1 2 3 4" "5 6 7" --out tests/fixtures/tiny-gptneox-logits.safetensors
+        --prompts "1 2 3 4" "5 6 7" --output tests/fixtures/tiny-gptneox-logits.safetensors
 """
 import argparse
 import importlib.util
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Hugging Face GPT-NeoX model directory")
     parser.add_argument("--prompts", nargs="+", required=True, help="prompts (token ids, or text with --tokenizer)")
-    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--output", required=True, help="output .safetensors file")
     parser.add_argument("--tokenizer", help="tokenizer.json to encode text prompts")
     parser.add_argument("--engine", choices=("auto", "transformers", "gptneox"), default="auto")
     args = parser.parse_args(argv)
@@ -58,8 +58,8 @@ def main(argv=None) -> None:
         input_ids = torch.tensor([ids])
         tensors[f"input_ids.{i}"] = input_ids
         tensors[f"logits.{i}"] = run(input_ids).float().contiguous()
-    save_file(tensors, args.out, metadata={"engine": engine, "model": Path(args.model).name})
-    print(f"wrote {args.out}: {len(args.prompts)} prompts, engine {engine}")
+    save_file(tensors, args.output, metadata={"engine": engine, "model": Path(args.model).name})
+    print(f"wrote {args.output}: {len(args.prompts)} prompts, engine {engine}")
 
 
 if __name__ == "__main__":

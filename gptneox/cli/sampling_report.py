@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from gptneox.chat import ChatError, load_model_and_tokenizer, reply_stop_ids
+from gptneox.chat import ChatError, ChatSession, load_model_and_tokenizer, reply_stop_ids
 from gptneox.errors import MissingFileError, UserError, report_user_error
-from gptneox.data import PAD_TOKEN, format_prompt
+from gptneox.data import PAD_TOKEN
 from gptneox.generate import generate, left_pad
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts" / "model_card.jsonl"
@@ -60,14 +60,13 @@ def read_prompts(path: Path) -> list[dict]:
     return prompts
 
 
-def prompt_ids(tokenizer, record: dict, context: int) -> list[int]:
-    conversation = [{"role": "system", "text": record["system"]}] if record["system"] else []
-    conversation.append({"role": "prompter", "text": record["prompt"]})
-    ids = tokenizer.encode(format_prompt(conversation), add_special_tokens=False).ids
-    if len(ids) >= context:
-        raise ChatError(f"{record['where']}: the prompt is {len(ids)} tokens, but the model's context is "
-                        f"{context} tokens, prompt and reply together")
-    return ids
+def prompt_ids(model, tokenizer, record: dict) -> list[int]:
+    """The prompt a chat session would generate from for this record (a first turn, its system text)."""
+    session = ChatSession(model, tokenizer, system=record["system"], max_new_tokens=1)
+    try:
+        return session.prompt_ids(record["prompt"])
+    except ChatError as err:
+        raise ChatError(f"{record['where']}: {err}") from None
 
 
 def sample_replies(model, tokenizer, prompts: list[list[int]], settings: dict, *, max_new_tokens: int,
@@ -138,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together (default 8)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the sampled settings (default 42)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", help="float32 (default), float16, bfloat16, or auto (as stored)")
+    parser.add_argument("--dtype", help="fp32 (default), fp16, bf16 (or float32, float16, bfloat16), or auto (as stored)")
     return parser
 
 
@@ -151,8 +150,7 @@ def main(argv=None) -> int:
             raise UserError("--num_samples and --batch_size must be at least 1")
         records = read_prompts(args.prompts)
         model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device, args.dtype)
-        context = model.config.max_position_embeddings
-        prompts = [prompt_ids(tokenizer, record, context) for record in records]
+        prompts = [prompt_ids(model, tokenizer, record) for record in records]
         report = {"model": str(args.model), "prompts_file": str(args.prompts),
                   "date": datetime.datetime.now().isoformat(timespec="seconds"),
                   "command": ["tools/sampling_report.py", *argv],

@@ -16,7 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from gptneox.config import did_you_mean
-from gptneox.dtypes import TORCH_DTYPES
+from gptneox.dtypes import LONG_NAMES, TORCH_DTYPES
 from gptneox.errors import UserError
 
 # The bundled files (package data in an installed package; in a checkout, symlinks to the top-level
@@ -62,14 +62,16 @@ class TrainConfig:
 
     model_name: str | None = setting(None, MODEL, "preset name (random init) or a local Hugging Face directory")
     tokenizer_path: str | None = setting(None, MODEL, "tokenizer.json or a directory; null: the model directory's")
-    dtype: Dtype = setting("fp16", MODEL, "training precision (DeepSpeed fp16 with loss scaling, bf16, or fp32)")
+    dtype: Dtype = setting("fp16", MODEL, "training precision: fp16 (DeepSpeed loss scaling), bf16 or fp32; "
+                                          "float16, bfloat16, float32 mean the same")
     gradient_checkpointing: bool = setting(False, MODEL, "recompute each block in backward to save activation memory")
     use_flash_attention: bool = setting(False, MODEL, "flash-attn kernels (CUDA, fp16/bf16); checked at start-up")
     attention_backend: Literal["sdpa", "flash", "flex", "eager"] | None = setting(
         None, MODEL, "attention kernels; null: flash if use_flash_attention, else sdpa")
     deterministic: bool = setting(False, MODEL, "deterministic kernels (flash backward, cuBLAS): bitwise resume on GPU")
 
-    datasets: list[str | dict] = setting([], DATA, "dataset names or {name: options} mappings (YAML on the command line)")
+    datasets: list[str | dict] = setting([], DATA,
+                                         "dataset names or {name: options} mappings (YAML on the command line)")
     cache_dir: str = setting(".cache", DATA, "where dataset files and model directories are looked for")
     max_length: int = setting(512, DATA, "longest training sequence in tokens (a random window of longer ones)")
     val_max_length: int | None = setting(None, DATA, "longest evaluation sequence; null: max_length")
@@ -89,7 +91,8 @@ class TrainConfig:
     warmup_steps: int = setting(600, OPTIMISATION, "optimizer steps of learning-rate warm-up")
     max_grad_norm: float = setting(2.0, OPTIMISATION, "gradient clipping norm")
     num_train_epochs: int = setting(3, OPTIMISATION, "passes over the training set")
-    max_steps: int | None = setting(None, OPTIMISATION, "stop after this many optimizer steps (also the schedule length)")
+    max_steps: int | None = setting(None, OPTIMISATION,
+                                    "stop after this many optimizer steps (also the schedule length)")
     per_device_train_batch_size: int = setting(2, OPTIMISATION, "conversations per micro-batch and rank")
     gradient_accumulation_steps: int = setting(32, OPTIMISATION, "micro-batches per optimizer step")
     max_consecutive_skipped_steps: int = setting(20, OPTIMISATION,
@@ -107,9 +110,11 @@ class TrainConfig:
     logging_steps: int = setting(10, LOGGING, "progress-bar refresh; metrics.jsonl gets every step")
     eval_steps: int = setting(200, LOGGING, "optimizer steps between evaluations (and one at the end)")
     per_device_eval_batch_size: int = setting(2, LOGGING, "evaluation conversations per batch and rank")
-    peak_tflops: float | None = setting(None, LOGGING, "accelerator peak TFLOP/s for MFU; null: known-GPU table or measured")
+    peak_tflops: float | None = setting(None, LOGGING,
+                                        "accelerator peak TFLOP/s for MFU; null: known-GPU table or measured")
 
     def __post_init__(self) -> None:
+        self.dtype = LONG_NAMES.get(self.dtype, self.dtype)  # float16 -> fp16, ...
         for name, (_, choices) in _TYPES.items():
             if choices and getattr(self, name) not in (*choices, None):
                 raise TrainConfigError(f"{name}={getattr(self, name)!r} is not supported "
@@ -217,15 +222,17 @@ def _typed(key: str, text: str) -> Any:
 
 
 def _parse_overrides(tokens: list[str]) -> dict:
-    """`--key value`, `--key=value`, a bare `--flag` (True for booleans) and `--no-key` (None)."""
+    """`--key value`, `--key=value`, a bare `--flag` (True for booleans), `--no-flag` (False for booleans)
+    and `--no-key` (None for the other keys)."""
     overrides, i = {}, 0
     while i < len(tokens):
         token = tokens[i]
         if not token.startswith("--"):
             raise TrainConfigError(f"unexpected argument {token!r} (overrides look like --key value)")
         name, has_value, value = token[2:].partition("=")
-        if name.startswith("no-") and not has_value and name[3:].replace("-", "_") in _FIELDS:
-            overrides[name[3:].replace("-", "_")] = None
+        negated = name[3:].replace("-", "_")
+        if name.startswith("no-") and not has_value and negated in _FIELDS:
+            overrides[negated] = False if _kind(negated) is bool else None
             i += 1
             continue
         key = name.replace("-", "_")
@@ -262,7 +269,8 @@ def _launch_parser(**kwargs) -> argparse.ArgumentParser:
 
 def _type_name(name: str) -> str:
     kind, choices = _TYPES[name]
-    text = "|".join(map(str, choices)) if choices else {list: "YAML-LIST", dict: "YAML-MAP"}.get(kind, kind.__name__.upper())
+    names = {list: "YAML-LIST", dict: "YAML-MAP"}
+    text = "|".join(map(str, choices)) if choices else names.get(kind, kind.__name__.upper())
     optional = get_origin(get_type_hints(TrainConfig)[name]) in (Union, types.UnionType)
     return text + "|null" if optional else text
 
@@ -277,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _launch_parser(
         prog="train.py", usage="%(prog)s [--configs NAME [NAME ...]] [--KEY VALUE ...]", description=DESCRIPTION,
         epilog="Any config key can be overridden with --key value or --key=value (lists and dicts as YAML; a "
-               "bare --flag sets a boolean true; --no-key sets a key to null). "
+               "bare --flag sets a boolean true; --no-flag sets it false; --no-key sets any other key to null). "
                f"Configs in {CONFIG_DIR}: {', '.join(available_configs())}.")
     defaults = asdict(TrainConfig())
     for group in GROUPS:

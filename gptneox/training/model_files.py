@@ -27,7 +27,7 @@ def find_model_dir(model_name: str, cache_dir: str) -> Path | None:
         f"model_name={model_name!r}: no model directory and not a preset ({', '.join(PRESETS)}). "
         f"Looked at: {'; '.join(looked)}. Nothing is downloaded: put the Hugging Face files (config.json, "
         f"*.safetensors or pytorch_model*.bin, tokenizer.json) in {Path(cache_dir) / model_name}, "
-        f"{fetch}or pass --model_name /path/to/dir")
+        f"{fetch}or set model_name to the directory's path")
 
 
 def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:

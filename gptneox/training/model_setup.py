@@ -49,7 +49,7 @@ def choose_attention_backend(cfg: TrainConfig, device_type: str) -> tuple[str, s
     try:
         return backend, check_backend(backend, device_type, torch_dtype(cfg.dtype), training=True)
     except AttentionBackendError as err:
-        without = ("; or train without it: --use_flash_attention false (PyTorch SDPA) or --attention_backend flex"
+        without = ("; or train without it: use_flash_attention false (PyTorch SDPA) or attention_backend flex"
                    if backend == "flash" else "")
         raise TrainConfigError(f"{key} with dtype {cfg.dtype} on {device_type}: {err}{without}") from None
 

@@ -228,7 +228,7 @@ def test_convert_checkpoint_tool_bit_exact(tiny_checkpoint, tmp_path):
 def test_reference_logits_tool_with_our_engine(tmp_path):
     out = tmp_path / "logits.safetensors"
     result = run_python("tools/reference_logits.py", "--model", str(FIXTURES / "tiny-gptneox"), "--prompts",
-                      "1 5 9 33 2 17 80 95 4 4 61 0", "--out", str(out), "--engine", "gptneox")
+                      "1 5 9 33 2 17 80 95 4 4 61 0", "--output", str(out), "--engine", "gptneox")
     assert result.returncode == 0, result.stderr
     ours, golden = load_file(out), load_file(FIXTURES / "tiny-gptneox-logits.safetensors")
     assert torch.equal(ours["input_ids.0"], golden["input_ids.0"])

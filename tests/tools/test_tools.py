@@ -56,10 +56,18 @@ def test_export_hf_names_a_directory_that_is_not_a_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_demo_trains_exports_and_answers(tmp_path):
     """The `make demo` pipeline, one epoch instead of the default sixteen."""
-    done = run_python("tools/demo.py", "--output_dir", str(tmp_path / "demo"), "--epochs", "1",
+    done = run_python("tools/demo.py", "--output", str(tmp_path / "demo"), "--epochs", "1",
                     "--max_new_tokens", "8", timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     first, last = (float(x) for x in done.stdout.split("training loss: first step ")[1].split(" (")[0].split(" -> last step "))
     assert last < first
     assert "<|assistant|>" in done.stdout and "What is a meme" in done.stdout
     assert (tmp_path / "demo" / "model.safetensors").is_file()
+
+
+def test_dtype_flags_take_both_spellings_and_name_a_bad_one():
+    short, long = (run_python("bench/matmul_peak.py", "--dtype", d, "--size", "64", "--repeats", "1")
+                   for d in ("fp32", "float32"))
+    assert short.returncode == long.returncode == 0 and "cpu fp32 matmul peak" in long.stdout
+    bad = run_python("tools/export_hf.py", "a", "b", "--dtype", "fp8")
+    assert bad.returncode == 2 and "--dtype: invalid dtype_name value: 'fp8'" in bad.stderr

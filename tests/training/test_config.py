@@ -106,3 +106,10 @@ def test_the_bundled_files_are_the_top_level_ones():
                          (PACKAGE_DIR / "data" / "sample", REPO / "data" / "sample"),
                          (PACKAGE_DIR / "data" / "prompts", REPO / "data" / "prompts")):
         assert bundled.resolve() == top.resolve()
+
+
+def test_no_flag_sets_a_boolean_false_and_other_keys_null_and_long_dtype_names_are_accepted():
+    cfg = parse_train_config(["--configs", "defaults", "tiny", "--pack", "--no-pack", "--no-max_steps",
+                              "--dtype", "bfloat16"])
+    assert cfg.pack is False and cfg.max_steps is None and cfg.dtype == "bf16"
+    assert TrainConfig(dtype="float32").dtype == "fp32" and "dtype: fp32" in TrainConfig(dtype="float32").to_yaml()

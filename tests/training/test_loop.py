@@ -364,7 +364,7 @@ def test_help_and_a_bad_config_fail_fast():
     assert flash_fp32.stderr.strip().splitlines() == [
         "train.py: error: use_flash_attention=True with dtype fp32 on cpu: attention_backend='flash' runs only on "
         "CUDA in float16/bfloat16, got cpu float32; use 'sdpa' (or 'flex') here; or train without it: "
-        "--use_flash_attention false (PyTorch SDPA) or --attention_backend flex"]
+        "use_flash_attention false (PyTorch SDPA) or attention_backend flex"]
     assert "training conversations" not in flash_fp32.stdout  # before the datasets and weights were read
 
 

@@ -58,7 +58,7 @@ def test_attention_backend_is_checked_from_the_config_alone(monkeypatch):
     cfg = parse_train_config(["--configs", "defaults", "stablelm-7b"])  # fp16 + use_flash_attention: true
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
     with pytest.raises(TrainConfigError, match="use_flash_attention=True with dtype fp16 on cuda: .*not installed"
-                                               ".*--use_flash_attention false"):
+                                               ".*use_flash_attention false"):
         choose_attention_backend(cfg, "cuda")
     cfg = parse_train_config(["--configs", "defaults", "tiny", "--attention_backend", "flex"])
     with pytest.raises(TrainConfigError, match="attention_backend='flex' with dtype fp32 on cpu: .*no FlexAttention "
