@@ -8,6 +8,8 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -78,10 +80,11 @@ class GPTNeoXConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size={self.hidden_size} is not divisible by "
@@ -98,6 +101,9 @@ class GPTNeoXConfig:
                               f"expected one of {sorted(GELU_APPROXIMATION)}")
         if self.layer_norm_eps <= 0:
             raise ConfigError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be a token id (0 or more) or null, got {getattr(self, name)!r}")
 
     @property
     def head_dim(self) -> int:
@@ -163,6 +169,8 @@ def _parse_hf(raw: dict) -> dict:
         raise ConfigError(f"model_type={raw['model_type']!r} is not 'gpt_neox'")
     for key in _ZERO_DROPOUT_KEYS:
         value = raw.pop(key, 0.0)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{key}={value!r} should be a number, not {_json_type(value)}")
         if value not in (0, 0.0, None):
             raise ConfigError(f"{key}={value!r}: non-zero dropout is not supported (fine-tuning runs without it)")
     rotary = _parse_rotary({k: raw.pop(k) for k in _ROTARY_KEYS if k in raw})
@@ -174,10 +182,33 @@ def _parse_hf(raw: dict) -> dict:
                           "they may change the model's math, so they are not ignored")
     if isinstance(kwargs.get("eos_token_id"), list):
         raise ConfigError(f"eos_token_id={kwargs['eos_token_id']!r}: a list of eos ids is not supported")
-    for key in ("rotary_emb_base", "layer_norm_eps", "initializer_range"):
-        if key in kwargs and isinstance(kwargs[key], int):
-            kwargs[key] = float(kwargs[key])
     return {**kwargs, **rotary}
+
+
+def _check_field_types(config: GPTNeoXConfig) -> None:
+    """Every field against its annotation, before any value is used: in Python the string "false" is true
+    and True is the integer 1, so a loosely typed config.json would build a different model without a word.
+    Floats accept integers (JSON writes 1e5 as 100000.0 or 100000) and are stored as floats."""
+    for name, hint in typing.get_type_hints(type(config)).items():
+        value = getattr(config, name)
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if value is None and type(None) in allowed:
+            continue
+        kind = next(k for k in allowed if k is not type(None))
+        if kind is float and type(value) in (int, float):
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}={value!r} must be a finite number")
+            setattr(config, name, float(value))
+        elif type(value) is not kind:  # exact: a bool is not an int here, nor an int a bool
+            expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+            raise ConfigError(f"{name}={value!r} should be {expected}"
+                              f"{' or null' if type(None) in allowed else ''}, not {_json_type(value)}")
+
+
+def _json_type(value: Any) -> str:
+    """What a value is called in a config.json, with its article."""
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(value), f"a {type(value).__name__}")
 
 
 def _parse_rotary(keys: dict) -> dict:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -82,13 +83,20 @@ class _ShardReader:
         try:
             if self.is_safetensors:
                 return safe_open(str(self.path), framework="pt")
-            # mmap: a tensor is only read from disk when it is copied out
-            tensors = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            if not isinstance(tensors, dict):
-                raise TypeError(f"expected a dict of tensors, got {type(tensors).__name__}")
-            return contextlib.nullcontext(tensors)
-        except Exception as err:  # truncated, corrupt or not a checkpoint at all
+            # mmap (a tensor is only read from disk when it is copied out) needs the zip format of
+            # torch >= 1.6; an older, legacy-format file is read whole, still weights-only
+            tensors = torch.load(self.path, map_location="cpu", weights_only=True,
+                                 mmap=zipfile.is_zipfile(self.path))
+        except Exception as err:  # truncated, corrupt, unsafe pickle or not a checkpoint at all
             raise CheckpointError(f"{self.path}: cannot read checkpoint file ({type(err).__name__}: {err})") from None
+        if not isinstance(tensors, dict):
+            raise CheckpointError(f"{self.path}: expected a dict of tensors, got {type(tensors).__name__}")
+        # an optimizer state or a step counter saved next to the weights: this is not a weights file
+        others = {k: type(v).__name__ for k, v in tensors.items() if not isinstance(v, torch.Tensor)}
+        if others:
+            raise CheckpointError(f"{self.path}: entries that are not tensors: "
+                                  + ", ".join(f"{k!r} ({kind})" for k, kind in others.items()))
+        return contextlib.nullcontext(tensors)
 
     def tensors(self, keys: list[str]):
         """Yield (key, tensor) for each key. Safetensors data is read with plain reads into fresh tensors

@@ -106,3 +106,34 @@ def test_bad_config_file_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**GPTNeoXConfig().to_hf(), "hidden_dropout": 0.2}))
     with pytest.raises(ConfigError, match=f"{tmp_path}/config.json: hidden_dropout=0.2"):
         GPTNeoXConfig.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_parallel_residual": "false"}, "use_parallel_residual='false' should be true or false, not a string"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings='false' should be true or false, not a string"),
+    ({"tie_word_embeddings": 0}, "tie_word_embeddings=0 should be true or false, not an integer"),
+    ({"layer_norm_eps": "1e-5"}, "layer_norm_eps='1e-5' should be a number, not a string"),
+    ({"hidden_size": True}, "hidden_size=True should be an integer, not a boolean"),
+    ({"num_hidden_layers": 2.0}, "num_hidden_layers=2.0 should be an integer, not a number"),
+    ({"hidden_act": ["gelu"]}, "hidden_act=\\['gelu'\\] should be a string, not a list"),
+    ({"pad_token_id": "0"}, "pad_token_id='0' should be an integer or null, not a string"),
+    ({"eos_token_id": -1}, "eos_token_id must be a token id"),
+    ({"initializer_range": float("nan")}, "initializer_range=nan must be a finite number"),
+    ({"attention_dropout": "0.0"}, "attention_dropout='0.0' should be a number, not a string"),
+])
+def test_every_field_is_type_checked_naming_file_field_and_value(tmp_path, change, message):
+    (tmp_path / "config.json").write_text(json.dumps({**GPTNeoXConfig.from_name("tiny").to_hf(), **change}))
+    with pytest.raises(ConfigError, match=f"^{tmp_path}/config.json: {message}") as err:
+        GPTNeoXConfig.from_hf(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_floats_accept_integers_and_nullable_ids_accept_null():
+    raw = {**GPTNeoXConfig.from_name("tiny").to_hf(), "layer_norm_eps": 1, "initializer_range": 0,
+           "pad_token_id": None, "bos_token_id": None}
+    config = GPTNeoXConfig.from_hf(raw)
+    assert type(config.layer_norm_eps) is float and config.layer_norm_eps == 1.0
+    assert type(config.initializer_range) is float
+    assert config.pad_token_id is None and config.bos_token_id is None
+    with pytest.raises(ConfigError, match="use_parallel_residual=1 should be true or false"):
+        GPTNeoXConfig.from_name("tiny", use_parallel_residual=1)  # presets and overrides are checked too

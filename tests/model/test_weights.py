@@ -233,3 +233,24 @@ def test_reference_logits_tool_with_our_engine(tmp_path):
     ours, golden = load_file(out), load_file(FIXTURES / "tiny-gptneox-logits.safetensors")
     assert torch.equal(ours["input_ids.0"], golden["input_ids.0"])
     assert (ours["logits.0"] - golden["logits.0"]).abs().max() <= 1e-4
+
+
+def test_legacy_bin_loads_weights_only(tiny_checkpoint, tmp_path):
+    """torch.save(_use_new_zipfile_serialization=False): what torch < 1.6 wrote; it cannot be memory-mapped."""
+    directory, model = tiny_checkpoint(fmt="bin")
+    state = torch.load(directory / "pytorch_model.bin", weights_only=True)
+    torch.save(state, directory / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert not (directory / "pytorch_model.bin").read_bytes().startswith(b"PK")
+    assert same_parameters(GPTNeoX.from_pretrained(directory), model)
+
+
+def test_bin_with_non_tensor_entries_is_refused_naming_them(tiny_checkpoint):
+    directory, _ = tiny_checkpoint(fmt="bin")
+    state = torch.load(directory / "pytorch_model.bin", weights_only=True)
+    torch.save({**state, "global_step": 1200, "args": {"lr": 1e-5}}, directory / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: entries that are not tensors: "
+                                              "'global_step' \\(int\\), 'args' \\(dict\\)"):
+        GPTNeoX.from_pretrained(directory)
+    torch.save([state], directory / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: expected a dict of tensors, got list"):
+        GPTNeoX.from_pretrained(directory)
