@@ -9,13 +9,21 @@ nothing reaches `deepspeed.initialize` unresolved. The tables are those of trans
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+from deepspeed.runtime import lr_schedules
+
 from gptneox.errors import UserError
 from gptneox.training.config import TrainConfig
+
+# The DeepSpeed schedulers whose rates come from the training config (learning_rate as the peak,
+# warmup_steps, the run's length). OneCycle and LRRangeTest take rates of their own (OneCycle also cycles
+# Adam's beta1), so learning_rate and warmup_steps would be silently ignored: they are refused.
+SCHEDULERS = ("WarmupDecayLR", "WarmupLR", "WarmupCosineLR")
 
 
 class DeepSpeedConfigError(UserError, ValueError):
@@ -89,6 +97,8 @@ def resolve_ds_config(template: dict, cfg: TrainConfig, *, world_size: int, hidd
     if "optimizer" not in resolved:
         raise DeepSpeedConfigError("ds_config has no 'optimizer' section; the loop takes AdamW from it")
 
+    _check_scheduler(resolved.get("scheduler"), cfg)
+
     notes = []
     optimizer = resolved["optimizer"]
     if cpu and optimizer.get("type", "").lower() in ("adam", "adamw"):
@@ -103,9 +113,34 @@ def resolve_ds_config(template: dict, cfg: TrainConfig, *, world_size: int, hidd
             params["fused"] = True
             notes.append("CPU accelerator: optimizer.params.fused=true (torch's fused AdamW kernel)")
     scheduler = resolved.get("scheduler", {})
-    if scheduler.get("type") == "WarmupDecayLR" and "warmup_type" not in scheduler.get("params", {}):
+    if scheduler.get("type") in SCHEDULERS and "warmup_type" not in scheduler.get("params", {}):
         notes.append("scheduler warmup_type unset: DeepSpeed's default, logarithmic warmup (as in the seed run)")
     return resolved, notes
+
+
+def _check_scheduler(scheduler: dict | None, cfg: TrainConfig) -> None:
+    """At start, not at deepspeed.initialize after the model is loaded: a scheduler the loop cannot drive
+    from the training config, a parameter its DeepSpeed class does not take, a warmup it cannot do."""
+    if scheduler is None:
+        if cfg.warmup_steps:
+            raise DeepSpeedConfigError(f"ds_config has no 'scheduler' section, so warmup_steps={cfg.warmup_steps} "
+                                       "would be ignored (constant learning rate); add one (type "
+                                       f"{' / '.join(SCHEDULERS)}) or set warmup_steps 0")
+        return
+    kind = scheduler.get("type")
+    if kind not in SCHEDULERS:
+        raise DeepSpeedConfigError(f"ds_config scheduler.type={kind!r} is not supported: its learning rates would "
+                                   "not follow learning_rate and warmup_steps; use one of " + ", ".join(SCHEDULERS))
+    params = scheduler.get("params", {})
+    accepted = set(inspect.signature(getattr(lr_schedules, kind)).parameters) - {"optimizer", "last_batch_iteration"}
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise DeepSpeedConfigError(f"ds_config scheduler.params {', '.join(unknown)}: not parameters of {kind} "
+                                   f"(it takes {', '.join(sorted(accepted))})")
+    warmup = params.get("warmup_num_steps", 1)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+        raise DeepSpeedConfigError(f"ds_config scheduler.params.warmup_num_steps={warmup!r} (warmup_steps): "
+                                   f"DeepSpeed's {kind} needs a positive integer")
 
 
 def _set(config: dict, dotted: str, value: Any, *, create: bool, compare: bool = True) -> None:

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from gptneox.training.config import TrainConfig, parse_train_config
 from gptneox.training.ds_config import DeepSpeedConfigError, load_ds_config, resolve_ds_config
@@ -106,3 +107,49 @@ def test_seed_file_is_unchanged_by_the_stage3_keys():
     resolved, _ = resolve_ds_config(load_ds_config(REPO / "ds_config.json"), TrainConfig(), world_size=1,
                                     hidden_size=64, total_num_steps=10, cpu=True)
     assert "stage3_prefetch_bucket_size" not in resolved["zero_optimization"]
+
+
+@pytest.mark.parametrize("kind, params, last_lr", [
+    ("WarmupDecayLR", {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto",
+                       "total_num_steps": "auto"}, 0.0),
+    ("WarmupLR", {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto",
+                  "warmup_type": "linear"}, 1e-3),
+    ("WarmupCosineLR", {"warmup_num_steps": "auto", "total_num_steps": "auto", "cos_min_ratio": 0.0}, 0.0),
+])
+def test_supported_schedulers_follow_the_training_config(kind, params, last_lr):
+    """Each scheduler DeepSpeed builds from the resolved params peaks at learning_rate after warmup_steps."""
+    from deepspeed.runtime import lr_schedules
+    template = load_ds_config(REPO / "ds_config.json")
+    template["scheduler"] = {"type": kind, "params": params}
+    resolved, _ = _resolve(TrainConfig(learning_rate=1e-3, warmup_steps=4), template, total_num_steps=10)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=resolved["optimizer"]["params"]["lr"])
+    scheduler = getattr(lr_schedules, kind)(optimizer, **resolved["scheduler"]["params"])
+    rates = []
+    for _ in range(11):  # as the engine does: one scheduler step after each optimizer step
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    assert max(rates) == pytest.approx(1e-3) and rates[0] < 1e-3
+    assert rates.index(max(rates)) <= 4  # the peak comes within warmup_steps
+    assert rates[-1] == pytest.approx(last_lr, abs=1e-9)  # decayed to zero at total_num_steps, or kept
+
+
+@pytest.mark.parametrize("scheduler, message", [
+    ({"type": "OneCycle", "params": {"cycle_min_lr": 0, "cycle_max_lr": 1e-5}},
+     "scheduler.type='OneCycle' is not supported: .* use one of WarmupDecayLR, WarmupLR, WarmupCosineLR"),
+    ({"type": "LRRangeTest", "params": {}}, "scheduler.type='LRRangeTest' is not supported"),
+    ({"type": "StepLR", "params": {"step_size": 10}}, "scheduler.type='StepLR' is not supported"),
+    ({"type": "WarmupCosineLR", "params": {"warmup_max_lr": "auto", "total_num_steps": "auto"}},
+     r"scheduler.params warmup_max_lr: not parameters of WarmupCosineLR \(it takes cos_min_ratio, "),
+    ({"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}, "warmup_num_steps=0 .*needs a positive integer"),
+    (None, "no 'scheduler' section, so warmup_steps=600 would be ignored"),
+])
+def test_schedulers_the_loop_cannot_drive_are_refused_at_start(scheduler, message):
+    template = load_ds_config(REPO / "ds_config.json")
+    template.pop("scheduler")
+    if scheduler is not None:
+        template["scheduler"] = scheduler
+    with pytest.raises(DeepSpeedConfigError, match=message):
+        _resolve(TrainConfig(warmup_steps=0 if "=0" in message else 600), template)
+    if scheduler is None:  # without warmup, no scheduler is a constant learning rate, as asked
+        assert "scheduler" not in _resolve(TrainConfig(warmup_steps=0), template)[0]
