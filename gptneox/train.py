@@ -4,8 +4,9 @@
     deepspeed --module gptneox.train --configs ...              # the same, from an installed package
     python -m gptneox.train --configs defaults tiny sample-mix  # one process, no launcher
 
-Exit status: 0 done or stopped by a signal (after saving), 2 a user error (one line), 3 training could not
-go on (fp16 overflow; a checkpoint was saved). Anything else is a bug and keeps its traceback.
+Exit status: 0 done (the final model exported), 75 stopped early by a signal or the launcher's death after
+saving a checkpoint (resume with --resume), 2 a user error or a full disk (one line), 3 training could not go
+on (fp16 overflow; a checkpoint was saved). Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from gptneox.training.distributed import init_distributed
 from gptneox.training.loop import TrainingStopped, train
 from gptneox.training.model_files import find_model_dir
 from gptneox.training.model_setup import choose_attention_backend
+from gptneox.training.stop import STOPPED_EXIT
 
 PROG = "train.py"
 
@@ -31,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         choose_attention_backend(cfg, get_accelerator().device_name())  # so does an unusable attention backend
         use_deterministic_algorithms(cfg.deterministic)
         rank, world = init_distributed()
-        train(cfg, rank, world)
+        if not train(cfg, rank, world):
+            return STOPPED_EXIT
     except UserError as err:
         return report_user_error(PROG, err)
     except TrainingStopped as err:

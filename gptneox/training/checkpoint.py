@@ -4,15 +4,21 @@ loop, and the training state that makes a resume continue exactly.
 DeepSpeed's own `latest` file is written by rank 0 while other ranks may still be writing, so a crash can
 leave it pointing at a half-written tag. Here every rank writes the tag with `save_latest=False`, all ranks
 meet at a barrier, and only then does rank 0 atomically replace our own pointer file (`checkpoints.json`:
-the complete tags, newest last). Resume reads that pointer only; tags it does not list (a save that died
-half-way) are ignored and cleaned up by the next rotation.
+the complete tags, newest last). Before the pointer moves, rank 0 writes the tag's `run.json` (the run's
+settings and the size of every file of the tag) and every rank flushes the tag to the device, so a node
+crash cannot leave a listed tag empty. Resume reads that pointer only; tags it does not list (a save that
+died half-way) are ignored and cleaned up by the next rotation. A listed tag that is missing or damaged
+(a file gone, shorter than recorded, or not a complete zip) is passed over for the previous complete one,
+with a warning naming the file; so is an unreadable pointer, by looking at the tags themselves.
+A save that fails (a full disk above all) removes its partial tag on every rank and says what is intact.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +27,9 @@ import numpy as np
 import torch
 
 from gptneox.errors import UserError
-from gptneox.training.distributed import barrier
+from gptneox.training.distributed import all_reduce, barrier, on_rank_zero
+from gptneox.training.resume_check import RUN_RECORD, read_run_record, write_run_record
+from gptneox.training.storage import DiskFullError, fsync_tree, out_of_space, remove_partial, write_atomically
 
 POINTER = "checkpoints.json"
 
@@ -109,11 +117,13 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | Path, keep: int | None, rank: int, *, strategy: str = "steps",
-                 every: int | None = None, last_step: int | None = None):
+                 every: int | None = None, last_step: int | None = None, run: dict | None = None):
+        """`run` is this run's settings (resume_check.run_record), written into each tag's run.json."""
         self.directory = Path(directory)
         self.keep = keep
         self.rank = rank
         self.strategy, self.every, self.last_step = strategy, every, last_step
+        self.run = run or {}
 
     def due(self, step: int, state: TrainState) -> bool:
         """Whether the policy saves after optimizer step `step` (1-based) that left the loop at `state`."""
@@ -133,22 +143,53 @@ class CheckpointManager:
             return None
         return self.write(engine, tag, state.client_state())
 
-    def resume(self, engine: Any, state: TrainState) -> str | None:
-        """Load the newest complete checkpoint into the engine and `state`; its tag, or None when there is
-        none. Collective."""
-        saved = self.load(engine)
-        if saved is None:
+    def resume(self, engine: Any, state: TrainState, tag: str | None) -> str | None:
+        """Load `tag` (from usable_tag) into the engine and `state`; the tag, or None when it is None.
+        Collective."""
+        if tag is None:
             return None
-        state.resume_from(saved, self.directory / self.latest_tag())
-        return self.latest_tag()
+        saved = self.load(engine, tag)
+        state.resume_from(saved, self.directory / tag)
+        return tag
+
+    def usable_tag(self, warn=lambda message: print(message, file=sys.stderr)) -> str | None:
+        """The newest listed tag whose files are all there and whole, decided on rank 0 for every rank;
+        each one passed over, and an unreadable pointer, is a warning naming the file. Damaged tags leave
+        the pointer, so that rotation does not count them. Collective."""
+        def decide() -> str | None:
+            broken = False
+            try:
+                listed = self.complete_tags()
+            except CheckpointStateError as err:
+                broken = True
+                listed = sorted(p.name for p in self.directory.glob("step*") if (p / RUN_RECORD).is_file())
+                warn(f"warning: {err}; looking at the tags themselves ({', '.join(listed) or 'none found'})")
+            usable = []
+            for tag in listed:
+                damage = tag_damage(self.directory / tag)
+                if damage:
+                    warn(f"warning: checkpoint {tag} is damaged ({damage}); it is not used")
+                else:
+                    usable.append(tag)
+            if listed and not usable:
+                raise CheckpointStateError(f"{self.directory}: no complete checkpoint is left to resume from "
+                                           f"(damaged: {', '.join(listed)})")
+            if usable and (usable != listed or broken):
+                warn(f"warning: resuming from {usable[-1]}, the newest complete checkpoint")
+                write_atomically(self.directory / POINTER, json.dumps({"latest": usable[-1], "complete": usable}))
+            return usable[-1] if usable else None
+        return on_rank_zero(decide)
 
     def complete_tags(self) -> list[str]:
         path = self.directory / POINTER
         if not path.is_file():
             return []
         try:
-            return list(json.loads(path.read_text())["complete"])
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            tags = json.loads(path.read_text())["complete"]
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                raise TypeError(f"'complete' is {tags!r}, not a list of tags")
+            return tags
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise CheckpointStateError(f"{path}: unreadable checkpoint pointer ({err})") from None
 
     def latest_tag(self) -> str | None:
@@ -157,37 +198,82 @@ class CheckpointManager:
 
     def write(self, engine: Any, tag: str, client_state: dict) -> Path:
         """Write `tag` and make it the newest complete one. Collective: every rank calls it with the same tag."""
-        engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
-        barrier()
+        tag_dir = self.directory / tag
+        failure, failed, saved = None, 0.0, False
+        try:
+            engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
+            saved = True
+            if self.rank == 0:  # DeepSpeed ends its save with a barrier: every rank's files are written
+                write_run_record(tag_dir, {**self.run, "files": _file_sizes(tag_dir)})
+            fsync_tree(tag_dir)
+        except Exception as err:
+            if not saved:
+                barrier()  # the ranks that did not fail wait in the barrier that ends DeepSpeed's save
+            failure, failed = err, 2.0 if out_of_space(err, self.directory) else 1.0
+        failed = all_reduce(torch.tensor([failed], device=engine.device), op=torch.distributed.ReduceOp.MAX).item()
+        if failed:
+            self._fail(tag, failure, out_of_space=failed == 2.0)
         if self.rank == 0:
             tags = [t for t in self.complete_tags() if t != tag] + [tag]
             kept = tags[-self.keep:] if self.keep else tags
-            self._write_pointer(kept)
+            write_atomically(self.directory / POINTER, json.dumps({"latest": kept[-1], "complete": kept}))
             self._remove_unlisted(kept)
         barrier()
-        return self.directory / tag
+        return tag_dir
 
-    def load(self, engine: Any) -> dict | None:
-        """Load the newest complete checkpoint into the engine; returns its client state (None: nothing)."""
-        tag = self.latest_tag()
-        if tag is None:
-            return None
+    def _fail(self, tag: str, failure: Exception | None, out_of_space: bool) -> None:
+        """After a failed save on any rank: rank 0 removes the partial tag, every rank raises."""
+        if self.rank == 0:
+            remove_partial(self.directory / tag)
+        barrier()
+        previous = self.latest_tag()
+        intact = (f"the previous checkpoint {self.directory / previous} is intact" if previous else
+                  "there is no earlier complete checkpoint")
+        if out_of_space:
+            raise DiskFullError(f"no space left on device while saving checkpoint {tag} in {self.directory}; "
+                                f"{intact}; the partial {tag} was removed") from failure
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"saving checkpoint {tag} failed on another rank; {intact}")
+
+    def load(self, engine: Any, tag: str) -> dict:
+        """Load `tag` into the engine; returns its client state."""
         path, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
         if path is None:
             raise CheckpointStateError(f"{self.directory / tag}: listed in {POINTER} but DeepSpeed could not "
                                        "load it")
         return client_state
 
-    def _write_pointer(self, tags: list[str]) -> None:
-        temporary = self.directory / f".{POINTER}.tmp"
-        with open(temporary, "w") as handle:
-            json.dump({"latest": tags[-1], "complete": tags}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self.directory / POINTER)
-
     def _remove_unlisted(self, kept: list[str]) -> None:
         """Delete rotated-out tags and leftovers of saves that never completed."""
         for entry in self.directory.iterdir():
             if entry.is_dir() and entry.name.startswith("step") and entry.name not in kept:
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def tag_damage(tag_dir: Path) -> str | None:
+    """What is wrong with a tag's files, naming the first bad one; None when all are there and whole.
+    Tags with a run.json are checked against its file sizes; older ones by their torch files only."""
+    if not tag_dir.is_dir():
+        return f"{tag_dir} is missing"
+    try:
+        record = read_run_record(tag_dir) or {}
+    except UserError as err:
+        return str(err)
+    expected = record.get("files") or {p.name: None for p in tag_dir.glob("*.pt")}
+    if not any(name.endswith("model_states.pt") for name in expected):
+        return f"{tag_dir} holds no model states"
+    for name, size in sorted(expected.items()):
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if size is not None and path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} were written"
+        if name.endswith(".pt") and not zipfile.is_zipfile(path):
+            return f"{path} is truncated or not a torch file"
+    return None
+
+
+def _file_sizes(tag_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != RUN_RECORD}
+

@@ -7,6 +7,7 @@ with a suggestion instead of being carried along silently.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import types
 from dataclasses import asdict, dataclass, field, fields
@@ -105,6 +106,10 @@ class TrainConfig:
     save_steps: int = setting(1000, CHECKPOINTING, "optimizer steps between checkpoints (save_strategy steps)")
     save_total_limit: int | None = setting(4, CHECKPOINTING, "complete checkpoints kept; null keeps all")
     resume: bool = setting(False, CHECKPOINTING, "continue from the newest complete checkpoint in output_dir")
+    overwrite_output_dir: bool = setting(False, CHECKPOINTING,
+                                         "delete another run's checkpoints, metrics and model in output_dir first")
+    allow_changed: str | None = setting(None, CHECKPOINTING,
+                                        "resume checks to waive, comma-separated (e.g. learning_rate,total_steps)")
 
     log_dir: str | None = setting(None, LOGGING, "TensorBoard directory; null: OUTPUT_DIR/tensorboard")
     logging_steps: int = setting(10, LOGGING, "progress-bar refresh; metrics.jsonl gets every step")
@@ -122,14 +127,17 @@ class TrainConfig:
         for name in ("sort_by_length", "use_custom_sampler"):
             if getattr(self, name):
                 raise TrainConfigError(f"{name}={getattr(self, name)!r} is not supported (allowed: false)")
-        for name in ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "num_train_epochs", "eval_steps", "save_steps",
-                     "logging_steps", "max_consecutive_skipped_steps"):
-            if getattr(self, name) < 1:
-                raise TrainConfigError(f"{name}={getattr(self, name)!r} must be at least 1")
-        if not 0.0 <= self.random_offset_probability <= 1.0:
-            raise TrainConfigError(f"random_offset_probability={self.random_offset_probability!r} "
-                                   "must be in [0, 1]")
+        for name, (low, high, rule) in _RANGES.items():
+            value = getattr(self, name)
+            if value is not None and (not low <= value <= high or (isinstance(value, float) and not math.isfinite(value))):
+                raise TrainConfigError(f"{name}={value!r} must be {rule}")
+        if self.learning_rate == 0 or self.adam_epsilon == 0 or self.peak_tflops == 0:
+            name = next(n for n in ("learning_rate", "adam_epsilon", "peak_tflops") if getattr(self, n) == 0)
+            raise TrainConfigError(f"{name}=0 must be positive")
+
+    @property
+    def allowed_changes(self) -> set[str]:
+        return {name.strip() for name in (self.allow_changed or "").split(",") if name.strip()}
 
     @property
     def eval_max_length(self) -> int:
@@ -150,6 +158,23 @@ def _value_type(hint: Any) -> tuple[type, tuple | None]:
     return get_origin(hint) or hint, None
 
 
+# Every numeric key's allowed range (low, high, as said in the error); null is always allowed where the
+# type has it. save_total_limit 0 would delete every checkpoint, the final one included.
+_AT_LEAST_1 = (1, math.inf, "at least 1")
+_RANGES = {
+    **{name: _AT_LEAST_1 for name in (
+        "max_length", "val_max_length", "pad_to_multiple_of", "eval_size", "per_device_train_batch_size",
+        "per_device_eval_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
+        "max_consecutive_skipped_steps", "save_steps", "save_total_limit", "logging_steps", "eval_steps")},
+    "rng_seed": (0, 2**64 - 1, "in [0, 2**64)"),
+    "warmup_steps": (0, math.inf, "0 or more"),
+    "random_offset_probability": (0.0, 1.0, "in [0, 1]"),
+    "adam_beta1": (0.0, 1.0 - 1e-12, "in [0, 1)"),
+    "adam_beta2": (0.0, 1.0 - 1e-12, "in [0, 1)"),
+    **{name: (0.0, math.inf, "a finite number, 0 or more") for name in ("weight_decay", "max_grad_norm")},
+    **{name: (0.0, math.inf, "a finite positive number") for name in ("learning_rate", "adam_epsilon",
+                                                                       "peak_tflops")},
+}
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _TYPES = {name: _value_type(hint) for name, hint in get_type_hints(TrainConfig).items()}
 

@@ -12,11 +12,15 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.utils import cpp_extension
 
+from gptneox.errors import UserError
+
+T = TypeVar("T")
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -102,3 +106,21 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(tensor, op=op)
     return tensor
+
+
+def on_rank_zero(decide: Callable[[], T]) -> T | None:
+    """Run `decide` on rank 0 only (None elsewhere); when it raises a UserError, every rank raises it, so no
+    rank goes on alone into a collective the others never reach."""
+    error, result = None, None
+    if not is_distributed() or dist.get_rank() == 0:
+        try:
+            result = decide()
+        except UserError as err:
+            error = err
+    if world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+    return result

@@ -7,7 +7,7 @@ all-reduced, so the figures do not depend on the number of ranks.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from tokenizers import Tokenizer
@@ -22,14 +22,20 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def evaluate(engine: Any, batches: Iterable[dict]) -> tuple[float, float] | None:
+def evaluate(engine: Any, batches: Iterable[dict | None],
+             stopped: Callable[[], bool] | None = None) -> tuple[float, float] | None:
     """(masked loss, token accuracy) over this rank's `batches`, summed over all ranks; None when no rank's
-    batches held a trained token (every rank agrees, the count is summed first). Collective."""
+    batches held a trained token (every rank agrees, the count is summed first). EvaluationStopped when
+    `stopped` (a collective asked before each batch) turned true: every rank passes as many batches (None
+    for a round in which it has none), so that they ask the same number of times. Collective."""
     was_training = engine.module.training
     engine.eval()
     loss_sum = correct = count = 0.0
     for batch in batches:
-        if batch["input_ids"].numel() == 0:
+        if stopped is not None and stopped():
+            engine.train(was_training)
+            raise EvaluationStopped
+        if batch is None or batch["input_ids"].numel() == 0:
             continue
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         hidden = engine(batch["input_ids"], return_hidden=True, **losses.model_inputs(batch))
@@ -44,6 +50,10 @@ def evaluate(engine: Any, batches: Iterable[dict]) -> tuple[float, float] | None
     if count == 0:
         return None
     return loss_sum / count, correct / count
+
+
+class EvaluationStopped(Exception):
+    """A stop was requested during an evaluation; it ends without results."""
 
 
 class Evaluator:
@@ -61,20 +71,27 @@ class Evaluator:
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def my_batches(self, samples: list) -> list[list]:
-        """This rank's batches of one set: batch i goes to rank i mod world."""
-        size = self.batch_size
-        return [samples[i:i + size] for i in range(self.rank * size, len(samples), self.world * size)]
+    def my_batches(self, samples: list) -> list[list | None]:
+        """This rank's batches of one set: batch i goes to rank i mod world; None where the last round has
+        none for this rank, so that every rank has as many."""
+        size, stride = self.batch_size, self.world * self.batch_size
+        rounds = -(-len(samples) // stride)
+        return [samples[i:i + size] if i < len(samples) else None
+                for i in range(self.rank * size, rounds * stride, stride)]
 
     def run(self, engine: Any, stop: StopRequest) -> dict[str, float]:
         """{eval_NAME_loss, eval_NAME_accuracy} of every set; nothing once a stop is requested: the launcher
-        kills the job soon after its SIGTERM (DeepSpeed's after about 30 s), and the checkpoint comes first.
-        Collective, like stop.agreed."""
+        kills the job soon after its SIGTERM (DeepSpeed's after about 30 s), and the checkpoint comes first;
+        a stop during the evaluation ends it at the next batch, without results. Collective, like stop.agreed."""
         if stop.agreed(engine.device):
             return {}
         results = {}
         for name, samples in self.eval_sets.items():
-            result = evaluate(engine, (self.collate(batch) for batch in self.my_batches(samples)))
+            batches = (None if batch is None else self.collate(batch) for batch in self.my_batches(samples))
+            try:
+                result = evaluate(engine, batches, stopped=lambda: stop.agreed(engine.device))
+            except EvaluationStopped:
+                return {}
             if result is None:  # a loss of 0.0 would read as a perfect model
                 if self.rank == 0 and name not in self.without_trained_tokens:
                     log.warning("eval set %s: its %d conversations hold no trained (assistant) token within "

@@ -21,6 +21,7 @@ from gptneox.data import EOS_TOKEN, PAD_TOKEN, load_tokenizer, save_tokenizer
 from gptneox.dtypes import dtype_name, torch_dtype
 from gptneox.errors import MissingFileError
 from gptneox.training.checkpoint import CheckpointManager
+from gptneox.training.storage import DiskFullError, fsync_path, fsync_tree, out_of_space, remove_partial
 
 MODEL_SUBDIR = "model"
 
@@ -56,7 +57,27 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
         raise RuntimeError(f"{checkpoint_dir / tag}: weights do not match {metadata / 'config.json'} "
                            f"(missing {missing}, unexpected {unexpected})")
     model.tie_weights()  # assign gave the two names separate Parameters
-    return save_chat_model(model.to(torch_dtype(dtype)), load_tokenizer(metadata), output_dir, max_shard_size)
+    # written aside, then moved in: a full disk leaves the directory as it was, not half a model
+    staging = output_dir / ".export.partial"
+    remove_partial(staging)
+    try:
+        save_chat_model(model.to(torch_dtype(dtype)), load_tokenizer(metadata), staging, max_shard_size)
+        fsync_tree(staging)
+    except Exception as err:
+        full = out_of_space(err, output_dir)
+        remove_partial(staging)
+        if full:
+            raise DiskFullError(f"no space left on device while exporting {checkpoint_dir / tag} to {output_dir}; "
+                                f"the checkpoint is intact: free some space, then run python tools/export_hf.py "
+                                f"{checkpoint_dir} {output_dir}") from err
+        raise
+    for stale in [*output_dir.glob("model*.safetensors"), *output_dir.glob("model.safetensors.index.json")]:
+        stale.unlink()  # left over from an earlier export with a different shard count
+    for path in staging.iterdir():
+        path.replace(output_dir / path.name)
+    staging.rmdir()
+    fsync_path(output_dir)
+    return output_dir
 
 
 def save_chat_model(model: GPTNeoX, tokenizer: Tokenizer, output_dir: str | Path,

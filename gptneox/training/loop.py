@@ -22,12 +22,14 @@ from gptneox.data.datasets import load_run_datasets, merge_datasets
 from gptneox.training.checkpoint import CheckpointManager, TrainState
 from gptneox.training.config import TrainConfig
 from gptneox.training.data_order import DataOrder
-from gptneox.training.distributed import barrier
+from gptneox.training.distributed import barrier, on_rank_zero
 from gptneox.training.ds_config import load_ds_config, resolve_ds_config
 from gptneox.training.evaluation import Evaluator
-from gptneox.training.export import export_checkpoint, write_model_metadata
+from gptneox.training.export import MODEL_SUBDIR, export_checkpoint, write_model_metadata
 from gptneox.training.metrics import MetricsLogger, peak_tflops
 from gptneox.training.model_setup import build_training_model, parameter_groups
+from gptneox.training.output_dir import check_writable, claim_output_dir
+from gptneox.training.resume_check import check_resume, model_settings, read_run_record, run_record
 from gptneox.training.step import train_step
 from gptneox.training.stop import StopRequest
 
@@ -72,7 +74,19 @@ class Run:
         self.metrics.log_eval(self.engine.global_steps, self.evaluator.run(self.engine, stop))
 
 
-def train(cfg: TrainConfig, rank: int, world: int) -> None:
+def train(cfg: TrainConfig, rank: int, world: int) -> bool:
+    """True when the run reached its last step and exported; False when it stopped early on a signal (or
+    its launcher's death) after saving."""
+    lock = on_rank_zero(lambda: claim_output_dir(cfg.output_dir, resume=cfg.resume,
+                                                  overwrite=cfg.overwrite_output_dir))
+    try:
+        return _train(cfg, rank, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int) -> bool:
     run = prepare(cfg, rank, world)
     engine, state, metrics = run.engine, run.state, run.metrics
     stop = StopRequest()
@@ -82,8 +96,9 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
             state.advance()
             if stop.agreed(engine.device):
                 run.save()
-                metrics.write(f"{stop.signal_name or 'signal on another rank'}: saved, exiting")
-                return
+                metrics.write(f"{stop.signal_name or 'signal on another rank'}: saved, exiting "
+                              f"(resume with --resume)")
+                return False
             started = time.perf_counter()
             micro_batches = run.micro_batches()
             try:
@@ -111,6 +126,7 @@ def train(cfg: TrainConfig, rank: int, world: int) -> None:
         if rank == 0:
             export_checkpoint(run.checkpoints.directory, cfg.output_dir)
             metrics.write(f"exported the final model to {cfg.output_dir}")
+        return True
     finally:
         stop.restore()
         metrics.close()
@@ -143,6 +159,22 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
         total_num_steps=total_steps, cpu=get_accelerator().device_name() == "cpu")
     for note in notes:
         say(note)
+    checkpoints = CheckpointManager(checkpoint_dir, cfg.save_total_limit, rank, strategy=cfg.save_strategy,
+                                    every=cfg.save_steps, last_step=total_steps, run=run_record(
+                                        model=model.config.to_hf(), dtype=cfg.dtype, world_size=world,
+                                        zero_stage=ds_config.get("zero_optimization", {}).get("stage", 0),
+                                        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                                        total_steps=total_steps, num_train_epochs=cfg.num_train_epochs,
+                                        max_length=cfg.max_length, global_batch_size=order.global_batch_size,
+                                        rng_seed=cfg.rng_seed, train_set=train_set))
+    # a resume checks everything against the checkpoint before anything is loaded or written
+    resume_tag = checkpoints.usable_tag() if cfg.resume else None
+    if resume_tag is not None:
+        for note in check_resume(_saved_settings(checkpoint_dir, resume_tag), checkpoints.run,
+                                 checkpoint_dir / resume_tag, allowed=cfg.allowed_changes):
+            say(note)
+    if cfg.log_dir:
+        on_rank_zero(lambda: check_writable(cfg.log_dir, key="log_dir"))
     if rank == 0:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         (out / "ds_config.resolved.json").write_text(json.dumps(ds_config, indent=2) + "\n")
@@ -153,10 +185,8 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
                                       config=ds_config)
     state = TrainState(data_seed=cfg.rng_seed, global_batch_size=order.global_batch_size,
                        num_samples=len(train_set))
-    checkpoints = CheckpointManager(checkpoint_dir, cfg.save_total_limit, rank, strategy=cfg.save_strategy,
-                                    every=cfg.save_steps, last_step=total_steps)
     if cfg.resume:
-        tag = checkpoints.resume(engine, state)
+        tag = checkpoints.resume(engine, state, resume_tag)
         say(f"resumed from {tag} (epoch {state.epoch}, step {engine.global_steps})" if tag else
             f"resume: no complete checkpoint in {checkpoint_dir}, starting from scratch")
     collate = DialogueCollator(tokenizer, max_length=cfg.max_length, pad_to_multiple_of=cfg.pad_to_multiple_of,
@@ -167,3 +197,12 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
     metrics = MetricsLogger(out, cfg.log_dir or out / "tensorboard", total_steps, engine.global_steps, rank == 0,
                             peak_tflops=peak, world_size=world, show_every=cfg.logging_steps)
     return Run(cfg, engine, train_set, order, collate, state, checkpoints, evaluator, metrics, total_steps, rank)
+
+
+def _saved_settings(checkpoint_dir: Path, tag: str) -> dict:
+    """The settings `tag` was written with; for a tag from before run.json, the model's config.json."""
+    saved = read_run_record(checkpoint_dir / tag)
+    if saved is not None:
+        return saved
+    config = checkpoint_dir / MODEL_SUBDIR / "config.json"
+    return {"model": model_settings(json.loads(config.read_text()))} if config.is_file() else {}

@@ -21,14 +21,17 @@ import socket
 import tempfile
 from pathlib import Path
 
+from gptneox.errors import UserError
+
 LOCK_NAME = "train.lock"
 # What a run writes into its output directory: its records, then the exported model.
 RUN_RECORDS = ("checkpoints", "metrics.jsonl", "tensorboard", "train_config.yaml", "ds_config.resolved.json")
 EXPORTED_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
-EXPORTED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EXPORTED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json")
 
 
-class OutputDirError(ValueError):
+class OutputDirError(UserError):
     """An output directory this run may not use; the message says why and which flag changes that."""
 
 

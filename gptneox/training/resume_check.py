@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gptneox.errors import UserError
+
 RUN_RECORD = "run.json"
 # DeepSpeed cannot load a checkpoint across these: parameter shapes differ, or ZeRO-2's optimizer partitions
 # were cut for another number of ranks (DeepSpeed 0.19 refuses to re-partition a ZeRO-1/2 checkpoint unless it
@@ -22,7 +24,7 @@ WAIVABLE = ("dtype", "learning_rate", "warmup_steps", "total_steps", "num_train_
             "global_batch_size", "rng_seed", "num_samples", "dataset")
 
 
-class ResumeMismatch(ValueError):
+class ResumeMismatch(UserError):
     """This run's settings differ from the checkpoint's; the message names the setting and both values."""
 
 
@@ -38,12 +40,17 @@ def dataset_fingerprint(conversations: list) -> str:
 def run_record(*, model: dict, dtype: str, world_size: int, zero_stage: int, learning_rate: float,
                warmup_steps: int, total_steps: int, num_train_epochs: int, max_length: int,
                global_batch_size: int, rng_seed: int, train_set: list) -> dict:
-    """The settings a resume must match (`model` is the model's config.json content)."""
-    return {"model": {k: v for k, v in model.items() if k not in ("architectures",)}, "dtype": dtype,
+    """The settings a resume must match (`model` is the model's config.json content), as JSON reads them."""
+    return json.loads(json.dumps({"model": model_settings(model), "dtype": dtype,
             "world_size": world_size, "zero_stage": zero_stage, "learning_rate": learning_rate,
             "warmup_steps": warmup_steps, "total_steps": total_steps, "num_train_epochs": num_train_epochs,
             "max_length": max_length, "global_batch_size": global_batch_size, "rng_seed": rng_seed,
-            "num_samples": len(train_set), "dataset": dataset_fingerprint(train_set)}
+            "num_samples": len(train_set), "dataset": dataset_fingerprint(train_set)}))
+
+
+def model_settings(config_json: dict) -> dict:
+    """The parts of a model's config.json that a resume compares (all but the class name)."""
+    return json.loads(json.dumps({k: v for k, v in config_json.items() if k != "architectures"}))
 
 
 def write_run_record(tag_dir: str | Path, record: dict) -> Path:

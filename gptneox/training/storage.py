@@ -16,13 +16,15 @@ import os
 import shutil
 from pathlib import Path
 
+from gptneox.errors import UserError
+
 # Below this much space available to us, a write that failed is taken to have failed for lack of space.
 LOW_SPACE_BYTES = 16 * 2**20
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _NO_SPACE_WORDS = ("no space left on device", "storagefull", "disk quota exceeded")
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """A save that ran out of space; the message names what was being written and what is still intact."""
 
 

@@ -1,27 +1,36 @@
 """Checkpoint pointer, rotation, incomplete saves and the random generators' state."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from gptneox.training.checkpoint import POINTER, CheckpointManager, restore_rng_states, rng_states, tag_for
+from gptneox.training import storage
+from gptneox.training.checkpoint import (POINTER, CheckpointManager, CheckpointStateError, restore_rng_states,
+                                         rng_states, tag_for)
+from gptneox.training.storage import DiskFullError
 
 
 class _FakeEngine:
     """Writes a tag directory the way engine.save_checkpoint does; `fail` simulates a crash mid-save."""
 
-    def __init__(self, fail: bool = False):
+    device = torch.device("cpu")
+
+    def __init__(self, fail: Exception | None = None):
         self.fail = fail
 
     def save_checkpoint(self, directory, tag, client_state, save_latest):
         assert save_latest is False
         (Path(directory) / tag).mkdir(parents=True)
+        torch.save({"module": {}}, Path(directory) / tag / "mp_rank_00_model_states.pt")
         if self.fail:
-            raise OSError("disk full")
-        (Path(directory) / tag / "state.json").write_text(json.dumps(client_state))
+            (Path(directory) / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"PK partial")
+            raise self.fail
+        torch.save(client_state, Path(directory) / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
 
 
 def test_checkpoint_rotation_and_incomplete_saves(tmp_path):
@@ -30,11 +39,11 @@ def test_checkpoint_rotation_and_incomplete_saves(tmp_path):
         manager.write(_FakeEngine(), tag_for(step), {"step": step})
     assert manager.complete_tags() == [tag_for(20), tag_for(30)]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [tag_for(20), tag_for(30)]
-    with pytest.raises(OSError):
-        manager.write(_FakeEngine(fail=True), tag_for(40), {"step": 40})
+    with pytest.raises(OSError, match="I/O error"):
+        manager.write(_FakeEngine(fail=OSError(errno.EIO, "I/O error")), tag_for(40), {"step": 40})
     assert manager.latest_tag() == tag_for(30)  # the half-written tag is not used ...
+    assert not (tmp_path / tag_for(40)).exists()  # ... and is removed
     manager.write(_FakeEngine(), tag_for(50), {"step": 50})
-    assert not (tmp_path / tag_for(40)).exists()  # ... and is cleaned up by the next rotation
     assert json.loads((tmp_path / POINTER).read_text())["latest"] == tag_for(50)
 
 
@@ -47,3 +56,84 @@ def test_rng_state_is_the_current_gpus_only(monkeypatch):
     states = rng_states()
     restore_rng_states(states)
     assert restored == [states["cuda"]] and states["cuda"].tolist() == [7]
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5248 vs 5140"),  # torch's words
+])
+def test_disk_full_names_what_is_intact_and_removes_the_partial_tag(tmp_path, monkeypatch, error):
+    manager = CheckpointManager(tmp_path, keep=None, rank=0)
+    manager.write(_FakeEngine(), tag_for(10), {"step": 10})
+    if isinstance(error, RuntimeError):  # torch's message says nothing of space: the filesystem does
+        monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: type("usage", (), {"free": 4096})())
+    with pytest.raises(DiskFullError, match=f"^no space left on device while saving checkpoint {tag_for(20)} in "
+                                            f"{tmp_path}; the previous checkpoint {tmp_path / tag_for(10)} is "
+                                            f"intact; the partial {tag_for(20)} was removed$"):
+        manager.write(_FakeEngine(fail=error), tag_for(20), {"step": 20})
+    assert not (tmp_path / tag_for(20)).exists() and manager.complete_tags() == [tag_for(10)]
+
+
+def test_files_and_directories_are_flushed_before_the_pointer_moves(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    CheckpointManager(tmp_path, keep=None, rank=0, run={"dtype": "fp32"}).write(_FakeEngine(), tag_for(1), {})
+    moved = events.index(("replace", str(tmp_path / POINTER)))
+    flushed = {path for kind, path in events[:moved] if kind == "fsync"}
+    tag = tmp_path / tag_for(1)
+    assert {str(p) for p in tag.iterdir()} | {str(tag), str(tmp_path)} <= flushed
+    assert ("fsync", str(tmp_path)) in events[moved:]  # the rename itself
+    assert json.loads((tag / "run.json").read_text())["files"]["mp_rank_00_model_states.pt"] > 0
+
+
+def _three_tags(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=None, rank=0, run={"dtype": "fp32"})
+    for step in (1, 2, 3):
+        manager.write(_FakeEngine(), tag_for(step), {"step": step})
+    return manager
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda tag: __import__("shutil").rmtree(tag), "step00000003 is missing"),
+    (lambda tag: (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(
+        (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").read_bytes()[:-40]),
+     "zero_pp_rank_0_mp_rank_00_optim_states.pt has .* bytes, .* were written"),
+    (lambda tag: (tag / "mp_rank_00_model_states.pt").unlink(), "mp_rank_00_model_states.pt is missing"),
+])
+def test_a_damaged_newest_tag_falls_back_to_the_previous_one_with_a_warning(tmp_path, damage, named):
+    manager = _three_tags(tmp_path)
+    damage(tmp_path / tag_for(3))
+    warnings = []
+    assert manager.usable_tag(warn=warnings.append) == tag_for(2)
+    assert any("checkpoint step00000003 is damaged" in w and __import__("re").search(named, w) for w in warnings)
+    assert manager.complete_tags() == [tag_for(1), tag_for(2)]  # the damaged one leaves the pointer
+
+
+def test_a_truncated_legacy_tag_without_run_json_is_caught_by_its_zip_structure(tmp_path):
+    manager = _three_tags(tmp_path)
+    optimizer = tmp_path / tag_for(3) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    (tmp_path / tag_for(3) / "run.json").unlink()
+    optimizer.write_bytes(optimizer.read_bytes()[:-40])
+    warnings = []
+    assert manager.usable_tag(warn=warnings.append) == tag_for(2)
+    assert f"{optimizer} is truncated or not a torch file" in warnings[0]
+
+
+def test_a_corrupt_pointer_falls_back_to_the_tags_themselves(tmp_path):
+    manager = _three_tags(tmp_path)
+    (tmp_path / POINTER).write_text('{"latest": "step000')
+    warnings = []
+    assert manager.usable_tag(warn=warnings.append) == tag_for(3)
+    assert f"{tmp_path / POINTER}: unreadable checkpoint pointer" in warnings[0]
+    assert manager.complete_tags() == [tag_for(1), tag_for(2), tag_for(3)]  # rewritten
+
+
+def test_no_complete_tag_left_is_refused_naming_the_damage(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=None, rank=0)
+    manager.write(_FakeEngine(), tag_for(1), {})
+    (tmp_path / tag_for(1) / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(CheckpointStateError, match="no complete checkpoint is left to resume from"):
+        manager.usable_tag(warn=lambda message: None)

@@ -15,7 +15,7 @@ import pytest
 from gptneox.training.output_dir import (LOCK_NAME, OutputDirError, RunLock, check_writable, claim_output_dir,
                                          previous_run)
 
-from conftest import REPO
+from tests.helpers import REPO
 
 HOLD_LOCK = "import sys; from gptneox.training.output_dir import RunLock; lock = RunLock.acquire(sys.argv[1]); " \
             "print('held', flush=True); sys.stdin.read()"
