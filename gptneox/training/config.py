@@ -133,7 +133,7 @@ class TrainConfig:
                 raise TrainConfigError(f"{name}={value!r} must be {rule}")
         if self.learning_rate == 0 or self.adam_epsilon == 0 or self.peak_tflops == 0:
             name = next(n for n in ("learning_rate", "adam_epsilon", "peak_tflops") if getattr(self, n) == 0)
-            raise TrainConfigError(f"{name}=0 must be positive")
+            raise TrainConfigError(f"{name}={getattr(self, name)!r} must be positive")
 
     @property
     def allowed_changes(self) -> set[str]:

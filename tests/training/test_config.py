@@ -43,6 +43,25 @@ def test_bad_command_lines_name_the_problem(argv, message):
         parse_train_config(argv)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--save_total_limit", "0"], "save_total_limit=0 must be at least 1"),  # would delete the final save
+    (["--save_total_limit", "-1"], "save_total_limit=-1 must be at least 1"),
+    (["--eval_size", "0"], "eval_size=0 must be at least 1"),
+    (["--max_steps", "-5"], "max_steps=-5 must be at least 1"),
+    (["--rng_seed", "-1"], "rng_seed=-1 must be in \\[0, 2\\*\\*64\\)"),
+    (["--warmup_steps", "-1"], "warmup_steps=-1 must be 0 or more"),
+    (["--learning_rate", "nan"], "learning_rate=nan must be a finite positive number"),
+    (["--learning_rate", "0"], "learning_rate=0.0 must be positive"),
+    (["--adam_beta2", "1.0"], "adam_beta2=1.0 must be in \\[0, 1\\)"),
+    (["--max_grad_norm", "-2"], "max_grad_norm=-2.0 must be a finite number, 0 or more"),
+    (["--pad_to_multiple_of", "0"], "pad_to_multiple_of=0 must be at least 1"),
+])
+def test_every_numeric_key_is_range_checked_naming_it(argv, message):
+    with pytest.raises(TrainConfigError, match=message):
+        parse_train_config(argv)
+    assert parse_train_config(["--save_total_limit", "1", "--no-max_steps", "--warmup_steps", "0"]).max_steps is None
+
+
 def test_unknown_key_in_a_section_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("bad:\n  warmup_step: 10\n")
