@@ -394,7 +394,7 @@ def test_fused_cpu_adamw_gives_the_loss_curve_of_the_plain_one(workspace):
     template = {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
                 "zero_optimization": {"stage": 2}}
     cfg = TrainConfig(learning_rate=1e-2, weight_decay=0.1, per_device_train_batch_size=2,
-                      gradient_accumulation_steps=2)
+                      gradient_accumulation_steps=2, warmup_steps=0)  # no scheduler: a constant rate, no warm-up
     fused_config, _ = resolve_ds_config(template, cfg, world_size=1, hidden_size=64, total_num_steps=5, cpu=True)
     plain_config = json.loads(json.dumps(fused_config))
     del plain_config["optimizer"]["params"]["fused"]
