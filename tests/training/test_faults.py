@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from gptneox import weights
 from gptneox.data import load_tokenizer
 from gptneox.training.checkpoint import POINTER, tag_for
-from gptneox.training.evaluation import Evaluator, evaluate
+from gptneox.training.evaluation import EvaluationStopped, Evaluator, evaluate
 
 from tests.helpers import LAUNCH_VARIABLES, REPO
 from tests.training.test_loop import SAMPLE, _script_argv, read_metrics, run_train, workspace  # noqa: F401
@@ -125,7 +125,8 @@ class _Engine:
 
 def test_a_stop_during_evaluation_ends_it_at_the_next_batch():
     answers = iter([False, True])
-    assert evaluate(_Engine(), [None, {"input_ids": torch.ones(1, 4)}], stopped=lambda: next(answers)) is None
+    with pytest.raises(EvaluationStopped):
+        evaluate(_Engine(), [None, {"input_ids": torch.ones(1, 4)}], stopped=lambda: next(answers))
     # every rank gets as many rounds (None where it has no batch), so each asks the stop collective as often
     sets = {"a": list(range(7))}
     tokenizer = load_tokenizer(SAMPLE / "tokenizer.json")
