@@ -26,7 +26,9 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
 fi
 cd "${SLURM_SUBMIT_DIR:-.}"
 PYTHON=${PYTHON:-.venv/bin/python}
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# the first node; read the whole list (a `| head -n 1` can kill scontrol with SIGPIPE, fatal under pipefail)
+mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${NODES[0]}
 export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-29500} PYTHON
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}   # INFO prints the chosen interfaces and transports when a job hangs
 # every task sees all GPUs of its node and picks one by LOCAL_RANK (so no --gpus-per-task here)
