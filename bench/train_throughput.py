@@ -243,9 +243,9 @@ def summarize(variant: Variant, memory: dict, peak_tflops: float) -> dict:
     }
 
 
-def data_sheet_peak(dtype: str) -> tuple[float, str]:
+def data_sheet_peak(dtype: str, device) -> tuple[float, str]:
     from gptneox.training.metrics import peak_tflops
-    return peak_tflops(dtype, None)
+    return peak_tflops(dtype, None, device)
 
 
 def machine_line(device) -> str:
@@ -309,7 +309,7 @@ def main(argv=None) -> None:
           f"round(s) per variant, interleaved; loss chunk {args.loss_chunk_rows} rows")
     print(f"measured {args.dtype} matmul peak: {peak:.4f} TFLOP/s (MFU column divides by this)")
     if device.type == "cuda":
-        sheet, source = data_sheet_peak(args.dtype)
+        sheet, source = data_sheet_peak(args.dtype, device)
         for v, r in results.items():
             print(f"{v}: MFU against the card's peak {sheet:.0f} TFLOP/s ({source}): {r['tflops'] / sheet:.1%}"
                   if sheet else f"{v}: no data-sheet peak ({source})")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
 import warnings
@@ -137,15 +138,15 @@ class AttentionMask:
         """FlexAttention BlockMask of the same rule as dense(): causal, real keys, same segment, or itself."""
         if self._block_mask is None:
             from torch.nn.attention.flex_attention import create_block_mask
-            padding, segments, offset = self.padding, self.segments, self.offset
+            B, S, offset = self.batch_size, self.key_length, self.offset
+            # both tensors always, so padded and packed batches share one compiled kernel
+            padding = self.padding if self.padding is not None else torch.ones(B, S, dtype=torch.bool, device=device)
+            segments = self.segments if self.segments is not None else torch.zeros(B, S, dtype=torch.long,
+                                                                                   device=device)
 
             def allowed(b, h, q_index, k_index):
                 query = q_index + offset
-                keep = k_index <= query
-                if padding is not None:
-                    keep = keep & padding[b, k_index]
-                if segments is not None:
-                    keep = keep & (segments[b, query] == segments[b, k_index])
+                keep = (k_index <= query) & padding[b, k_index] & (segments[b, query] == segments[b, k_index])
                 return keep | (k_index == query)
 
             self._block_mask = create_block_mask(allowed, self.batch_size, None, self.query_length,
@@ -190,7 +191,11 @@ def torch_varlen_usable(q: torch.Tensor) -> bool:
 
 
 def torch_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k) -> torch.Tensor:
-    return _torch_varlen()(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))  # (-1, 0) = causal
+    varlen_attn = _torch_varlen()
+    # torch 2.13 spells causal window_size=(-1, 0); the first versions (2.9-2.11) had is_causal
+    causal = ({"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters
+              else {"is_causal": True})
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **causal)
 
 
 def _torch_varlen():

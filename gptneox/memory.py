@@ -31,3 +31,16 @@ def peak_memory_mib(device: torch.device | str | None = None) -> float:
         return status_mib("VmHWM")
     except (OSError, RuntimeError):  # no /proc (not Linux): getrusage reports KiB on Linux-likes
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_record(device: torch.device | str) -> dict:
+    """The memory figures of one metrics record, since the previous record: on CUDA allocated and reserved
+    (the caching allocator's footprint, what an out-of-memory error is about), then reset for the next
+    logging window; on CPU the resident-set high-water mark, which cannot be reset."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        record = {"peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+                  "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+        torch.cuda.reset_peak_memory_stats(device)
+        return record
+    return {"peak_memory_gb": peak_memory_mib(device) / 1024}

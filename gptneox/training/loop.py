@@ -192,10 +192,11 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
     collate = DialogueCollator(tokenizer, max_length=cfg.max_length, pad_to_multiple_of=cfg.pad_to_multiple_of,
                                random_offset_probability=cfg.random_offset_probability, pack=cfg.pack,
                                seed=cfg.rng_seed)
-    peak, peak_source = peak_tflops(cfg.dtype, cfg.peak_tflops)
+    peak, peak_source = peak_tflops(cfg.dtype, cfg.peak_tflops, engine.device)
     say(f"MFU peak: {peak:.3g} TFLOP/s per device ({peak_source})")
     metrics = MetricsLogger(out, cfg.log_dir or out / "tensorboard", total_steps, engine.global_steps, rank == 0,
-                            peak_tflops=peak, world_size=world, show_every=cfg.logging_steps)
+                            peak_tflops=peak, world_size=world, show_every=cfg.logging_steps,
+                            device=engine.device)
     return Run(cfg, engine, train_set, order, collate, state, checkpoints, evaluator, metrics, total_steps, rank)
 
 

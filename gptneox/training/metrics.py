@@ -14,23 +14,34 @@ from tqdm import tqdm
 
 from gptneox.dtypes import torch_dtype
 from gptneox.errors import UserError
-from gptneox.memory import peak_memory_mib
+from gptneox.memory import peak_memory_record
 
 if TYPE_CHECKING:
     from gptneox.training.step import StepResult
 
 EVAL_PREFIX = "eval_"
 
-# Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets: (16-bit tensor core, fp32 without TF32).
+# Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets: (16-bit tensor core, fp32 without TF32), keyed by
+# the exact torch.cuda.get_device_name(): a substring match gave "H100 NVL" the SXM figure and "L40" the L4's.
+_H100_SXM, _H100_NVL, _A100, _V100_SXM = (989.0, 67.0), (835.0, 60.0), (312.0, 19.5), (125.0, 15.7)
 GPU_PEAK_TFLOPS = {
-    "H200": (989.0, 67.0),
-    "H100 PCIe": (756.0, 51.0),
-    "H100": (989.0, 67.0),        # SXM
-    "A100": (312.0, 19.5),
-    "L40S": (362.0, 91.6),
-    "A10G": (70.0, 31.2),
-    "L4": (121.0, 30.3),
-    "V100": (125.0, 15.7),
+    "NVIDIA H200": _H100_SXM,
+    "NVIDIA H200 NVL": _H100_NVL,
+    "NVIDIA H100 80GB HBM3": _H100_SXM,
+    "NVIDIA H100 NVL": _H100_NVL,
+    "NVIDIA H100 PCIe": (756.0, 51.0),
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA L40S": (362.0, 91.6),
+    "NVIDIA L40": (181.0, 90.5),
+    "NVIDIA L4": (121.0, 30.3),
+    "NVIDIA A10G": (70.0, 31.2),
+    "Tesla V100-SXM2-16GB": _V100_SXM,
+    "Tesla V100-SXM2-32GB": _V100_SXM,
+    "Tesla V100-PCIE-16GB": (112.0, 14.0),
+    "Tesla V100-PCIE-32GB": (112.0, 14.0),
 }
 
 
@@ -53,15 +64,16 @@ def matmul_peak_tflops(device: str = "cpu", dtype: str = "fp32", sizes=(2048,), 
     return best
 
 
-def peak_tflops(dtype: str, configured: float | None) -> tuple[float, str]:
-    """Per-device peak TFLOP/s and where the figure came from."""
+def peak_tflops(dtype: str, configured: float | None, device: torch.device | str = "cpu") -> tuple[float, str]:
+    """Per-device peak TFLOP/s of the device the run trains on, and where the figure came from."""
     if configured:
         return configured, "peak_tflops key"
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, (half, single) in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return (single if dtype == "fp32" else half), f"data sheet for {key}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if name in GPU_PEAK_TFLOPS:
+            half, single = GPU_PEAK_TFLOPS[name]
+            return (single if dtype == "fp32" else half), f"data sheet for {name}"
         return 0.0, f"unknown GPU {name!r}: set peak_tflops for an MFU figure"
     return matmul_peak_tflops(), "measured fp32 matmul peak of this CPU"
 
@@ -109,8 +121,9 @@ class MetricsLogger:
     `show_every` steps refresh the progress bar."""
 
     def __init__(self, output_dir: str | Path, tensorboard_dir: str | Path, total_steps: int, initial_step: int,
-                 enabled: bool, *, peak_tflops: float = 0.0, world_size: int = 1, show_every: int = 1):
-        self.enabled = enabled
+                 enabled: bool, *, peak_tflops: float = 0.0, world_size: int = 1, show_every: int = 1,
+                 device: torch.device | str = "cpu"):
+        self.enabled, self.device = enabled, torch.device(device)
         self.peak_tflops, self.world_size, self.show_every = peak_tflops, world_size, show_every
         self.path = Path(output_dir) / "metrics.jsonl"
         self.writer = None
@@ -148,7 +161,7 @@ class MetricsLogger:
                 "skipped_steps": result.skipped_steps, "epoch": epoch,
                 "tokens_per_s": result.tokens / seconds, "trained_tokens_per_s": result.trained_tokens / seconds,
                 "mfu": result.flops / seconds / peak if peak else None,
-                "peak_memory_gb": peak_memory_mib() / 1024}
+                **peak_memory_record(self.device)}
 
     def log_step(self, step: int, result: StepResult, seconds: float, epoch: float) -> None:
         self.log(step, self.step_record(result, seconds, epoch), advance=True, show=step % self.show_every == 0)
