@@ -18,6 +18,7 @@ Under torch.use_deterministic_algorithms(True) the flash kernels are asked for t
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -191,19 +192,21 @@ def torch_varlen_usable(q: torch.Tensor) -> bool:
 
 
 def torch_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k) -> torch.Tensor:
-    varlen_attn = _torch_varlen()
-    # torch 2.13 spells causal window_size=(-1, 0); the first versions (2.9-2.11) had is_causal
-    causal = ({"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters
-              else {"is_causal": True})
+    varlen_attn, causal = _torch_varlen()
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **causal)
 
 
-def _torch_varlen():
+@functools.cache
+def _torch_varlen() -> tuple[Callable, dict] | None:
+    """(varlen_attn, its causal keyword), looked up once: every layer of every packed forward calls it."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    # torch 2.13 spells causal window_size=(-1, 0); the first versions (2.9-2.11) had is_causal
+    causal = ({"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters
+              else {"is_causal": True})
+    return varlen_attn, causal
 
 
 def _eager(q, k, v, mask: AttentionMask) -> torch.Tensor:
@@ -244,23 +247,17 @@ def _flex(q, k, v, mask: AttentionMask) -> torch.Tensor:
         return _sdpa(q, k, v, mask)
     with warnings.catch_warnings():  # off CUDA the unfused path is the only one; its warning says to compile
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        out = flex_attention_function(q.device)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                block_mask=mask.block_mask(q.device))
+        out = flex_attention_function(q.device.type)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     block_mask=mask.block_mask(q.device))
     return out.transpose(1, 2)
 
 
-_COMPILED_FLEX: list = []
-
-
-def flex_attention_function(device: torch.device) -> Callable:
+@functools.cache
+def flex_attention_function(device_type: str) -> Callable:
     """flex_attention compiled once on CUDA (uncompiled it materialises every score); on CPU torch only has the
     uncompiled forward, which is what the CPU tests check against eager."""
     from torch.nn.attention.flex_attention import flex_attention
-    if device.type != "cuda":
-        return flex_attention
-    if not _COMPILED_FLEX:
-        _COMPILED_FLEX.append(torch.compile(flex_attention, dynamic=False))
-    return _COMPILED_FLEX[0]
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
 @dataclass(frozen=True)
