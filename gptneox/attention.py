@@ -356,7 +356,14 @@ def _flash_attn_4(cute) -> FlashKernels:
 
 
 def check_flash_inputs(q: torch.Tensor) -> None:
-    check_backend("flash", q.device, q.dtype)
+    _check_flash_device(q.device, q.dtype)
+
+
+def _check_flash_device(device: torch.device, dtype: torch.dtype) -> None:
+    if device.type != "cuda" or dtype not in HALF_DTYPES:
+        raise AttentionBackendError(
+            f"attention_backend='flash' runs only on CUDA in float16/bfloat16, got {device.type} "
+            f"{str(dtype).replace('torch.', '')}; use 'sdpa' (or 'flex') here")
 
 
 def check_backend(backend: str, device: torch.device | str, dtype: torch.dtype, training: bool = False) -> str:
@@ -366,10 +373,7 @@ def check_backend(backend: str, device: torch.device | str, dtype: torch.dtype, 
     if backend not in BACKENDS:
         raise AttentionBackendError(f"attention_backend={backend!r}; expected one of {', '.join(BACKENDS)}")
     if backend == "flash":
-        if device.type != "cuda" or dtype not in HALF_DTYPES:
-            raise AttentionBackendError(
-                f"attention_backend='flash' runs only on CUDA in float16/bfloat16, got {device.type} "
-                f"{str(dtype).replace('torch.', '')}; use 'sdpa' (or 'flex') here")
+        _check_flash_device(device, dtype)
         return flash_kernels().name
     if backend == "flex":
         if training and device.type != "cuda":
