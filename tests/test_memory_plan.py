@@ -9,6 +9,7 @@ import torch
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.memory_plan import loss_buffer_bytes, parameter_counts, saved_activation_bytes_per_token
 from gptneox.dtypes import TORCH_DTYPES
+from gptneox.flops import non_embedding_parameters
 from gptneox.training.loss import masked_cross_entropy_from_hidden
 
 from tests.helpers import REPO, TINY_CONFIG, run_python
@@ -81,6 +82,11 @@ def test_parameter_counts_are_the_models(name):
         model = GPTNeoX(config)
     counts = parameter_counts(config, persistence_threshold=10 * config.hidden_size)
     assert counts.total == sum(p.numel() for p in model.parameters())
+    # against the closed form of gptneox.flops, which does not build a model
+    head = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    assert counts.total == non_embedding_parameters(config) + config.vocab_size * config.hidden_size + head
+    block = sum(p.numel() for p in model.gpt_neox.layers[0].parameters())
+    assert counts.largest_block == max(block, config.vocab_size * config.hidden_size)
     assert counts.persistent == sum(p.numel() for p in model.parameters() if p.dim() == 1)  # biases, LayerNorms
 
 
