@@ -56,8 +56,9 @@ def saved_activation_bytes_per_token(config: GPTNeoXConfig, dtype: str, checkpoi
 
     Per block (SDPA/flash attention): the block input, the two LayerNorm outputs, the fused qkv output
     (rotary embeddings are applied to it in place; q, k and v are views of it), the attention output, the
-    MLP's up-projection and its GELU output, all in the training dtype; mean and rstd of both LayerNorms (fp32 on CUDA; torch's CPU kernel keeps
-    them in the input dtype, hence `layer_norm_stats_bytes`) and the attention's fp32 logsumexp per head.
+    MLP's up-projection and its GELU output, all in the training dtype; mean and rstd of both LayerNorms
+    (fp32 on CUDA; torch's CPU kernel keeps them in the input dtype, hence `layer_norm_stats_bytes`) and the
+    attention's fp32 logsumexp per head.
     A sequential-residual block also keeps the mid-block sum. Under checkpointing a block keeps only its input.
     """
     s, h, inner = BYTES[dtype], config.hidden_size, config.intermediate_size

@@ -47,9 +47,10 @@ class _RotateQK(torch.autograd.Function):
     """GPT-NeoX "rotate-half" rotary embedding of q and k, applied in place to the fused QKV output.
 
     qkv [B * T, H * 3 * D] ([head][q|k|v][head_dim], the Hugging Face layout); only the first
-    2 * cos.shape[-1] dims of each q and k head change. Written out (rather than rotating a copy and `cat`-ing it back onto the
-    pass-through dims) so that no activation is copied: q, k and v stay views of the projection output and
-    the backward writes the projection's gradient once (unbind's stack) and un-rotates it in place.
+    2 * cos.shape[-1] dims of each q and k head change. Written out (rather than rotating a copy and
+    `cat`-ing it back onto the pass-through dims) so that no activation is copied: q, k and v stay views of
+    the projection output and the backward writes the projection's gradient once (unbind's stack) and
+    un-rotates it in place.
     The projection's backward needs only its input and weight, so overwriting its output is safe.
     """
 
