@@ -31,6 +31,7 @@ from gptneox import GPTNeoX, GPTNeoXConfig  # noqa: E402
 from gptneox.attention import AttentionBackendError, AttentionMask, attend, check_backend  # noqa: E402
 from gptneox.flops import training_flops  # noqa: E402
 from gptneox.generate import generate  # noqa: E402
+from gptneox.memory_plan import parameter_counts  # noqa: E402
 from gptneox.training.loss import batch_loss, masked_cross_entropy_from_hidden  # noqa: E402
 from gptneox.training.metrics import peak_tflops  # noqa: E402
 
@@ -49,6 +50,9 @@ def setting(cpu: bool) -> dict:
                 decode_prompt=256, decode_new=64)
 
 
+BACKENDS = ("sdpa", "flex", "flash")
+
+
 def usable(backend: str, device: torch.device, dtype: torch.dtype, training: bool) -> str | None:
     """None if the backend runs here, else why not (the SKIP reason)."""
     try:
@@ -56,6 +60,16 @@ def usable(backend: str, device: torch.device, dtype: torch.dtype, training: boo
     except AttentionBackendError as err:
         return str(err)
     return None
+
+
+def runnable_backends(rows: list, device: torch.device, dtype: torch.dtype, training: bool, row: dict | None = None):
+    """The backends that run here, in turn; each one that does not gets a SKIP row (`row` plus its reason)."""
+    for backend in BACKENDS:
+        why = usable(backend, device, dtype, training)
+        if why:
+            rows.append({**(row or {}), "backend": backend, "status": "SKIP", "reason": why})
+        else:
+            yield backend
 
 
 # ----------------------------------------------------------------------------- parity
@@ -86,12 +100,9 @@ def run_parity(out: Path, cpu: bool) -> dict:
                 grads = case != "cache"  # decoding runs under inference_mode
                 reference = _attention(q, k, v, mask, "eager", grads)  # fp32 inputs: the reference
                 eager_half = _attention(*(t.to(dtype) for t in (q, k, v)), mask, "eager", grads)
-                for backend in ("sdpa", "flex", "flash"):
-                    row = dict(dtype=str(dtype).replace("torch.", ""), head_dim=D, case=case, backend=backend)
-                    why = usable(backend, device, dtype, training=False)
-                    if why:
-                        rows.append({**row, "status": "SKIP", "reason": why})
-                        continue
+                base_row = dict(dtype=str(dtype).replace("torch.", ""), head_dim=D, case=case)
+                for backend in runnable_backends(rows, device, dtype, training=False, row=base_row):
+                    row = {**base_row, "backend": backend}
                     backward = grads and usable(backend, device, dtype, training=True) is None
                     row["compared"] = "output and q/k/v gradients" if backward else "output"
                     try:
@@ -196,11 +207,7 @@ def run_layers(out: Path, cpu: bool, steps: int = 3) -> dict:
     flops = training_flops(config, lengths, int(batch["loss_mask"].sum()))
     peak, peak_source = peak_tflops("fp32" if cpu else "bf16", None, device)
     rows = []
-    for backend in ("sdpa", "flex", "flash"):
-        why = usable(backend, device, dtype, training=True)
-        if why:
-            rows.append(dict(backend=backend, status="SKIP", reason=why))
-            continue
+    for backend in runnable_backends(rows, device, dtype, training=True):
         torch.manual_seed(0)
         model = GPTNeoX(config).to(device=device, dtype=dtype).train()
         model.gradient_checkpointing = True
@@ -260,15 +267,10 @@ def zero2_projection(config: GPTNeoXConfig, measured_gb: float, measured_paramet
     reduce bucket of ds_config.json, and the measured activations per layer times the layer count. An estimate
     from this run's measurement, not a measurement of 8 ranks."""
     full = GPTNeoXConfig.from_name(STABLELM_7B)
-    P = _parameter_count(full)
+    P = parameter_counts(full, persistence_threshold=0).total
     activations_per_layer = max(measured_gb * 2**30 - 4 * measured_parameters, 0) / config.num_hidden_layers
     total = 2 * P + (12 + 2) * P / ranks + 2 * 1e9 + activations_per_layer * full.num_hidden_layers
     return total / 2**30
-
-
-def _parameter_count(config: GPTNeoXConfig) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in GPTNeoX(config).parameters())
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -286,11 +288,7 @@ def run_decode(out: Path, cpu: bool) -> dict:
     for row, keep in enumerate((n, 3 * n // 4, n // 2, n // 4)):
         padded[row, : n - keep] = 0
     rows = []
-    for backend in ("sdpa", "flex", "flash"):
-        why = usable(backend, device, dtype, training=False)
-        if why:
-            rows.append(dict(backend=backend, status="SKIP", reason=why))
-            continue
+    for backend in runnable_backends(rows, device, dtype, training=False):
         model.attention_backend = backend
         row = dict(backend=backend, status="PASS")
         for name, mask in (("unpadded", unpadded), ("padded", padded)):
