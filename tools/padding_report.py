@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_train_config(train_args)
     tokenizer = load_run_tokenizer(cfg)
     train, _ = merge_datasets(load_run_datasets(cfg))
-    order = DataOrder(len(train), 1, 1, 1, 0, cfg.rng_seed).permutation(0)  # the run's first epoch order
+    # the run's first-epoch order (the permutation depends only on the sample count, the seed and the epoch)
+    order = DataOrder(num_samples=len(train), micro_batch_size=1, gradient_accumulation_steps=1, world_size=1,
+                      rank=0, seed=cfg.rng_seed).permutation(0)
     train = [train[i] for i in order]
     print(f"{len(train)} training conversations of {' '.join(train_args)}, "
           f"pad_to_multiple_of {cfg.pad_to_multiple_of}\n")
