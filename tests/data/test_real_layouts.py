@@ -15,6 +15,7 @@ import yaml
 from gptneox.data import DataError, build_datasets
 from gptneox.data.datasets import load_datasets, read_units
 from gptneox.data.files import dataset_files
+from gptneox.data.readers import RecordError
 from gptneox.data.sources import grade_school_math_instructions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,7 +144,7 @@ def test_gsm8k_originals_lose_calculator_marks_and_the_final_line():
     record = {"question": "q", "answer": "a = <<1+1=2>>2.\n#### 2"}
     kept = grade_school_math_instructions(record, Counter(), keep_final_answer=True)
     assert kept[0][1]["text"] == "a = 2.\nThe answer is 2."
-    with pytest.raises(Exception, match="field 'answer': has no final '#### <number>' line"):
+    with pytest.raises(RecordError, match="field 'answer': has no final '#### <number>' line"):
         grade_school_math_instructions({"question": "q", "answer": "no result"}, Counter())
 
 
