@@ -74,8 +74,10 @@ def oasst_export(record: Any, drops: Counter, lang: str | list[str] = "en", top_
         drops[LANGUAGE] += 1
         return []
     threads: list[Conversation] = []
-    _visit(root, "prompt", [], None, threads, top_k, drops)
-    if not threads:
+    thread_drops: Counter = Counter()
+    _visit(root, "prompt", [], None, threads, top_k, thread_drops)
+    drops.update(thread_drops)
+    if not threads and not thread_drops:  # a tree whose threads were all filtered is counted by their reasons
         drops[NO_REPLY] += 1
     return threads
 

@@ -120,7 +120,12 @@ def test_oasst_threads_ranks_and_first_prompter_leaf():
 
 def test_oasst_top_k_drops_unranked_siblings_but_keeps_an_only_child():
     tree = export(node("prompter", "Q", replies=[node("assistant", "A"), node("assistant", "B")]))
-    assert run(oasst_export, tree, top_k=1) == []
+    drops = Counter()
+    assert oasst_export(tree, drops, top_k=1) == []
+    assert drops == {"thread with an assistant ranked >= top_k or unranked": 2}  # each thread once, by its reason
+    unanswered = Counter()
+    assert oasst_export(export(node("prompter", "Q")), unanswered) == []
+    assert unanswered == {"no assistant reply": 1}
     only = export(node("prompter", "Q", replies=[node("assistant", "A")]))
     assert len(run(oasst_export, only, top_k=1)) == 1
 
