@@ -14,6 +14,7 @@ name) is decided from its first character.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import gzip
 import io
@@ -223,10 +224,12 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     except ImportError:
         raise DataError(f"{path}: reading .parquet files needs pyarrow (pip install 'gptneox[data]')") from None
     index = 0
+    compressed = path.suffix == ".gz"  # a plain file is given by path, so that pyarrow reads it natively
     try:
-        for batch in parquet.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
-            for row in batch.to_pylist():
-                yield f"row {index}", row
-                index += 1
+        with _open_binary(path) if compressed else contextlib.nullcontext(path) as source:
+            for batch in parquet.ParquetFile(source).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                for row in batch.to_pylist():
+                    yield f"row {index}", row
+                    index += 1
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
         raise DataError(f"{path}: cannot read parquet file after row {index}: {error}") from error

@@ -248,6 +248,13 @@ def test_file_level_errors(tmp_path):
         read_units("dolly15k", tmp_path / "broken.parquet")
 
 
+def test_gzipped_parquet_reads_like_the_plain_file(tmp_path):
+    path = tmp_path / "dolly.parquet.gz"
+    path.write_bytes(gzip.compress((SAMPLE / "dolly_sample.parquet").read_bytes()))
+    plain = list(read_records(SAMPLE / "dolly_sample.parquet", BadRecords(skip=False)))
+    assert len(plain) > 40 and list(read_records(path, BadRecords(skip=False))) == plain
+
+
 def test_csv_missing_column_names_row(tmp_path):
     path = tmp_path / "gsm.csv"
     path.write_text("INSTRUCTION,ANSWER\nq,a\n")
