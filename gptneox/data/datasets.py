@@ -14,8 +14,8 @@ Options every dataset takes:
 
 All randomness is seeded by ``seed`` and the dataset name, so the same config gives the same split in
 every process. The split is over *units* (whole message trees for oasst_export), so no tree has
-threads on both sides. ``train.py`` and every tool that reads a datasets config load it through
-``load_run_datasets``, so they all see the same conversations.
+threads on both sides. ``train.py`` and the tools that report on a run's data (``data_report``,
+``padding_report``) load it through ``load_run_datasets``, so they all see the same conversations.
 """
 
 from __future__ import annotations
