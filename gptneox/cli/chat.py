@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
         generator = None if args.seed is None else torch.Generator(device=args.device).manual_seed(args.seed)
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
             session.notice(banner(args.model, session))
             run_interactive(session, sys.stdin)
     except UserError as err:  # files, device, sampling flags that generate() rejects
-        return report_user_error("chat.py", err)
+        return report_user_error(parser.prog, err)
     except KeyboardInterrupt:
         print(file=sys.stderr)
     return 0

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         for name in copied:
             shutil.copyfile(Path(args.src) / name, Path(args.dst) / name)
     except UserError as err:  # missing files, CheckpointError, ConfigError, a bad size or dtype
-        return report_user_error("convert_checkpoint.py", err)
+        return report_user_error(parser.prog, err)
     count = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.dst}: {count:,} parameters in {next(model.parameters()).dtype}"
           + (f"; copied {', '.join(copied)}" if copied else "; the source has no tokenizer files"))

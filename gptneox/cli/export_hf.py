@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         path = export_checkpoint(args.checkpoint_dir, args.output_dir, tag=args.tag, dtype=args.dtype,
                                  max_shard_size=args.max_shard_size)
     except UserError as err:
-        return report_user_error("export_hf.py", err)
+        return report_user_error(parser.prog, err)
     print(f"wrote {path}")
     return 0
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             raise MetricsError(f"{path}: no such file")
         written = plot(read_metrics(path), args.output or path.with_suffix(".png"))
     except UserError as err:
-        return report_user_error("plot_metrics.py", err)
+        return report_user_error(parser.prog, err)
     print(f"wrote {written}")
     return 0
 

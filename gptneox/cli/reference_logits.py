@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gptneox.errors import run_command
+from gptneox.errors import UserError, report_user_error
 
 
 def encode(prompts, tokenizer_path):
@@ -27,7 +27,7 @@ def encode(prompts, tokenizer_path):
     try:
         return [[int(t) for t in p.split()] for p in prompts]
     except ValueError:
-        raise SystemExit("--prompts must be space-separated token ids unless --tokenizer is given") from None
+        raise UserError("--prompts must be space-separated token ids unless --tokenizer is given") from None
 
 
 def logits_function(model_dir, engine):
@@ -44,7 +44,7 @@ def logits_function(model_dir, engine):
 
 
 @torch.no_grad()
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Hugging Face GPT-NeoX model directory")
     parser.add_argument("--prompts", nargs="+", required=True, help="prompts (token ids, or text with --tokenizer)")
@@ -52,15 +52,20 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer", help="tokenizer.json to encode text prompts")
     parser.add_argument("--engine", choices=("auto", "transformers", "gptneox"), default="auto")
     args = parser.parse_args(argv)
-    run, engine = logits_function(args.model, args.engine)
+    try:
+        prompts = encode(args.prompts, args.tokenizer)
+        run, engine = logits_function(args.model, args.engine)
+    except UserError as err:  # bad prompts, a missing model or tokenizer file
+        return report_user_error(parser.prog, err)
     tensors = {}
-    for i, ids in enumerate(encode(args.prompts, args.tokenizer)):
+    for i, ids in enumerate(prompts):
         input_ids = torch.tensor([ids])
         tensors[f"input_ids.{i}"] = input_ids
         tensors[f"logits.{i}"] = run(input_ids).float().contiguous()
     save_file(tensors, args.output, metadata={"engine": engine, "model": Path(args.model).name})
     print(f"wrote {args.output}: {len(args.prompts)} prompts, engine {engine}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_command("reference_logits.py", main))
+    sys.exit(main())

@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if args.num_samples < 1 or args.batch_size < 1:
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
         prompts = [prompt_ids(model, tokenizer, record) for record in records]
         report = {"model": str(args.model), "prompts_file": str(args.prompts),
                   "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                  "command": ["tools/sampling_report.py", *argv],
+                  "command": [parser.prog, *argv],
                   "max_new_tokens": args.max_new_tokens, "seed": args.seed, "num_samples": args.num_samples,
                   "settings": {}, "prompts": [{"prompt": r["prompt"], "system": r["system"], "replies": {}}
                                               for r in records]}
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
                 "new_tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": tokens / max(seconds, 1e-9)}
             print(f"{name}: {len(all_replies)} replies, {tokens} tokens in {seconds:.1f} s", file=sys.stderr)
     except UserError as err:
-        return report_user_error("sampling_report.py", err)
+        return report_user_error(parser.prog, err)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     markdown = args.output.with_suffix(".md")

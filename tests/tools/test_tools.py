@@ -71,3 +71,13 @@ def test_dtype_flags_take_both_spellings_and_name_a_bad_one():
     assert short.returncode == long.returncode == 0 and "cpu fp32 matmul peak" in long.stdout
     bad = run_python("tools/export_hf.py", "a", "b", "--dtype", "fp8")
     assert bad.returncode == 2 and "--dtype: invalid dtype_name value: 'fp8'" in bad.stderr
+
+
+def test_reference_logits_names_a_missing_model_and_bad_prompts_in_one_line(tmp_path):
+    missing = f"{tmp_path / 'config.json'}: config.json not found"
+    for argv, message in ((["--model", tmp_path, "--prompts", "1 2"], missing),
+                          (["--model", REPO / "tests/fixtures/tiny-gptneox", "--prompts", "a b"],
+                           "--prompts must be space-separated token ids")):
+        done = run_python("tools/reference_logits.py", *argv, "--output", tmp_path / "out.safetensors",
+                          "--engine", "gptneox")
+        assert done.returncode == 2 and done.stderr.startswith(f"reference_logits.py: error: {message}"), done.stderr
