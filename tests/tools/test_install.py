@@ -12,12 +12,23 @@ from pathlib import Path
 
 import pytest
 
+from gptneox.training.config import INPUT_PATH_KEYS, available_configs, load_section
 from gptneox.training.distributed import environment_extensions_dir
 
 from tests.helpers import LAUNCH_VARIABLES, REPO
 
 # What a source distribution holds; the test installs from a copy so that the build leaves the checkout alone.
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "ds_config.json", "gptneox", "configs", "data")
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "ds_config.json", "ds_config_zero3.json",
+           "ds_config_zero3_offload.json", "gptneox", "configs", "data")
+
+
+def test_every_file_a_bundled_section_names_is_in_the_package():
+    """A bundled section's relative paths are taken from the package directory, so each file must be there
+    (a link to the top-level copy in a checkout, package data in the wheel)."""
+    named = {(name, key, section[key]) for name in available_configs()
+             for section in [load_section(name)] for key in INPUT_PATH_KEYS if key in section}
+    assert any(key == "deepspeed_config" and path.endswith("ds_config_zero3.json") for _, key, path in named)
+    assert [entry for entry in named if not Path(entry[2]).exists()] == []
 
 
 @pytest.fixture(scope="module")
