@@ -20,6 +20,9 @@ from tests.helpers import LAUNCH_VARIABLES, REPO
 # What a source distribution holds; the test installs from a copy so that the build leaves the checkout alone.
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "ds_config.json", "ds_config_zero3.json",
            "ds_config_zero3_offload.json", "gptneox", "configs", "data")
+# Every console command of [project.scripts], as gptneox-NAME.
+COMMANDS = ("train", "chat", "export", "convert", "reference-logits", "plot", "sampling-report", "data-report",
+            "plan-memory")
 
 
 def test_every_file_a_bundled_section_names_is_in_the_package():
@@ -69,8 +72,22 @@ def test_the_installed_package_is_not_the_checkout(installed, tmp_path):
     assert done.returncode == 0, done.stderr
     location, version = done.stdout.split()
     assert Path(location).is_relative_to(installed.parent) and version == __import__("gptneox").__version__
-    for command in ("train", "chat", "export", "convert", "reference-logits", "plot", "sampling-report"):
-        assert run([installed / f"gptneox-{command}", "--help"], cwd=tmp_path).returncode == 0, command
+    assert sorted(p.name for p in installed.glob("gptneox-*")) == sorted(f"gptneox-{c}" for c in COMMANDS)
+    for command in COMMANDS:
+        done = run([installed / f"gptneox-{command}", "--help"], cwd=tmp_path)
+        assert done.returncode == 0 and "usage:" in done.stdout, command + done.stderr[-2000:]
+
+
+def test_a_console_command_names_itself_in_a_user_error(installed, tmp_path):
+    done = run([installed / "gptneox-export", tmp_path, tmp_path / "out"], cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("gptneox-export: error: "), done.stderr
+
+
+def test_plan_memory_reads_the_packaged_zero3_configs(installed, tmp_path):
+    done = run([installed / "gptneox-plan-memory", "--model", "gpt-neox-20b", "--gpus", "8", "--gpu_memory_gb", "80",
+                "--max_length", "2048", "--micro_batch", "2", "--dtype", "bf16"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ds_config: does not fit" in done.stdout and "ds_config_zero3_offload: fits" in done.stdout
 
 
 def test_train_export_and_chat_from_an_empty_directory(installed, tmp_path):
