@@ -29,7 +29,7 @@ def conversation_texts(section: str) -> list[str]:
     texts = []
     for entry in settings["datasets"]:
         name, options = parse_entry(entry)
-        for unit in read_dataset(name, options, cache_dir):
+        for unit in read_dataset(name, options, cache_dir).units:
             texts.extend(message["text"] for conversation in unit for message in conversation)
     return texts
 

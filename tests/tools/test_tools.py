@@ -1,4 +1,4 @@
-"""Every tool and benchmark answers --help; plot_metrics, padding_report, export_hf and the demo from the command
+"""Every tool and benchmark answers --help; train_tokenizer, plot_metrics, padding_report, export_hf and the demo from the command
 line."""
 from __future__ import annotations
 
@@ -18,6 +18,14 @@ def test_every_tool_and_benchmark_answers_help(script):
     result = run_python(script, "--help")
     assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_train_tokenizer_rebuilds_the_bundled_tokenizer_exactly(tmp_path):
+    """The README's way to regenerate data/sample/tokenizer.json: a reader change that alters the sample's
+    texts, or a tool that no longer runs, shows here."""
+    done = run_python("tools/train_tokenizer.py", "--output", str(tmp_path / "tokenizer.json"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "tokenizer.json").read_bytes() == (REPO / "data/sample/tokenizer.json").read_bytes()
 
 
 def test_plot_metrics_draws_a_png_and_rejects_a_bad_line(tmp_path):
