@@ -43,11 +43,11 @@ def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
     world = world_size()
     device = engine.device
     lr = engine.get_lr()[0]  # the rate this update uses; the scheduler steps inside engine.step()
-    # FLOPs before the move to the device: packed rows count each segment with .tolist(), a sync on a GPU
-    flops = sum(batch_training_flops(engine.module.config, b) for b in micro_batches if b["input_ids"].numel())
-    micro_batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
+    # Counts and FLOPs before the move to the device: read back from a GPU, each would be a sync
     local = [float(sum(b["loss_mask"].sum() for b in micro_batches)),
-             float(sum(b["attention_mask"].sum() for b in micro_batches)), flops]
+             float(sum(b["attention_mask"].sum() for b in micro_batches)),
+             sum(batch_training_flops(engine.module.config, b) for b in micro_batches if b["input_ids"].numel())]
+    micro_batches = [{k: v.to(device) for k, v in b.items()} for b in micro_batches]
     trained, tokens, flops = all_reduce_sum(local, device)
     scale = len(micro_batches) * world / max(trained, 1.0)
     skipped_before = engine.skipped_steps
