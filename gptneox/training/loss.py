@@ -59,18 +59,20 @@ def masked_loss_and_correct(hidden: torch.Tensor, head_weight: torch.Tensor, tar
                             ) -> tuple[float, int, int]:
     """Evaluation: (cross-entropy sum, correct argmax predictions, count) over the trained positions.
 
-    Chunked like the training loss, so an evaluation batch never holds [trained tokens, vocab] logits.
+    Chunked like the training loss, so an evaluation batch never holds [trained tokens, vocab] logits;
+    the sums stay on the device until the end, so a GPU syncs once per batch, not twice per chunk.
     """
     _check_shapes("hidden", hidden, targets, loss_mask)
     mask = loss_mask.bool()
     rows, wanted = hidden[mask], targets[mask]
-    total, correct = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=hidden.device)  # cross-entropy, correct predictions
     for start in range(0, len(wanted), chunk_rows):
         logits = (rows[start:start + chunk_rows] @ head_weight.t()).float()
         chunk_targets = wanted[start:start + chunk_rows]
-        total += F.cross_entropy(logits, chunk_targets, reduction="sum").item()
-        correct += int((logits.argmax(-1) == chunk_targets).sum())
-    return total, correct, len(wanted)
+        sums[0] += F.cross_entropy(logits, chunk_targets, reduction="sum")
+        sums[1] += (logits.argmax(-1) == chunk_targets).sum()
+    total, correct = sums.tolist()
+    return total, int(correct), len(wanted)
 
 
 def masked_cross_entropy_from_hidden(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
