@@ -21,6 +21,7 @@ from gptneox.data import EOS_TOKEN, PAD_TOKEN, load_tokenizer, save_tokenizer
 from gptneox.dtypes import dtype_name, torch_dtype
 from gptneox.errors import MissingFileError
 from gptneox.training.checkpoint import CheckpointManager
+from gptneox.training.output_dir import EXPORTED_WEIGHTS
 from gptneox.training.storage import DiskFullError, fsync_path, fsync_tree, out_of_space, remove_partial
 
 MODEL_SUBDIR = "model"
@@ -71,7 +72,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
                                 f"the checkpoint is intact: free some space, then run python tools/export_hf.py "
                                 f"{checkpoint_dir} {output_dir}") from err
         raise
-    for stale in [*output_dir.glob("model*.safetensors"), *output_dir.glob("model.safetensors.index.json")]:
+    for stale in [path for pattern in EXPORTED_WEIGHTS for path in output_dir.glob(pattern)]:
         stale.unlink()  # left over from an earlier export with a different shard count
     for path in staging.iterdir():
         path.replace(output_dir / path.name)

@@ -198,6 +198,12 @@ def test_export_keeps_tied_embeddings_tied_and_writes_the_chat_files(workspace, 
     assert generation["eos_token_id"] == reply_stop_ids(tokenizer) and generation["pad_token_id"] == pad
     assert {k: generation[k] for k in DEFAULT_SAMPLING} == DEFAULT_SAMPLING
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+
+    # a re-export with fewer shards leaves none of the earlier export's weight files behind
+    export_checkpoint(tmp_path / "checkpoints", tmp_path / "resharded", max_shard_size=100_000)
+    assert len(list((tmp_path / "resharded").glob("model-*-of-*.safetensors"))) > 1
+    export_checkpoint(tmp_path / "checkpoints", tmp_path / "resharded")
+    assert sorted(p.name for p in (tmp_path / "resharded").glob("model*")) == ["model.safetensors"]
     mode = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
     assert len(mode) == 1, "the weights are readable like the other files"
 
