@@ -176,7 +176,7 @@ class CheckpointManager:
                                            f"(damaged: {', '.join(listed)})")
             if usable and (usable != listed or broken):
                 warn(f"warning: resuming from {usable[-1]}, the newest complete checkpoint")
-                write_atomically(self.directory / POINTER, json.dumps({"latest": usable[-1], "complete": usable}))
+                self._list(usable)
             return usable[-1] if usable else None
         return on_rank_zero(decide)
 
@@ -191,6 +191,10 @@ class CheckpointManager:
             return tags
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise CheckpointStateError(f"{path}: unreadable checkpoint pointer ({err})") from None
+
+    def _list(self, tags: list[str]) -> None:
+        """Make `tags` (oldest first) the pointer's complete ones, atomically."""
+        write_atomically(self.directory / POINTER, json.dumps({"latest": tags[-1], "complete": tags}))
 
     def latest_tag(self) -> str | None:
         tags = self.complete_tags()
@@ -216,7 +220,7 @@ class CheckpointManager:
         if self.rank == 0:
             tags = [t for t in self.complete_tags() if t != tag] + [tag]
             kept = tags[-self.keep:] if self.keep else tags
-            write_atomically(self.directory / POINTER, json.dumps({"latest": kept[-1], "complete": kept}))
+            self._list(kept)
             self._remove_unlisted(kept)
         barrier()
         return tag_dir
