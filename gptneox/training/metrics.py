@@ -164,6 +164,8 @@ class MetricsLogger:
                 **peak_memory_record(self.device)}
 
     def log_step(self, step: int, result: StepResult, seconds: float, epoch: float) -> None:
+        if not self.enabled:  # the record is rank 0's: other ranks need not read their memory figures
+            return
         self.log(step, self.step_record(result, seconds, epoch), advance=True, show=step % self.show_every == 0)
 
     def log_eval(self, step: int, results: dict[str, float]) -> None:
