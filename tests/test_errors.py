@@ -1,7 +1,13 @@
 """Every error a user can fix derives from UserError, and commands print it as one line with exit status 2."""
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
+
 import pytest
+
+import gptneox
 
 from gptneox.attention import AttentionBackendError
 from gptneox.chat import ChatError
@@ -26,6 +32,24 @@ from gptneox.weights import CheckpointError
                                    AttentionBackendError])
 def test_every_domain_error_is_a_user_error(error):
     assert issubclass(error, UserError)
+
+
+# Not user mistakes: training that cannot go on (exit status 3), and a stop request ending an evaluation.
+NOT_USER_ERRORS = {"gptneox.training.loop.TrainingStopped", "gptneox.training.evaluation.EvaluationStopped"}
+
+
+def test_every_error_type_the_package_defines_is_a_user_error_or_named_as_not_one():
+    """Found by importing every module, so a new error type that forgets UserError fails here."""
+    defined = {}
+    for module_info in pkgutil.walk_packages(gptneox.__path__, "gptneox."):
+        module = importlib.import_module(module_info.name)
+        defined.update({f"{module.__name__}.{name}": cls for name, cls in inspect.getmembers(module, inspect.isclass)
+                        if issubclass(cls, BaseException) and cls.__module__ == module.__name__})
+    assert NOT_USER_ERRORS <= set(defined)
+    assert sorted(name for name, cls in defined.items()
+                  if not issubclass(cls, UserError) and name not in NOT_USER_ERRORS) == []
+    assert {"gptneox.training.output_dir.OutputDirError", "gptneox.training.resume_check.ResumeMismatch",
+            "gptneox.training.storage.DiskFullError", "gptneox.memory_plan.PlanError"} <= set(defined)
 
 
 def test_a_command_prints_a_user_error_in_one_line_and_lets_a_bug_through(capsys):
