@@ -159,18 +159,17 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
         total_num_steps=total_steps, cpu=get_accelerator().device_name() == "cpu")
     for note in notes:
         say(note)
+    settings = run_record(model=model.config.to_hf(), dtype=cfg.dtype, world_size=world,
+                          zero_stage=ds_config.get("zero_optimization", {}).get("stage", 0),
+                          learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
+                          num_train_epochs=cfg.num_train_epochs, max_length=cfg.max_length,
+                          global_batch_size=order.global_batch_size, rng_seed=cfg.rng_seed, train_set=train_set)
     checkpoints = CheckpointManager(checkpoint_dir, cfg.save_total_limit, rank, strategy=cfg.save_strategy,
-                                    every=cfg.save_steps, last_step=total_steps, run=run_record(
-                                        model=model.config.to_hf(), dtype=cfg.dtype, world_size=world,
-                                        zero_stage=ds_config.get("zero_optimization", {}).get("stage", 0),
-                                        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-                                        total_steps=total_steps, num_train_epochs=cfg.num_train_epochs,
-                                        max_length=cfg.max_length, global_batch_size=order.global_batch_size,
-                                        rng_seed=cfg.rng_seed, train_set=train_set))
+                                    every=cfg.save_steps, last_step=total_steps, run=settings)
     # a resume checks everything against the checkpoint before anything is loaded or written
     resume_tag = checkpoints.usable_tag() if cfg.resume else None
     if resume_tag is not None:
-        for note in check_resume(_saved_settings(checkpoint_dir, resume_tag), checkpoints.run,
+        for note in check_resume(_saved_settings(checkpoint_dir, resume_tag), settings,
                                  checkpoint_dir / resume_tag, allowed=cfg.allowed_changes):
             say(note)
     if cfg.log_dir:
