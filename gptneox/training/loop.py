@@ -28,7 +28,8 @@ from gptneox.training.evaluation import Evaluator
 from gptneox.training.export import MODEL_SUBDIR, export_checkpoint, write_model_metadata
 from gptneox.training.metrics import MetricsLogger, peak_tflops
 from gptneox.training.model_setup import build_training_model, parameter_groups
-from gptneox.training.output_dir import check_writable, claim_output_dir
+from gptneox.training.output_dir import (CHECKPOINTS_DIR, DS_CONFIG_FILE, TENSORBOARD_DIR, TRAIN_CONFIG_FILE,
+                                         check_writable, claim_output_dir)
 from gptneox.training.resume_check import check_resume, model_settings, read_run_record, run_record
 from gptneox.training.step import train_step
 from gptneox.training.stop import StopRequest
@@ -136,7 +137,7 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
     """Data, model, DeepSpeed engine, resume, and the loop's parts; rank 0 writes the run's set-up files."""
     say = print if rank == 0 else (lambda *a, **k: None)
     out = Path(cfg.output_dir)
-    checkpoint_dir = out / "checkpoints"
+    checkpoint_dir = out / CHECKPOINTS_DIR
     # data first: a bad dataset file should fail in seconds, not after loading billions of weights
     datasets = load_run_datasets(cfg)
     for dataset in datasets:
@@ -176,8 +177,8 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
         on_rank_zero(lambda: check_writable(cfg.log_dir, key="log_dir"))
     if rank == 0:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        (out / "ds_config.resolved.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-        (out / "train_config.yaml").write_text(cfg.to_yaml())
+        (out / DS_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n")
+        (out / TRAIN_CONFIG_FILE).write_text(cfg.to_yaml())
         write_model_metadata(checkpoint_dir, model.config, tokenizer, cfg.dtype)
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.weight_decay),
@@ -193,7 +194,7 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
                                seed=cfg.rng_seed)
     peak, peak_source = peak_tflops(cfg.dtype, cfg.peak_tflops, engine.device)
     say(f"MFU peak: {peak:.3g} TFLOP/s per device ({peak_source})")
-    metrics = MetricsLogger(out, cfg.log_dir or out / "tensorboard", total_steps, engine.global_steps, rank == 0,
+    metrics = MetricsLogger(out, cfg.log_dir or out / TENSORBOARD_DIR, total_steps, engine.global_steps, rank == 0,
                             peak_tflops=peak, world_size=world, show_every=cfg.logging_steps,
                             device=engine.device)
     return Run(cfg, engine, train_set, order, collate, state, checkpoints, evaluator, metrics, total_steps, rank)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from gptneox.dtypes import torch_dtype
 from gptneox.errors import UserError
 from gptneox.memory import peak_memory_record
+from gptneox.training.output_dir import METRICS_FILE
 
 if TYPE_CHECKING:
     from gptneox.training.step import StepResult
@@ -125,7 +126,7 @@ class MetricsLogger:
                  device: torch.device | str = "cpu"):
         self.enabled, self.device = enabled, torch.device(device)
         self.peak_tflops, self.world_size, self.show_every = peak_tflops, world_size, show_every
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS_FILE
         self.writer = None
         self.bar = None
         if not enabled:

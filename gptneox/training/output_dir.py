@@ -24,8 +24,11 @@ from pathlib import Path
 from gptneox.errors import UserError
 
 LOCK_NAME = "train.lock"
-# What a run writes into its output directory: its records, then the exported model.
-RUN_RECORDS = ("checkpoints", "metrics.jsonl", "tensorboard", "train_config.yaml", "ds_config.resolved.json")
+# What a run writes into its output directory (the loop and the metrics logger write them by these names),
+# then the exported model.
+CHECKPOINTS_DIR, METRICS_FILE, TENSORBOARD_DIR = "checkpoints", "metrics.jsonl", "tensorboard"
+TRAIN_CONFIG_FILE, DS_CONFIG_FILE = "train_config.yaml", "ds_config.resolved.json"
+RUN_FILES = (CHECKPOINTS_DIR, METRICS_FILE, TENSORBOARD_DIR, TRAIN_CONFIG_FILE, DS_CONFIG_FILE)
 EXPORTED_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
 EXPORTED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json")
@@ -52,7 +55,7 @@ def previous_run(directory: str | Path) -> list[str]:
     """The records of an earlier run in `directory`: the names a run writes that are present."""
     directory = Path(directory)
     found = []
-    for name in RUN_RECORDS:
+    for name in RUN_FILES:
         path = directory / name
         if path.is_file() or (path.is_dir() and any(path.iterdir())):
             found.append(name)
@@ -61,7 +64,7 @@ def previous_run(directory: str | Path) -> list[str]:
 
 
 def _remove_previous_run(directory: Path) -> None:
-    for name in RUN_RECORDS:
+    for name in RUN_FILES:
         path = directory / name
         if path.is_dir():
             shutil.rmtree(path)
