@@ -2,8 +2,9 @@
 
 Each checkpoint tag carries `run.json`: the settings of the run that wrote it. A resume compares them with
 its own before DeepSpeed loads a byte or rank 0 rewrites a file, and refuses a difference in one line naming
-both values. Settings that only change the schedule or the data can be changed on purpose with
-`--allow_changed NAME,NAME`; those DeepSpeed cannot load across (model shape, world size, ZeRO stage) cannot.
+both values. Settings that only change the schedule or the data's contents can be changed on purpose with
+`--allow_changed NAME,NAME`; those DeepSpeed cannot load across (model shape, world size, ZeRO stage) and
+those the data order is cut from (seed, global batch, number of training conversations) cannot.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ RUN_RECORD = "run.json"
 # DeepSpeed cannot load a checkpoint across these: parameter shapes differ, or ZeRO-2's optimizer partitions
 # were cut for another number of ranks (DeepSpeed 0.19 refuses to re-partition a ZeRO-1/2 checkpoint unless it
 # was first converted to a universal checkpoint).
-FIXED = ("model", "world_size", "zero_stage")
+# The saved position (epoch, step in epoch) indexes a data order drawn from rng_seed, num_samples and the
+# global batch: with any of them changed it points nowhere (TrainState refuses it too, after the load).
+FIXED = ("model", "world_size", "zero_stage", "rng_seed", "global_batch_size", "num_samples")
 # A change of any of these changes the run's numbers; --allow_changed says it is intended.
-WAIVABLE = ("dtype", "learning_rate", "warmup_steps", "total_steps", "num_train_epochs", "max_length",
-            "global_batch_size", "rng_seed", "num_samples", "dataset")
+WAIVABLE = ("dtype", "learning_rate", "warmup_steps", "total_steps", "num_train_epochs", "max_length", "dataset")
 
 
 class ResumeMismatch(UserError):
