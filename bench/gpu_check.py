@@ -321,8 +321,9 @@ def make_checkpoint(directory: Path, cpu: bool) -> None:
 def compare_resume(out: Path, straight: Path, resumed: Path) -> dict:
     """Losses of the steps after the resume against the uninterrupted run's, and the exported model loads."""
     from gptneox.training.metrics import last_per_step, read_metrics
+    from gptneox.training.output_dir import METRICS_FILE
     def losses(run: Path) -> dict:  # training records only: an evaluation record shares its step
-        return {r["step"]: r["loss"] for r in last_per_step([r for r in read_metrics(run / "metrics.jsonl")
+        return {r["step"]: r["loss"] for r in last_per_step([r for r in read_metrics(run / METRICS_FILE)
                                                              if "loss" in r])}
     a, b = losses(straight), losses(resumed)
     after = sorted(set(a) & set(b) - {min(a)})

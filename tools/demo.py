@@ -35,8 +35,9 @@ def train(output_dir: Path, epochs: int, extra: list[str]) -> None:
 
 def summarize(output_dir: Path) -> None:
     from gptneox.training.metrics import eval_loss_keys, last_per_step, read_metrics
+    from gptneox.training.output_dir import METRICS_FILE
 
-    records = read_metrics(output_dir / "metrics.jsonl")  # a rerun in the same directory appends
+    records = read_metrics(output_dir / METRICS_FILE)  # a rerun in the same directory appends
     steps = last_per_step([r for r in records if "loss" in r])
     evals = last_per_step([r for r in records if eval_loss_keys([r])])
     print(f"\ntraining loss: first step {steps[0]['loss']:.3f} -> last step {steps[-1]['loss']:.3f} "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gptneox.errors import UserError, report_user_error
 from gptneox.training.metrics import MetricsError, eval_dataset, eval_loss_keys, last_per_step, read_metrics  # noqa: E501
+from gptneox.training.output_dir import METRICS_FILE
 
 
 def plot(records: list[dict], output: Path) -> Path:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("metrics", type=Path, help="metrics.jsonl written by train.py (or its run directory)")
     parser.add_argument("--output", type=Path, help="PNG path (default: metrics.png beside the input)")
     args = parser.parse_args(argv)
-    path = args.metrics / "metrics.jsonl" if args.metrics.is_dir() else args.metrics
+    path = args.metrics / METRICS_FILE if args.metrics.is_dir() else args.metrics
     try:
         if not path.is_file():
             raise MetricsError(f"{path}: no such file")
