@@ -99,6 +99,10 @@ class AttentionMask:
                 self._spans.append(list(zip(starts, starts[1:] + [len(row)])))
         return self._spans
 
+    def segment_lengths(self) -> list[int]:
+        """The length of every segment run, row after row: split sizes of the [B * T] flattened rows."""
+        return [end - start for spans in self.segment_spans() for start, end in spans]
+
     def varlen(self, device: torch.device) -> tuple:
         """Index bookkeeping for flash_attn_varlen_func: each (row, segment) of real tokens is one sequence.
 
@@ -168,22 +172,35 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
 
 
 def _sdpa(q, k, v, mask: AttentionMask) -> torch.Tensor:
-    if mask.is_segments_only and torch_varlen_usable(q):
-        return _varlen(q, k, v, mask, torch_varlen_attention)
+    if mask.is_segments_only:
+        if torch_varlen_usable(q):
+            return _varlen(q, k, v, mask, torch_varlen_attention)
+        return _sdpa_per_segment(q, k, v, mask)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     T, S = mask.query_length, mask.key_length
     if mask.is_causal_only and T == S:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     elif mask.is_causal_only and T == 1:  # one new token sees the whole cache
         out = F.scaled_dot_product_attention(q, k, v)
-    elif mask.is_segments_only:  # packed rows: causal attention per segment costs sum(n^2), not T^2
-        out = torch.cat([
-            torch.cat([F.scaled_dot_product_attention(q[r:r + 1, :, a:b], k[r:r + 1, :, a:b], v[r:r + 1, :, a:b],
-                                                      is_causal=True) for a, b in spans], dim=2)
-            for r, spans in enumerate(mask.segment_spans())])
     else:  # is_causal would align top-left with a cache, so use an explicit mask
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(q.device))
     return out.transpose(1, 2)
+
+
+def _sdpa_per_segment(q, k, v, mask: AttentionMask) -> torch.Tensor:
+    """Packed rows: one causal SDPA call per segment, so attention costs sum(n^2), not T^2 per row.
+
+    The segments are `split` views of the flattened rows and their outputs are joined by one `cat`, so the
+    backward is one `cat` per q, k, v; slicing instead would zero-fill a full-size gradient per segment.
+    bench/packed_attention.py measures this against slicing and against one masked call over whole rows.
+    """
+    B, T, H, D = q.shape
+    lengths = mask.segment_lengths()
+    pieces = zip(q.flatten(0, 1).split(lengths), k.flatten(0, 1).split(lengths), v.flatten(0, 1).split(lengths))
+    # [1, H, n, D]: torch's fused CPU kernel takes only 4-D inputs (3-D ones fall back to the math path)
+    out = [F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+                                          is_causal=True)[0].transpose(0, 1) for qs, ks, vs in pieces]
+    return torch.cat(out).view(B, T, H, D)
 
 
 def torch_varlen_usable(q: torch.Tensor) -> bool:
