@@ -9,6 +9,7 @@ callers that caught those still do.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -21,6 +22,15 @@ class UserError(Exception):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or directory that was named (or that a named directory must hold) does not exist."""
+
+
+def invoked_name() -> str:
+    """The command as the user typed it, for usage and error lines: `python -m gptneox.train` when run as a
+    module (also what the deepspeed launcher's --module runs), else the script or console command's name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name != "__main__":  # `python -m PACKAGE` runs PACKAGE.__main__
+        return f"python -m {spec.name.removesuffix('.__main__')}"
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
 
 
 def report_user_error(prog: str, error: UserError) -> int:

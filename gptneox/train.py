@@ -14,7 +14,7 @@ import sys
 
 from deepspeed.accelerator import get_accelerator
 
-from gptneox.errors import UserError, report_user_error
+from gptneox.errors import UserError, invoked_name, report_user_error
 from gptneox.training.config import parse_train_config
 from gptneox.training.determinism import use_deterministic_algorithms
 from gptneox.training.distributed import init_distributed
@@ -23,12 +23,10 @@ from gptneox.training.model_files import find_model_dir
 from gptneox.training.model_setup import choose_attention_backend
 from gptneox.training.stop import STOPPED_EXIT
 
-PROG = "train.py"
-
-
 def main(argv: list[str] | None = None) -> int:
+    prog = invoked_name()  # gptneox-train, train.py or python -m gptneox.train
     try:
-        cfg = parse_train_config(argv)
+        cfg = parse_train_config(argv, prog=prog)
         find_model_dir(cfg.model_name, cfg.cache_dir)  # a missing model fails before DeepSpeed starts
         choose_attention_backend(cfg, get_accelerator().device_name())  # so does an unusable attention backend
         use_deterministic_algorithms(cfg.deterministic)
@@ -36,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         if not train(cfg, rank, world):
             return STOPPED_EXIT
     except UserError as err:
-        return report_user_error(PROG, err)
+        return report_user_error(prog, err)
     except TrainingStopped as err:
-        print(f"{PROG}: stopped: {err}", file=sys.stderr)
+        print(f"{prog}: stopped: {err}", file=sys.stderr)
         return 3
     return 0
 

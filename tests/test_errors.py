@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import inspect
 import pkgutil
+import sys
+import types
 
 import pytest
 
@@ -17,7 +20,7 @@ from gptneox.data.readers import DataError
 from gptneox.data.sources import RecordError
 from gptneox.data.tokenizer import TokenizerError
 from gptneox.dtypes import DtypeError, dtype_name
-from gptneox.errors import MissingFileError, UserError, run_command
+from gptneox.errors import MissingFileError, UserError, invoked_name, run_command
 from gptneox.generate import GenerationError
 from gptneox.training.checkpoint import CheckpointStateError
 from gptneox.training.config import TrainConfigError
@@ -58,3 +61,15 @@ def test_a_command_prints_a_user_error_in_one_line_and_lets_a_bug_through(capsys
                                       "float16, bfloat16\n"
     with pytest.raises(ValueError, match="a bug"):
         run_command("tool.py", lambda: (_ for _ in ()).throw(ValueError("a bug")))
+
+
+def test_a_command_is_named_as_it_was_typed(monkeypatch):
+    main = types.ModuleType("__main__")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setattr(sys, "argv", ["/env/bin/gptneox-train", "--configs", "tiny"])
+    main.__spec__ = None  # a script or console command
+    assert invoked_name() == "gptneox-train"
+    main.__spec__ = importlib.machinery.ModuleSpec("gptneox.train", None)  # python -m gptneox.train
+    assert invoked_name() == "python -m gptneox.train"
+    main.__spec__ = importlib.machinery.ModuleSpec("pytest.__main__", None)  # python -m pytest
+    assert invoked_name() == "python -m pytest"

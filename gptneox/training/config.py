@@ -304,11 +304,11 @@ def _yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The command line as `--help` shows it: every config key by group, with its type, default and meaning,
     read from TrainConfig. (Parsing the keys is _parse_overrides's: bare booleans, --no-KEY, YAML values.)"""
     parser = _launch_parser(
-        prog="train.py", usage="%(prog)s [--configs NAME [NAME ...]] [--KEY VALUE ...]", description=DESCRIPTION,
+        prog=prog, usage="%(prog)s [--configs NAME [NAME ...]] [--KEY VALUE ...]", description=DESCRIPTION,
         epilog="Any config key can be overridden with --key value or --key=value (lists and dicts as YAML; a "
                "bare --flag sets a boolean true; --no-flag sets it false; --no-key sets any other key to null). "
                f"Configs in {CONFIG_DIR}: {', '.join(available_configs())}.")
@@ -322,11 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
-    """Command line -> TrainConfig: sections merged left to right, then the overrides."""
+def parse_train_config(argv: list[str] | None = None, prog: str | None = None) -> TrainConfig:
+    """Command line -> TrainConfig: sections merged left to right, then the overrides. `prog` names the
+    command in `--help` (argparse's default: the script's name)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
-        build_parser().parse_args(["--help"])  # prints the grouped keys and exits
+        build_parser(prog).parse_args(["--help"])  # prints the grouped keys and exits
     args, rest = _launch_parser(add_help=False).parse_known_args(argv)
     merged: dict = {"deepspeed_config": str(PACKAGE_DIR / _FIELDS["deepspeed_config"].default)}  # the bundled one
     for name in args.configs:

@@ -81,6 +81,10 @@ def test_the_installed_package_is_not_the_checkout(installed, tmp_path):
 def test_a_console_command_names_itself_in_a_user_error(installed, tmp_path):
     done = run([installed / "gptneox-export", tmp_path, tmp_path / "out"], cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.startswith("gptneox-export: error: "), done.stderr
+    done = run([installed / "gptneox-train", "--configs", "no-such-section"], cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("gptneox-train: error: unknown config"), done.stderr
+    done = run([installed / "gptneox-train", "--help"], cwd=tmp_path)
+    assert done.stdout.startswith("usage: gptneox-train [--configs NAME"), done.stdout[:500]
 
 
 def test_plan_memory_reads_the_packaged_zero3_configs(installed, tmp_path):

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from gptneox import weights
 from gptneox.data import load_tokenizer
+from gptneox.errors import invoked_name
 from gptneox.training.checkpoint import POINTER, tag_for
 from gptneox.training.evaluation import EvaluationStopped, Evaluator, evaluate
 
@@ -57,7 +58,7 @@ def test_a_resume_that_does_not_match_is_refused_before_anything_is_written(work
                           (("--max_length", "32"), "max_length=64, this run has max_length=32")]:
         assert run_train(workspace, out, *SHORT, "--resume", *change) == 2
         error = capsys.readouterr().err
-        assert error.startswith(f"train.py: error: resume: {out / 'checkpoints' / tag_for(4)} was written with")
+        assert error.startswith(f"{invoked_name()}: error: resume: {out / 'checkpoints' / tag_for(4)} was written with")
         for part in named.split(" ... "):
             assert part in error, error
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing rewritten
@@ -81,7 +82,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_exits_non_zero
     monkeypatch.setattr(TorchCheckpointEngine, "save", fills_the_disk_at_step_4)
     assert run_train(workspace, out, *SHORT) == 2
     error = capsys.readouterr().err.splitlines()[-1]  # after the progress bar's lines
-    assert error == (f"train.py: error: no space left on device while saving checkpoint {tag_for(4)} in "
+    assert error == (f"{invoked_name()}: error: no space left on device while saving checkpoint {tag_for(4)} in "
                      f"{out / 'checkpoints'}; the previous checkpoint {out / 'checkpoints' / tag_for(2)} is intact; "
                      f"the partial {tag_for(4)} was removed")
     assert not (out / "checkpoints" / tag_for(4)).exists()

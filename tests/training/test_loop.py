@@ -355,11 +355,18 @@ def test_help_and_a_bad_config_fail_fast():
     assert help_run.returncode == 0 and "always drives DeepSpeed" in help_run.stdout
     module_help = subprocess.run([sys.executable, "-m", "gptneox.train", "--help"], cwd=REPO, capture_output=True,
                                  text=True)
-    usage = help_run.stdout[help_run.stdout.index("usage:"):]  # after DeepSpeed's accelerator warning
-    assert module_help.stdout[module_help.stdout.index("usage:"):] == usage
+    # each names the command as it was typed
+    assert help_run.stdout.startswith("usage: train.py [--configs NAME [NAME ...]] [--KEY VALUE ...]\n")
+    assert module_help.stdout.startswith("usage: python -m gptneox.train [--configs NAME")
+    assert module_help.stdout.replace("python -m gptneox.train", "train.py", 1) == help_run.stdout
     bad = subprocess.run([sys.executable, "train.py", "--configs", "defaults", "tiny", "--warmup_step", "3"],
                          cwd=REPO, capture_output=True, text=True)
-    assert bad.returncode == 2 and "did you mean 'warmup_steps'" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("train.py: error: --warmup_step: unknown key")
+    assert "did you mean 'warmup_steps'" in bad.stderr
+    bad_module = subprocess.run([sys.executable, "-m", "gptneox.train", "--configs", "no-such-section"], cwd=REPO,
+                                capture_output=True, text=True)
+    assert bad_module.returncode == 2
+    assert bad_module.stderr.startswith("python -m gptneox.train: error: unknown config 'no-such-section'")
     no_model = subprocess.run([sys.executable, "train.py", "--configs", "defaults", "stablelm-7b", "oasst-mix",
                                "--cache_dir", str(REPO / "no-such-cache")], cwd=REPO, capture_output=True, text=True)
     assert no_model.returncode == 2 and "Nothing is downloaded" in no_model.stderr
