@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import sys
 
-from deepspeed.accelerator import get_accelerator
+from gptneox.training import noise
+
+with noise.deepspeed_import():  # before anything imports DeepSpeed
+    from deepspeed.accelerator import get_accelerator
 
 from gptneox.errors import UserError, invoked_name, report_user_error
 from gptneox.training.config import parse_train_config
@@ -22,6 +25,7 @@ from gptneox.training.loop import TrainingStopped, train
 from gptneox.training.model_files import find_model_dir
 from gptneox.training.model_setup import choose_attention_backend
 from gptneox.training.stop import STOPPED_EXIT
+
 
 def main(argv: list[str] | None = None) -> int:
     prog = invoked_name()  # gptneox-train, train.py or python -m gptneox.train

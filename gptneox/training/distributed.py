@@ -1,18 +1,22 @@
 """Process-group setup that works under the deepspeed launcher, torchrun, or a plain `python train.py`, and
 the collectives the loop's parts share, which are no-ops in a single process without a process group.
 
-On a CPU, DeepSpeed JIT-compiles a shared-memory communication op when the process group starts. torch
-keys its build cache on the sources and compiler flags, and each environment's include paths differ, so
-environments sharing ~/.cache/torch_extensions rebuild it in turn at every start (about a minute each).
-The cache is therefore kept inside the environment, and a first build is announced.
+On a CPU, DeepSpeed JIT-compiles a shared-memory communication op when its backend starts. Its only use is
+the all-reduce of tensor-parallel inference between ranks (TorchBackend.inference_all_reduce, which returns
+at once for one rank); training's collectives go through torch.distributed. A single process is therefore
+started without it: no C++ build, no compiler needed. Several ranks still load it (a later DeepSpeed may
+use it for more). torch keys its build cache on the sources and compiler flags, and each environment's
+include paths differ, so environments sharing ~/.cache/torch_extensions rebuild it in turn at every start
+(about a minute each): the cache is kept inside the environment, and a first build is announced.
 """
 from __future__ import annotations
 
 import os
 import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -64,6 +68,26 @@ def announce_comm_op_build() -> str | None:
             "about a minute on two cores, once)")
 
 
+@contextmanager
+def without_comm_op() -> Iterator[None]:
+    """DeepSpeed's backend started inside the block does not load the CPU communication op: it is marked
+    incompatible for the one call (deepspeed.comm.torch.build_shm_op) that would build and load it."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:  # not a CPU accelerator: there is no such op
+        yield
+        return
+    compatible = deepspeed.ops.__compatible_ops__  # one dict, probed once; DeepSpeed reads it, never copies it
+    saved = compatible.get(builder.NAME, False)
+    compatible[builder.NAME] = False
+    try:
+        yield
+    finally:
+        compatible[builder.NAME] = saved
+
+
 def init_distributed() -> tuple[int, int]:
     """(rank, world size), initialising torch.distributed through DeepSpeed if not yet done, with this
     process's accelerator selected by LOCAL_RANK."""
@@ -78,7 +102,10 @@ def init_distributed() -> tuple[int, int]:
         raise RuntimeError(f"partial launch environment: {', '.join(missing)} not set "
                            f"(use the deepspeed launcher, torchrun, or set all of {', '.join(_LAUNCH_VARIABLES)})")
     get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))  # before weights load onto "this" device
-    if not dist.is_initialized():
+    if not dist.is_initialized() and os.environ["WORLD_SIZE"] == "1":
+        with without_comm_op():  # one rank never calls it
+            deepspeed.init_distributed()
+    elif not dist.is_initialized():
         use_environment_extensions_dir()
         line = announce_comm_op_build()
         if line and os.environ["LOCAL_RANK"] == "0":

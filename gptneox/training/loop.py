@@ -28,6 +28,7 @@ from gptneox.training.evaluation import Evaluator
 from gptneox.training.export import MODEL_SUBDIR, export_checkpoint, write_model_metadata
 from gptneox.training.metrics import MetricsLogger, peak_tflops
 from gptneox.training.model_setup import build_training_model, parameter_groups
+from gptneox.training.noise import SCHEDULER_NOT_STARTED, deepspeed_log_dropped
 from gptneox.training.output_dir import (CHECKPOINTS_DIR, DS_CONFIG_FILE, TENSORBOARD_DIR, TRAIN_CONFIG_FILE,
                                          check_writable, claim_output_dir)
 from gptneox.training.resume_check import check_resume, model_settings, read_run_record, run_record
@@ -181,8 +182,9 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
         (out / TRAIN_CONFIG_FILE).write_text(cfg.to_yaml())
         write_model_metadata(checkpoint_dir, model.config, tokenizer, cfg.dtype)
 
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.weight_decay),
-                                      config=ds_config)
+    with deepspeed_log_dropped(SCHEDULER_NOT_STARTED):
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.weight_decay),
+                                          config=ds_config)
     state = TrainState(data_seed=cfg.rng_seed, global_batch_size=order.global_batch_size,
                        num_samples=len(train_set))
     if cfg.resume:

@@ -15,6 +15,7 @@ import torch
 
 from gptneox.flops import batch_training_flops
 from gptneox.training import loss as losses
+from gptneox.training import noise
 from gptneox.training.distributed import all_reduce, world_size
 
 
@@ -63,7 +64,8 @@ def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
         else:
             total, _ = losses.batch_loss(engine, batch)
         engine.backward(total * scale)
-        engine.step()
+        with noise.optimizer_step():
+            engine.step()
         loss_sum += total.detach().double()
     (global_loss_sum,) = all_reduce_sum([loss_sum.item()], device)
     grad_norm = engine.get_global_grad_norm()

@@ -1,14 +1,18 @@
-"""Start-up: DeepSpeed's JIT-built communication op is cached per environment, and a first build is announced."""
+"""Start-up: one process needs no DeepSpeed communication op and prints none of DeepSpeed's noise; several
+ranks cache the op per environment and announce a first build."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from deepspeed.accelerator import get_accelerator
 
-from gptneox.training import distributed
+from gptneox.training import distributed, noise
+
+from tests.helpers import LAUNCH_VARIABLES, REPO
 
 
 def test_the_extension_cache_defaults_to_this_environment(monkeypatch):
@@ -29,3 +33,21 @@ def test_a_first_build_is_announced_and_a_built_op_is_not(monkeypatch, tmp_path)
     assert line is not None and f"in {tmp_path / 'deepspeed_shm_comm'} (first start in this environment" in line
     (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
     assert distributed.announce_comm_op_build() is None
+
+
+@pytest.mark.slow
+def test_a_single_process_run_builds_no_op_and_prints_no_noise(tmp_path):
+    """A first start in an empty extension cache, as on a fresh machine, with DeepSpeed left to detect the
+    accelerator (no DS_ACCELERATOR): nothing is built, none of the known noise shows, a real warning does."""
+    environment = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_VARIABLES, "DS_ACCELERATOR")}
+    environment.update(TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"), CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "train.py", "--configs", "defaults", "tiny", "sample-mix", "--output_dir",
+                           str(tmp_path / "run"), "--max_steps", "3", "--eval_steps", "3"],
+                          cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    output = done.stdout + done.stderr  # one process: nothing interleaves
+    for message in (noise.SCHEDULER_NOT_STARTED, noise.NO_ACCELERATOR_FOUND, "shm_comm", "FutureWarning",
+                    "DeprecationWarning", "UserWarning"):
+        assert message not in output, message
+    assert "total_num_steps 3 is less than warmup_num_steps 10" in output  # tiny's warm-up is 10 steps
+    assert not (tmp_path / "extensions").exists()
