@@ -10,7 +10,7 @@ import argparse
 import math
 import sys
 import types
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -19,6 +19,7 @@ import yaml
 from gptneox.config import did_you_mean
 from gptneox.dtypes import LONG_NAMES, TORCH_DTYPES
 from gptneox.errors import UserError
+from gptneox.training.reporting import requested_backends
 
 # The bundled files (package data in an installed package; in a checkout, symlinks to the top-level
 # configs/, ds_config.json and data/).
@@ -111,7 +112,11 @@ class TrainConfig:
     allow_changed: str | None = setting(None, CHECKPOINTING,
                                         "resume checks to waive, comma-separated (e.g. learning_rate,total_steps)")
 
-    log_dir: str | None = setting(None, LOGGING, "TensorBoard directory; null: OUTPUT_DIR/tensorboard")
+    report_to: str | list[str] = setting("none", LOGGING, "where the figures go besides metrics.jsonl (always "
+                                         "written): tensorboard, wandb, all (those installed) or none; "
+                                         "one name, a comma list or a YAML list")
+    log_dir: str | None = setting(None, LOGGING, "TensorBoard directory (report_to tensorboard); "
+                                                 "null: OUTPUT_DIR/tensorboard")
     logging_steps: int = setting(10, LOGGING, "progress-bar refresh; metrics.jsonl gets every step")
     eval_steps: int = setting(200, LOGGING, "optimizer steps between evaluations (and one at the end)")
     per_device_eval_batch_size: int = setting(2, LOGGING, "evaluation conversations per batch and rank")
@@ -120,6 +125,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.dtype = LONG_NAMES.get(self.dtype, self.dtype)  # float16 -> fp16, ...
+        try:
+            self.report_to = requested_backends(self.report_to)  # names, never "all" or "none"
+        except ValueError as err:
+            raise TrainConfigError(f"report_to={self.report_to!r}: {err}") from None
         for name, (_, choices) in _TYPES.items():
             if choices and getattr(self, name) not in (*choices, None):
                 raise TrainConfigError(f"{name}={getattr(self, name)!r} is not supported "
@@ -149,9 +158,11 @@ class TrainConfig:
 
 def _value_type(hint: Any) -> tuple[type, tuple | None]:
     """(the type a value must have, the allowed values of a Literal) of a field's annotation: `X | None`
-    is X (null is always accepted), `list[...]` is list, `Literal["a", "b"]` is str with its choices."""
+    is X (null is always accepted), `list[...]` is list (`str | list[str]`, too: one name stands for a list
+    of one), `Literal["a", "b"]` is str with its choices."""
     if get_origin(hint) in (Union, types.UnionType):
-        (hint,) = [arg for arg in get_args(hint) if arg is not type(None)]
+        args = [arg for arg in get_args(hint) if arg is not type(None)]
+        hint = next((arg for arg in args if get_origin(arg) is list), args[0])
     if get_origin(hint) is Literal:
         choices = get_args(hint)
         return type(choices[0]), choices
@@ -232,12 +243,20 @@ def _kind(key: str) -> type:
     return _TYPES[key][0]
 
 
+def _one_or_many(key: str) -> bool:
+    """A `str | list[str]` key, such as report_to: one name or a list of them."""
+    args = get_args(get_type_hints(TrainConfig)[key])
+    return str in args and any(get_origin(arg) is list for arg in args)
+
+
 def _typed(key: str, text: str) -> Any:
     """A command-line string typed like the key (booleans, lists and dicts parse as YAML)."""
     kind = _kind(key)
     try:
         if kind in (bool, list, dict):
             value = yaml.safe_load(text)
+            if kind is list and isinstance(value, str) and _one_or_many(key):
+                return value
             if not isinstance(value, kind):
                 raise ValueError(f"expected a {kind.__name__}")
             return value
@@ -296,7 +315,9 @@ def _type_name(name: str) -> str:
     kind, choices = _TYPES[name]
     names = {list: "YAML-LIST", dict: "YAML-MAP"}
     text = "|".join(map(str, choices)) if choices else names.get(kind, kind.__name__.upper())
-    optional = get_origin(get_type_hints(TrainConfig)[name]) in (Union, types.UnionType)
+    if _one_or_many(name):
+        text = "NAME|" + text
+    optional = type(None) in get_args(get_type_hints(TrainConfig)[name])
     return text + "|null" if optional else text
 
 
@@ -312,13 +333,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         epilog="Any config key can be overridden with --key value or --key=value (lists and dicts as YAML; a "
                "bare --flag sets a boolean true; --no-flag sets it false; --no-key sets any other key to null). "
                f"Configs in {CONFIG_DIR}: {', '.join(available_configs())}.")
-    defaults = asdict(TrainConfig())
+    defaults = asdict(TrainConfig())  # list defaults are made by a factory
     for group in GROUPS:
         section = parser.add_argument_group(f"{group} keys")
         for f in fields(TrainConfig):
             if f.metadata["group"] == group:
+                default = defaults[f.name] if f.default is MISSING else f.default  # as written: none, not []
                 section.add_argument(f"--{f.name}", metavar=_type_name(f.name),
-                                     help=f"{f.metadata['help']} (default: {_yaml_value(defaults[f.name])})")
+                                     help=f"{f.metadata['help']} (default: {_yaml_value(default)})")
     return parser
 
 

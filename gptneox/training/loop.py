@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +196,8 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
                                seed=cfg.rng_seed)
     peak, peak_source = peak_tflops(cfg.dtype, cfg.peak_tflops, engine.device)
     say(f"MFU peak: {peak:.3g} TFLOP/s per device ({peak_source})")
-    metrics = MetricsLogger(out, cfg.log_dir or out / TENSORBOARD_DIR, total_steps, engine.global_steps, rank == 0,
+    metrics = MetricsLogger(out, total_steps, engine.global_steps, rank == 0, report_to=cfg.report_to,
+                            log_dir=cfg.log_dir or out / TENSORBOARD_DIR, run_config=asdict(cfg),
                             peak_tflops=peak, world_size=world, show_every=cfg.logging_steps,
                             device=engine.device)
     return Run(cfg, engine, train_set, order, collate, state, checkpoints, evaluator, metrics, total_steps, rank)

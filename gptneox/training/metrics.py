@@ -1,6 +1,6 @@
-"""Per-step metrics: a JSONL file (the record), TensorBoard when installed, a tqdm bar on rank 0; the rates
-of a step (tokens/s, MFU) computed from what the step reports; the accelerator peak that MFU divides by;
-and reading a run's metrics.jsonl back (the demo, the plot).
+"""Per-step metrics: a JSONL file (the record), the `report_to` backends (TensorBoard, W&B) under grouped
+tags, a tqdm bar on rank 0; the rates of a step (tokens/s, MFU) computed from what the step reports; the
+accelerator peak that MFU divides by; and reading a run's metrics.jsonl back (the demo, the plot).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from gptneox.dtypes import torch_dtype
 from gptneox.errors import UserError
 from gptneox.memory import peak_memory_record
 from gptneox.training.output_dir import METRICS_FILE
+from gptneox.training.reporting import open_writers
 
 if TYPE_CHECKING:
     from gptneox.training.step import StepResult
@@ -98,6 +99,18 @@ def eval_dataset(key: str) -> str:
     return key[len(EVAL_PREFIX):].rpartition("_")[0]
 
 
+# Record keys whose tag is not train/KEY: the Hugging Face Trainer's name for the learning rate.
+_TRAIN_TAGS = {"lr": "learning_rate"}
+
+
+def report_tag(key: str) -> str:
+    """The backends' tag of a record key: eval_NAME_loss is eval/NAME/loss, lr is train/learning_rate, any
+    other key train/KEY."""
+    if key.startswith(EVAL_PREFIX):
+        return f"eval/{eval_dataset(key)}/{key.rpartition('_')[2]}"
+    return f"train/{_TRAIN_TAGS.get(key, key)}"
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a metrics.jsonl, in file order; a bad line is an error naming it."""
     path = Path(path)
@@ -116,27 +129,26 @@ def last_per_step(records: list[dict]) -> list[dict]:
 
 
 class MetricsLogger:
-    """Writes one JSON object per call to OUTPUT_DIR/metrics.jsonl (rank 0 only) and mirrors it elsewhere.
+    """Writes one JSON object per call to OUTPUT_DIR/metrics.jsonl (rank 0 only) and the same figures to the
+    `report_to` backends (gptneox.training.reporting; TensorBoard in `log_dir`, W&B given `run_config`).
 
     `peak_tflops` (per device) and `world_size` turn a step's FLOPs into MFU (no MFU when the peak is 0);
     `show_every` steps refresh the progress bar."""
 
-    def __init__(self, output_dir: str | Path, tensorboard_dir: str | Path, total_steps: int, initial_step: int,
-                 enabled: bool, *, peak_tflops: float = 0.0, world_size: int = 1, show_every: int = 1,
+    def __init__(self, output_dir: str | Path, total_steps: int, initial_step: int, enabled: bool, *,
+                 report_to: list[str] = (), log_dir: str | Path | None = None, run_config: dict | None = None,
+                 peak_tflops: float = 0.0, world_size: int = 1, show_every: int = 1,
                  device: torch.device | str = "cpu"):
         self.enabled, self.device = enabled, torch.device(device)
         self.peak_tflops, self.world_size, self.show_every = peak_tflops, world_size, show_every
         self.path = Path(output_dir) / METRICS_FILE
-        self.writer = None
+        self.writers = []
         self.bar = None
         if not enabled:
             return
         self.file = open(self.path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(tensorboard_dir))
-        except ImportError:  # tensorboard is optional
-            self.writer = None
+        self.writers = open_writers(list(report_to), log_dir=log_dir, output_dir=output_dir,
+                                    config=run_config or {})
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
 
     def log(self, step: int, values: dict, advance: bool = False, show: bool = True) -> None:
@@ -145,15 +157,14 @@ class MetricsLogger:
         record = {"step": step, **values}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, step)
+        tags = {report_tag(k): v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for writer in self.writers:
+            writer.log(tags, step)
         if advance:
             self.bar.update(1)
         if show:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()
-                                  if k in ("loss", "lr", "grad_norm", "mfu")})
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()  # no MFU on an unknown GPU
+                                  if k in ("loss", "lr", "grad_norm", "mfu") and v is not None})
 
     def step_record(self, result: StepResult, seconds: float, epoch: float) -> dict:
         """The figures of one optimizer step that took `seconds` (batch preparation included)."""
@@ -184,5 +195,5 @@ class MetricsLogger:
             return
         self.bar.close()
         self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        for writer in self.writers:
+            writer.close()
