@@ -7,6 +7,7 @@
   B   ours, padded batches, the same full-logits loss: our model against theirs, nothing else changed
   B2  ours, padded batches, the training loop's loss (logits of trained rows only, in chunks)
   C   ours, packed batches (conversations end to end, per-segment attention), the training loop's loss
+  Cc  C with compiled blocks (compile: true; the compiling happens in the warm-up steps)
 
 One step = forward + backward on --accumulation micro-batches, then one AdamW step, as an optimizer step
 of training (batches are collated before timing, as a data loader would). Timing: all variants live in
@@ -56,7 +57,9 @@ VARIANTS = {
     "B": "gptneox, padded, full-logits loss",
     "B2": "gptneox, padded, chunked trained-rows loss",
     "C": "gptneox, packed, chunked trained-rows loss",
+    "Cc": "gptneox, packed, chunked trained-rows loss, compiled blocks",
 }
+PACKED = ("C", "Cc")
 MODELS = {"pythia-70m": "pythia-70m", "stablelm-7b-layers": "stablelm-base-alpha-7b"}
 
 
@@ -124,6 +127,8 @@ def build_model(variant: str, config: GPTNeoXConfig, args, device, dtype):
     ours = GPTNeoX(config)
     if variant != "A":
         ours.attention_backend = args.attention
+        if variant == "Cc":
+            ours.compile_blocks()
         return ours.to(device=device, dtype=dtype).train()
     import transformers
     hf_config = transformers.GPTNeoXConfig(**{k: v for k, v in config.to_hf().items()
@@ -160,7 +165,7 @@ class Variant:
         self.device, dtype = torch.device(args.device), torch_dtype(args.dtype)
         self.config = model_config(args)
         self.batches = [{k: v.to(self.device) for k, v in b.items()}
-                        for b in collate_all(args, conversations, pack=name == "C")]
+                        for b in collate_all(args, conversations, pack=name in PACKED)]
         self.model = build_model(name, self.config, args, self.device, dtype)
         # fused: the kernel the trainer uses on CPU (gptneox.training.ds_config), one pass per tensor
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-12,
@@ -243,6 +248,10 @@ def summarize(variant: Variant, memory: dict, peak_tflops: float) -> dict:
     }
 
 
+def mib(result: dict, key: str) -> str:
+    return f"{result[key]:,.0f}" if key in result else "-"  # "-": not measured (--no_memory)
+
+
 def data_sheet_peak(dtype: str, device) -> tuple[float, str]:
     from gptneox.training.metrics import peak_tflops
     return peak_tflops(dtype, None, device)
@@ -278,7 +287,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=1, help="pass over the timed batches this many times")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["A", "B", "B2", "C"], choices=list(VARIANTS))
+    parser.add_argument("--no_memory", action="store_true",
+                        help="skip the peak-memory runs (a fresh process per variant, two more steps each)")
     parser.add_argument("--loss_chunk_rows", type=int, default=DEFAULT_CHUNK_ROWS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="also write the figures here (JSON)")
@@ -294,7 +305,7 @@ def main(argv=None) -> None:
         return
     device = torch.device(args.device)
     forwarded = list(argv if argv is not None else sys.argv[1:])
-    memory = {v: memory_in_subprocess(v, forwarded) for v in args.variants}
+    memory = {v: {} if args.no_memory else memory_in_subprocess(v, forwarded) for v in args.variants}
     sizes = (2048, 3072) if device.type == "cpu" else (4096, 8192)
     peak = matmul_peak_tflops(args.device, args.dtype, sizes, repeats=5)
     config = model_config(args)
@@ -319,8 +330,8 @@ def main(argv=None) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for v, r in results.items():
         print(f"| {v}: {VARIANTS[v]} | {r['tokens_per_s']:,.0f} | {r['trained_per_s']:,.0f} | {r['step_s']:.3f} | "
-              f"{r['padding']:.1%} | {r['tflops']:.4f} | {r['mfu']:.1%} | {r['peak_mib']:,.0f} | "
-              f"{r['setup_mib']:,.0f} | {r['first_loss']:.4f} |")
+              f"{r['padding']:.1%} | {r['tflops']:.4f} | {r['mfu']:.1%} | {mib(r, 'peak_mib')} | "
+              f"{mib(r, 'setup_mib')} | {r['first_loss']:.4f} |")
     if "A" in results:
         for v in results:
             if v != "A":

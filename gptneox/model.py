@@ -96,13 +96,24 @@ class Attention(nn.Module):
         # 2-D in, so the projection output is addmm's own tensor, not a view: rotating it in place then
         # needs no CopySlices (which would clone the whole gradient)
         qkv = self.query_key_value(x.reshape(B * T, C))
+        y = self.attend_heads(qkv, rope, mask, backend, kv_cache)
+        return self.dense(y.reshape(B, T, C))
+
+    @torch.compiler.disable
+    def attend_heads(self, qkv, rope, mask: AttentionMask, backend: str, kv_cache: KVCache | None):
+        """Rotary and the attention kernels: the projection output [B * T, H * 3 * D] -> [B, T, H, D].
+
+        Never compiled (GPTNeoX.compile_blocks compiles the rest of each block): the kernels are fused
+        already, packed rows' per-segment calls would recompile for every new set of segment lengths, and
+        tracing the in-place rotation with dynamic shapes takes minutes.
+        """
+        B, T = mask.batch_size, mask.query_length
         if rope is not None:
             qkv = _RotateQK.apply(qkv, *rope, self.num_heads)
         q, k, v = qkv.view(B, T, self.num_heads, 3, self.head_dim).unbind(dim=3)  # views [B, T, H, D]
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_index, k, v)
-        y = attend(q, k, v, mask, backend)  # [B, T, H, D]
-        return self.dense(y.reshape(B, T, C))
+        return attend(q, k, v, mask, backend)
 
 
 class MLP(nn.Module):
@@ -166,6 +177,13 @@ class GPTNeoX(nn.Module):
         whatever replaces either one: loading, resizing, export)."""
         if self.config.tie_word_embeddings:
             self.embed_out.weight = self.gpt_neox.embed_in.weight
+
+    def compile_blocks(self) -> None:
+        """torch.compile each block in place (nn.Module.compile: parameter names, state dicts and checkpoints
+        are unchanged). One block's graph is compiled once and reused by all of them, so compile time does
+        not grow with depth; the attention kernels run uncompiled (Attention.attend_heads)."""
+        for block in self.gpt_neox.layers:
+            block.compile()
 
     @property
     def attention_backend(self) -> str:

@@ -70,6 +70,8 @@ class TrainConfig:
     use_flash_attention: bool = setting(False, MODEL, "flash-attn kernels (CUDA, fp16/bf16); checked at start-up")
     attention_backend: Literal["sdpa", "flash", "flex", "eager"] | None = setting(
         None, MODEL, "attention kernels; null: flash if use_flash_attention, else sdpa")
+    compile: bool = setting(False, MODEL, "torch.compile each block, attention kernels excluded (needs a C++ "
+                                          "compiler on CPU; off: no gain on CPU, docs/benchmarks.md)")
     deterministic: bool = setting(False, MODEL, "deterministic kernels (flash backward, cuBLAS): bitwise resume on GPU")
 
     datasets: list[str | dict] = setting([], DATA,

@@ -1,5 +1,5 @@
 """From `model_name` to a model ready for deepspeed.initialize: weights, tokenizer, vocabulary size,
-attention backend, gradient checkpointing, and the two weight-decay parameter groups.
+attention backend, gradient checkpointing, compiled blocks, and the two weight-decay parameter groups.
 """
 from __future__ import annotations
 
@@ -35,9 +35,12 @@ def build_training_model(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]:
     if rows > model.config.vocab_size:  # never shrink: StableLM's 50432 rows stay
         model.resize_token_embeddings(rows)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.compile:
+        model.compile_blocks()
     model.attention_backend, kernels = choose_attention_backend(cfg, get_accelerator().device_name())
+    compiled = ", blocks compiled" if cfg.compile else ""
     return model, tokenizer, f"model from {origin}, vocab {model.config.vocab_size}, " \
-                             f"attention {model.attention_backend} ({kernels})"
+                             f"attention {model.attention_backend} ({kernels}){compiled}"
 
 
 def choose_attention_backend(cfg: TrainConfig, device_type: str) -> tuple[str, str]:

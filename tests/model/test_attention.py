@@ -539,3 +539,12 @@ def test_flash_kernels_on_cuda(tiny_model):
     x = ids(2, 12).cuda()
     assert torch.allclose(logits(model, "flash", x).float(), logits(model, "eager", x).float(), atol=2e-2)
     _flash_matches_eager(model, "cuda", 2e-2)
+
+
+def test_compile_blocks_keeps_parameter_names(tiny_model):
+    """nn.Module.compile wraps each block in place: no `_orig_mod.` prefix, so checkpoints and HF names hold."""
+    model = tiny_model()
+    names = list(model.state_dict())
+    model.compile_blocks()
+    assert list(model.state_dict()) == names
+    assert all(block._compiled_call_impl is not None for block in model.gpt_neox.layers)
