@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -154,12 +155,22 @@ class Backbone(nn.Module):
         self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
+class LMHead(nn.Linear):
+    """`embed_out`: the projection onto the vocabulary, or a function of the hidden states and this weight
+    (the chunked training loss, which reads the weight itself). Such a function runs inside this module's
+    forward so that ZeRO-3, which gathers a module's partitioned weights only around its forward (and
+    backward), hands it the whole weight, and reduces its gradient like any other module's."""
+
+    def forward(self, x: torch.Tensor, head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None):
+        return super().forward(x) if head is None else head(x, self.weight)
+
+
 class GPTNeoX(nn.Module):
     def __init__(self, config: GPTNeoXConfig):
         super().__init__()
         self.config = config
         self.gpt_neox = Backbone(config)
-        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.embed_out = LMHead(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.attention_backend = "sdpa"
         self.gradient_checkpointing = False
@@ -203,8 +214,10 @@ class GPTNeoX(nn.Module):
         return self.embed_out.weight
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None,
-                kv_cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
-        """Logits [B, T, vocab] (or final hidden states [B, T, hidden] with return_hidden).
+                kv_cache: KVCache | None = None, return_hidden: bool = False,
+                head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None):
+        """Logits [B, T, vocab] (or final hidden states [B, T, hidden] with return_hidden, or
+        head(final hidden states, LM head weight) with head: see LMHead).
 
         position_ids [B, T]: default arange continuing after the cache; packed rows restart at 0 per segment.
         attention_mask [B, cache + T]: 1 = real token, 0 = padding (left or right).
@@ -229,7 +242,7 @@ class GPTNeoX(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = self.gpt_neox.final_layer_norm(x)
-        return x if return_hidden else self.embed_out(x)
+        return x if return_hidden else self.embed_out(x, head)
 
     def _attention_mask(self, input_ids, attention_mask, segment_ids, kv_cache) -> AttentionMask:
         """Validate the optional inputs and reduce them to the least the kernels need.

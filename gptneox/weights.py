@@ -131,58 +131,74 @@ def _model_name(name: str) -> str | None:
     return _ALIASES.get(name, name)
 
 
+class CheckpointReader:
+    """The weights of a Hugging Face directory, checked against the parameter shapes a model expects (all
+    problems reported together, before any data is read), then read one tensor at a time.
+
+    `expected` maps parameter names to shapes; with `tie_word_embeddings` the head is embed_in's and a
+    stored copy is ignored, as transformers does. `names` is the order in which `tensors` yields them.
+    """
+
+    def __init__(self, path: str | Path, expected: dict[str, tuple[int, ...]], tie_word_embeddings: bool):
+        self.path = Path(path)
+        readers = [_ShardReader(f) for f in checkpoint_files(self.path)]
+        expected = dict(expected)
+        if tie_word_embeddings:
+            expected.pop("embed_out.weight", None)
+        sources, problems = {}, []
+        for reader in readers:
+            for key, shape in reader.shapes.items():
+                name = _model_name(key)
+                if name is None or (name == "embed_out.weight" and tie_word_embeddings):
+                    continue
+                if isinstance(reader.dtypes[key], str):
+                    problems.append(f"unsupported dtype {reader.dtypes[key]} for {key!r} in {reader.path.name}")
+                if name in sources:
+                    first, first_key = sources[name]
+                    problems.append(f"{key!r} in {reader.path.name} duplicates {first_key!r} in {first.path.name}")
+                elif name not in expected:
+                    problems.append(f"unexpected key {key!r} {list(shape)} in {reader.path.name}")
+                elif shape != expected[name]:
+                    problems.append(f"shape mismatch for {key!r}: checkpoint {list(shape)} in {reader.path.name}, "
+                                    f"model {list(expected[name])}")
+                sources.setdefault(name, (reader, key))
+        problems += [f"missing key {name!r} {list(shape)}" for name, shape in expected.items() if name not in sources]
+        if problems:
+            raise CheckpointError(f"{self.path}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
+        # grouped by file, so that each file is opened once
+        self._sources = {name: sources[name] for reader in readers for name in sources if sources[name][0] is reader}
+        self.names = list(self._sources)
+
+    def dtype(self, dtype: torch.dtype | str | None) -> torch.dtype:
+        """None = float32, "auto" = the stored dtype, or a name of gptneox.dtypes."""
+        if dtype is None:
+            return torch.float32
+        if dtype == "auto":
+            reader, key = self._sources["gpt_neox.embed_in.weight"]
+            return reader.dtypes[key]
+        return torch_dtype(dtype) if isinstance(dtype, str) else dtype
+
+    def tensors(self, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None):
+        """Yield (parameter name, tensor in `dtype` on `device`) in the order of `names`; each tensor owns its
+        memory (a .bin tensor, a view of the mapped file, is copied)."""
+        dtype = self.dtype(dtype)
+        readers = list(dict.fromkeys(reader for reader, _ in self._sources.values()))
+        for reader in readers:
+            names = {key: name for name, (r, key) in self._sources.items() if r is reader}
+            for key, tensor in reader.tensors(list(names)):
+                yield names[key], tensor.to(device=device, dtype=dtype, copy=not reader.is_safetensors)
+
+
 def load_weights(model: nn.Module, path: str | Path, dtype: torch.dtype | str | None = None,
                  device: torch.device | str | None = None) -> None:
     """Fill `model` (a GPTNeoX, usually on the meta device) from the weights of a Hugging Face directory.
     dtype None = float32, "auto" = the stored dtype, or a name of gptneox.dtypes."""
-    path = Path(path)
-    config = model.config
-    readers = [_ShardReader(f) for f in checkpoint_files(path)]
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("embed_out.weight")  # shared with embed_in; a stored copy is ignored, as transformers does
-
-    sources, problems = {}, []
-    for reader in readers:
-        for key, shape in reader.shapes.items():
-            name = _model_name(key)
-            if name is None or (name == "embed_out.weight" and config.tie_word_embeddings):
-                continue
-            if isinstance(reader.dtypes[key], str):
-                problems.append(f"unsupported dtype {reader.dtypes[key]} for {key!r} in {reader.path.name}")
-            if name in sources:
-                first, first_key = sources[name]
-                problems.append(f"{key!r} in {reader.path.name} duplicates {first_key!r} in {first.path.name}")
-            elif name not in expected:
-                problems.append(f"unexpected key {key!r} {list(shape)} in {reader.path.name}")
-            elif shape != expected[name]:
-                problems.append(f"shape mismatch for {key!r}: checkpoint {list(shape)} in {reader.path.name}, "
-                                f"model {list(expected[name])}")
-            sources.setdefault(name, (reader, key))
-    problems += [f"missing key {name!r} {list(shape)}" for name, shape in expected.items() if name not in sources]
-    if problems:
-        raise CheckpointError(f"{path}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
-
-    dtype = _resolve_dtype(dtype, sources)
-    for reader in readers:
-        names = {key: name for name, (r, key) in sources.items() if r is reader}
-        for key, tensor in reader.tensors(list(names)):
-            module_name, _, leaf = names[key].rpartition(".")
-            # a .bin tensor aliases the mapped file: copy it so that parameters own their memory
-            parameter = nn.Parameter(tensor.to(device=device, dtype=dtype, copy=not reader.is_safetensors))
-            setattr(model.get_submodule(module_name), leaf, parameter)
+    reader = CheckpointReader(path, expected, model.config.tie_word_embeddings)
+    for name, tensor in reader.tensors(dtype, device):
+        module_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor))
     model.tie_weights()
-
-
-def _resolve_dtype(dtype, sources) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if dtype == "auto":
-        reader, key = sources["gpt_neox.embed_in.weight"]
-        return reader.dtypes[key]
-    if isinstance(dtype, str):
-        return torch_dtype(dtype)
-    return dtype
 
 
 def parse_size(size: int | str) -> int:

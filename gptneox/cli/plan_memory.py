@@ -49,8 +49,7 @@ def zero_sections(paths: list[str], batch: Batch, hidden_size: int, world: int) 
     sections = {}
     for path in paths:
         resolved, _ = resolve_ds_config(load_ds_config(path if Path(path).is_file() else repo_path(path)), cfg,
-                                        world_size=world, hidden_size=hidden_size, total_num_steps=1, cpu=False,
-                                        for_training=False)
+                                        world_size=world, hidden_size=hidden_size, total_num_steps=1, cpu=False)
         sections[Path(path).stem] = resolved.get("zero_optimization", {})
     return sections
 

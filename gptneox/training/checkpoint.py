@@ -178,7 +178,7 @@ class CheckpointManager:
                 warn(f"warning: resuming from {usable[-1]}, the newest complete checkpoint")
                 self._list(usable)
             return usable[-1] if usable else None
-        return on_rank_zero(decide)
+        return on_rank_zero(decide, share=True)
 
     def complete_tags(self) -> list[str]:
         path = self.directory / POINTER

@@ -135,9 +135,10 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return tensor
 
 
-def on_rank_zero(decide: Callable[[], T]) -> T | None:
-    """Run `decide` on rank 0 only (None elsewhere); when it raises a UserError, every rank raises it, so no
-    rank goes on alone into a collective the others never reach."""
+def on_rank_zero(decide: Callable[[], T], share: bool = False) -> T | None:
+    """Run `decide` on rank 0 only; its result there, and elsewhere None, or with `share` the same result (a
+    picklable one) on every rank. When it raises a UserError, every rank raises it, so no rank goes on alone
+    into a collective the others never reach."""
     error, result = None, None
     if not is_distributed() or dist.get_rank() == 0:
         try:
@@ -145,9 +146,11 @@ def on_rank_zero(decide: Callable[[], T]) -> T | None:
         except UserError as err:
             error = err
     if world_size() > 1:
-        box = [error]
+        box = [error, result if share else None]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
+        if share:
+            result = box[1]
     if error is not None:
         raise error
     return result

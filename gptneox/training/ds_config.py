@@ -41,12 +41,11 @@ def load_ds_config(path: str | Path) -> dict:
 
 
 def resolve_ds_config(template: dict, cfg: TrainConfig, *, world_size: int, hidden_size: int,
-                      total_num_steps: int, cpu: bool, for_training: bool = True) -> tuple[dict, list[str]]:
+                      total_num_steps: int, cpu: bool) -> tuple[dict, list[str]]:
     """The config to hand to deepspeed.initialize, plus human-readable notes on what was added.
 
     `template` is not modified. Keys marked "fill" below are only filled where "auto", never compared:
-    they are not training-config values (HF's `fill_only`). `for_training=False` (the memory planner)
-    accepts ZeRO stage 3, which the training loop does not drive yet.
+    they are not training-config values (HF's `fill_only`).
     """
     resolved = copy.deepcopy(template)
     micro, gas = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
@@ -88,12 +87,6 @@ def resolve_ds_config(template: dict, cfg: TrainConfig, *, world_size: int, hidd
         raise DeepSpeedConfigError(f"ds_config keys still 'auto' after resolution: {', '.join(leftover)}")
     if resolved.get("fp16", {}).get("enabled") and resolved.get("bf16", {}).get("enabled"):
         raise DeepSpeedConfigError("ds_config enables both fp16 and bf16")
-    stage = resolved.get("zero_optimization", {}).get("stage", 0)
-    if for_training and stage == 3:
-        # the loop reads the LM-head weight outside a module forward and exports from ZeRO-2 checkpoints;
-        # under stage 3 that weight is an empty partition, so refuse before DeepSpeed starts
-        raise DeepSpeedConfigError("ds_config zero_optimization.stage=3: the training loop does not support "
-                                   "ZeRO-3 yet; use ds_config.json (ZeRO-2), or tools/plan_memory.py to size a run")
     if "optimizer" not in resolved:
         raise DeepSpeedConfigError("ds_config has no 'optimizer' section; the loop takes AdamW from it")
 

@@ -36,11 +36,15 @@ def evaluate(engine: Any, batches: Iterable[dict | None],
             engine.train(was_training)
             raise EvaluationStopped
         if batch is None or batch["input_ids"].numel() == 0:
+            # a one-token forward all the same: under ZeRO-3 every rank must join each module's weight gathers
+            engine(torch.zeros((1, 1), dtype=torch.long, device=engine.device), head=lambda hidden, weight: None)
             continue
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        hidden = engine(batch["input_ids"], return_hidden=True, **losses.model_inputs(batch))
-        total, right, n = losses.masked_loss_and_correct(hidden, engine.module.output_embedding, batch["targets"],
-                                                         batch["loss_mask"])
+
+        def head(hidden, weight):
+            return losses.masked_loss_and_correct(hidden, weight, batch["targets"], batch["loss_mask"])
+
+        total, right, n = engine(batch["input_ids"], head=head, **losses.model_inputs(batch))
         loss_sum += total
         count += n
         correct += right

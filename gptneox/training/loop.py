@@ -27,8 +27,10 @@ from gptneox.training.ds_config import load_ds_config, resolve_ds_config
 from gptneox.training.evaluation import Evaluator
 from gptneox.training.export import MODEL_SUBDIR, export_checkpoint, write_model_metadata
 from gptneox.training.metrics import MetricsLogger, peak_tflops
-from gptneox.training.model_setup import build_training_model, parameter_groups
+from gptneox.training.model_files import load_run_tokenizer
+from gptneox.training.model_setup import build_training_model, parameter_groups, training_model_config
 from gptneox.training.noise import SCHEDULER_NOT_STARTED, deepspeed_log_dropped
+from gptneox.training.partitioned import zero_stage
 from gptneox.training.output_dir import (CHECKPOINTS_DIR, DS_CONFIG_FILE, TENSORBOARD_DIR, TRAIN_CONFIG_FILE,
                                          check_writable, claim_output_dir)
 from gptneox.training.resume_check import check_resume, model_settings, read_run_record, run_record
@@ -144,9 +146,8 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
     for dataset in datasets:
         say(dataset.summary())
     train_set, eval_sets = merge_datasets(datasets)
-    torch.manual_seed(cfg.rng_seed)  # the same random init on every rank
-    model, tokenizer, model_line = build_training_model(cfg)
-    say(model_line)
+    tokenizer = load_run_tokenizer(cfg)
+    model_config = training_model_config(cfg, tokenizer)
     evaluator = Evaluator(eval_sets, tokenizer, max_length=cfg.eval_max_length,
                           batch_size=cfg.per_device_eval_batch_size, every=cfg.eval_steps, rank=rank, world=world,
                           size=cfg.eval_size)
@@ -157,12 +158,15 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
         f"{order.global_batch_size}, {total_steps} steps; eval sets: "
         + ", ".join(f"{k} ({len(v)})" for k, v in evaluator.eval_sets.items()))
     ds_config, notes = resolve_ds_config(
-        load_ds_config(cfg.deepspeed_config), cfg, world_size=world, hidden_size=model.config.hidden_size,
+        load_ds_config(cfg.deepspeed_config), cfg, world_size=world, hidden_size=model_config.hidden_size,
         total_num_steps=total_steps, cpu=get_accelerator().device_name() == "cpu")
     for note in notes:
         say(note)
+    torch.manual_seed(cfg.rng_seed)  # the same random init on every rank
+    model, model_line = build_training_model(cfg, model_config, ds_config)  # partitioned under ZeRO-3
+    say(model_line)
     settings = run_record(model=model.config.to_hf(), dtype=cfg.dtype, world_size=world,
-                          zero_stage=ds_config.get("zero_optimization", {}).get("stage", 0),
+                          zero_stage=zero_stage(ds_config),
                           learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
                           num_train_epochs=cfg.num_train_epochs, max_length=cfg.max_length,
                           global_batch_size=order.global_batch_size, rng_seed=cfg.rng_seed, train_set=train_set)

@@ -27,10 +27,12 @@ def model_inputs(batch: dict) -> dict:
 
 def batch_loss(model, batch: dict, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     """The training loss (sum, count) of a collated batch. `model` is a GPTNeoX or a DeepSpeed engine
-    wrapping one (the LM head is then read from `model.module`)."""
-    hidden = model(batch["input_ids"], return_hidden=True, **model_inputs(batch))
-    head = getattr(model, "module", model).output_embedding
-    return masked_cross_entropy_from_hidden(hidden, head, batch["targets"], batch["loss_mask"], chunk_rows)
+    wrapping one; the loss is computed inside the LM head's forward (gptneox.model.LMHead), where ZeRO-3
+    has gathered the head weight."""
+    def head(hidden, weight):
+        return masked_cross_entropy_from_hidden(hidden, weight, batch["targets"], batch["loss_mask"], chunk_rows)
+
+    return model(batch["input_ids"], head=head, **model_inputs(batch))
 
 
 def _check_shapes(first_name: str, first: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> None:

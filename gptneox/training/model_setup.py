@@ -1,7 +1,10 @@
-"""From `model_name` to a model ready for deepspeed.initialize: weights, tokenizer, vocabulary size,
-attention backend, gradient checkpointing, compiled blocks, and the two weight-decay parameter groups.
+"""From `model_name` to a model ready for deepspeed.initialize: its shape and vocabulary size, weights
+(partitioned under ZeRO-3), attention backend, gradient checkpointing, compiled blocks, and the two
+weight-decay parameter groups.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from deepspeed.accelerator import get_accelerator
@@ -12,35 +15,52 @@ from gptneox.attention import AttentionBackendError, check_backend
 from gptneox.dtypes import torch_dtype
 from gptneox.sizes import round_up
 from gptneox.training.config import TrainConfig, TrainConfigError
-from gptneox.training.model_files import find_model_dir, load_run_tokenizer
+from gptneox.training.model_files import find_model_dir
+from gptneox.training.partitioned import build_partitioned, load_partitioned, parameter_shape, zero_stage
 
 VOCAB_MULTIPLE = 16
 
 
-def build_training_model(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer, str]:
-    """The model to train, its tokenizer, and a line for the log. (Chat and the reports load an exported
-    directory with gptneox.chat.load_model_and_tokenizer instead.) Pretrained weights load straight in the
-    training dtype and onto this rank's device, so a 7B model costs each rank one 16-bit copy rather than an
-    fp32 one in host memory (DeepSpeed keeps its own fp32 master copy in the optimizer)."""
+def training_model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> GPTNeoXConfig:
+    """The shape of the model to train, known before any weight is read: the preset or the directory's
+    config.json, with the vocabulary grown to fit the tokenizer (never shrunk: StableLM's 50432 rows stay)."""
     model_dir = find_model_dir(cfg.model_name, cfg.cache_dir)
-    tokenizer = load_run_tokenizer(cfg)
+    config = GPTNeoXConfig.from_name(cfg.model_name) if model_dir is None else GPTNeoXConfig.from_hf(model_dir)
+    rows = round_up(tokenizer.get_vocab_size(), VOCAB_MULTIPLE)
+    return dataclasses.replace(config, vocab_size=max(rows, config.vocab_size))
+
+
+def build_training_model(cfg: TrainConfig, config: GPTNeoXConfig, ds_config: dict) -> tuple[GPTNeoX, str]:
+    """The model to train (of training_model_config's `config`) and a line for the log. (Chat and the
+    reports load an exported directory with gptneox.chat.load_model_and_tokenizer instead.)
+
+    Under ZeRO-3 it is built partitioned and pretrained weights stream into the partitions
+    (gptneox.training.partitioned). Otherwise pretrained weights load straight in the training dtype and
+    onto this rank's device, so a 7B model costs each rank one 16-bit copy rather than an fp32 one in host
+    memory (DeepSpeed keeps its own fp32 master copy in the optimizer). A model from a preset is
+    initialised at its full vocabulary; a pretrained one gets its new rows at the mean of the stored ones."""
+    model_dir = find_model_dir(cfg.model_name, cfg.cache_dir)
+    partitioned = zero_stage(ds_config) == 3
     if model_dir is None:
-        model = GPTNeoX(GPTNeoXConfig.from_name(cfg.model_name))
+        model = build_partitioned(config, ds_config) if partitioned else GPTNeoX(config)
         origin = f"preset {cfg.model_name!r}, random init"
+    elif partitioned:
+        model = build_partitioned(config, ds_config)
+        load_partitioned(model, model_dir, GPTNeoXConfig.from_hf(model_dir))
+        origin = str(model_dir)
     else:
         device = get_accelerator().current_device_name()
         model = GPTNeoX.from_pretrained(model_dir, dtype=torch_dtype(cfg.dtype), device=device)
+        model.resize_token_embeddings(config.vocab_size)
         origin = str(model_dir)
-    rows = round_up(tokenizer.get_vocab_size(), VOCAB_MULTIPLE)
-    if rows > model.config.vocab_size:  # never shrink: StableLM's 50432 rows stay
-        model.resize_token_embeddings(rows)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.compile:
         model.compile_blocks()
     model.attention_backend, kernels = choose_attention_backend(cfg, get_accelerator().device_name())
+    layout = ", ZeRO-3 partitions" if partitioned else ""
     compiled = ", blocks compiled" if cfg.compile else ""
-    return model, tokenizer, f"model from {origin}, vocab {model.config.vocab_size}, " \
-                             f"attention {model.attention_backend} ({kernels}){compiled}"
+    return model, f"model from {origin}{layout}, vocab {model.config.vocab_size}, " \
+                  f"attention {model.attention_backend} ({kernels}){compiled}"
 
 
 def choose_attention_backend(cfg: TrainConfig, device_type: str) -> tuple[str, str]:
@@ -62,5 +82,5 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
-            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+            (decay if len(parameter_shape(parameter)) >= 2 else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -36,6 +36,12 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
+def zero_loss(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+    """A zero that depends on every parameter, for a micro-batch without samples (an LMHead `head`).
+    Summed in fp32: an fp16 sum of a whole embedding passes 65504, and inf * 0 is NaN."""
+    return hidden.float().sum() * 0.0 + head_weight.float().sum() * 0.0
+
+
 def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
     """Forward, backward and `engine.step()` for each of this rank's micro-batches of one optimizer step."""
     if len(micro_batches) != engine.gradient_accumulation_steps():
@@ -58,9 +64,8 @@ def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
             # Every sample of this micro-batch was dropped by the collator: a zero loss over a one-token
             # forward, so every parameter gets a (zero) gradient and ZeRO-2 reduces the same gradients as
             # on the other ranks (a backward reaching only some parameters hangs or aborts the collectives).
-            hidden = engine(torch.zeros((1, 1), dtype=torch.long, device=device), return_hidden=True)
-            # summed in fp32: an fp16 sum of a whole embedding passes 65504, and inf * 0 is NaN
-            total = hidden.float().sum() * 0.0 + engine.module.output_embedding.float().sum() * 0.0
+            # Under ZeRO-3 the same forward also makes this rank join every module's weight gathers.
+            total = engine(torch.zeros((1, 1), dtype=torch.long, device=device), head=zero_loss)
         else:
             total, _ = losses.batch_loss(engine, batch)
         engine.backward(total * scale)

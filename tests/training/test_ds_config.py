@@ -80,7 +80,7 @@ ZERO3_FILES = ["ds_config_zero3.json", "ds_config_zero3_offload.json"]
 def test_zero3_files_resolve_stage3_keys_from_the_hidden_size(name):
     cfg = parse_train_config(["--configs", "defaults", "gpt-neox-20b"])
     resolved, _ = resolve_ds_config(load_ds_config(REPO / name), cfg, world_size=8, hidden_size=6144,
-                                    total_num_steps=100, cpu=False, for_training=False)
+                                    total_num_steps=100, cpu=False)
     zero = resolved["zero_optimization"]
     assert zero["stage"] == 3
     assert zero["reduce_bucket_size"] == 6144 ** 2                       # as the HF Trainer fills them
@@ -95,12 +95,6 @@ def test_zero3_files_resolve_stage3_keys_from_the_hidden_size(name):
     assert {k: v for k, v in template.items() if k != "zero_optimization"} == \
            {k: v for k, v in seed.items() if k != "zero_optimization"}
     assert ("offload_optimizer" in zero) == name.endswith("offload.json")
-
-
-def test_the_training_loop_refuses_stage3_in_one_line():
-    with pytest.raises(DeepSpeedConfigError, match="stage=3: the training loop does not support ZeRO-3"):
-        resolve_ds_config(load_ds_config(REPO / "ds_config_zero3.json"), TrainConfig(), world_size=1,
-                          hidden_size=64, total_num_steps=10, cpu=True)
 
 
 def test_seed_file_is_unchanged_by_the_stage3_keys():

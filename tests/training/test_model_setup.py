@@ -10,8 +10,9 @@ import torch
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.data import load_tokenizer, save_tokenizer
 from gptneox.training.config import TrainConfig, TrainConfigError, parse_train_config
-from gptneox.training.model_files import find_model_dir
-from gptneox.training.model_setup import build_training_model, choose_attention_backend, parameter_groups
+from gptneox.training.model_files import find_model_dir, load_run_tokenizer
+from gptneox.training.model_setup import (build_training_model, choose_attention_backend, parameter_groups,
+                                          training_model_config)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,9 +36,12 @@ def test_pretrained_directory_loads_in_the_training_dtype_and_only_grows_the_voc
     save_tokenizer(load_tokenizer(REPO / "data" / "sample" / "tokenizer.json"), tmp_path / "model")
     for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         cfg = TrainConfig(model_name="model", cache_dir=str(tmp_path), dtype=dtype, gradient_checkpointing=True)
-        model, tokenizer, line = build_training_model(cfg)
+        tokenizer = load_run_tokenizer(cfg)
+        config = training_model_config(cfg, tokenizer)
+        model, line = build_training_model(cfg, config, {"zero_optimization": {"stage": 2}})
         assert tokenizer.get_vocab_size() == 1541 and str(tmp_path / "model") in line
-        assert model.config.vocab_size == expected and model.output_embedding.shape[0] == expected
+        assert config.vocab_size == model.config.vocab_size == expected
+        assert model.output_embedding.shape[0] == expected
         assert model.output_embedding.dtype == torch_dtype and model.gradient_checkpointing
         assert torch.all(model.gpt_neox.final_layer_norm.weight == 3.0)
 
