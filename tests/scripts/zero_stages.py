@@ -28,8 +28,9 @@ from gptneox.training.step import train_step  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 pretrained, out = Path(sys.argv[-2]), Path(sys.argv[-1])
 rank, world = init_distributed()
+# adam_epsilon 1e-6: see RUN in tests/training/test_partitioned.py (the key biases' noise gradients)
 cfg = TrainConfig(dtype="fp32", per_device_train_batch_size=1, gradient_accumulation_steps=1, learning_rate=1e-3,
-                  warmup_steps=0)
+                  warmup_steps=0, adam_epsilon=1e-6)
 
 
 def ds_config(stage: int) -> dict:
