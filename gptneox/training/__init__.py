@@ -2,7 +2,8 @@
 
     TrainConfig, parse_train_config   the configuration (config)
     DataOrder                         which samples each rank trains on at each step (data_order)
-    build_training_model              model and tokenizer from the config (model_setup)
+    training_model_config             the model's shape and vocabulary, before any weight is read (model_setup)
+    build_training_model              the model, partitioned under ZeRO-3 (model_setup, partitioned)
     train_step, StepResult            one optimizer step (step)
     Evaluator                         evaluation sets, their collator, ranks' shares, when (evaluation)
     CheckpointManager, TrainState     save policy, atomic saves, resume state (checkpoint)
@@ -19,7 +20,7 @@ import importlib
 _HOMES = {
     "TrainConfig": "config", "TrainConfigError": "config", "parse_train_config": "config",
     "DataOrder": "data_order",
-    "build_training_model": "model_setup", "parameter_groups": "model_setup",
+    "training_model_config": "model_setup", "build_training_model": "model_setup", "parameter_groups": "model_setup",
     "train_step": "step", "StepResult": "step",
     "Evaluator": "evaluation",
     "CheckpointManager": "checkpoint", "TrainState": "checkpoint",

@@ -1,7 +1,8 @@
 """ZeRO-3 on two CPU ranks (the deepspeed launcher, as a user runs it): a model built into its partitions
-equals the whole one, a rank whose micro-batch is empty stays in step (ZeRO-2 and ZeRO-3), and the same tiny run under ZeRO-2, ZeRO-3 and ZeRO-3 with CPU offload gives the same
-losses and exported weights; a ZeRO-3 resume continues exactly. fp32 throughout; each run writes its own
-metrics file, so no rank's output is parsed."""
+equals the whole one, a rank whose micro-batch is empty stays in step (ZeRO-2 and ZeRO-3), and the same tiny
+run under ZeRO-2, ZeRO-3 and ZeRO-3 with CPU offload gives the same losses and exported weights; a ZeRO-3
+resume continues exactly. fp32 throughout; each run writes its own metrics file, so no rank's output is
+parsed."""
 from __future__ import annotations
 
 import json
