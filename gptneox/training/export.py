@@ -7,8 +7,11 @@ weights in `model/`: config.json (after the vocabulary resize), the tokenizer, a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -49,7 +52,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     if tag is None or not (checkpoint_dir / tag).is_dir():
         raise MissingFileError(f"{checkpoint_dir}: no complete checkpoint {tag or ''} to export")
     dtype = dtype_name(dtype or json.loads((metadata / "training.json").read_text())["dtype"])
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    state = _quietly(get_fp32_state_dict_from_zero_checkpoint, str(checkpoint_dir), tag=tag)
     config = GPTNeoXConfig.from_hf(metadata)
     with torch.device("meta"):  # no random fp32 initialisation: the checkpoint's tensors become the weights
         model = GPTNeoX(config)
@@ -79,6 +82,18 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     staging.rmdir()
     fsync_path(output_dir)
     return output_dir
+
+
+def _quietly(function, *args, **kwargs):
+    """DeepSpeed's reader prints its progress (and a shard progress bar) into the training's own progress
+    bar; what it printed is shown only if it fails, before its error."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            return function(*args, **kwargs)
+    except BaseException:
+        sys.stderr.write(printed.getvalue())
+        raise
 
 
 def save_chat_model(model: GPTNeoX, tokenizer: Tokenizer, output_dir: str | Path,

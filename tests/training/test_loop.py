@@ -176,14 +176,17 @@ def test_resume_reproduces_the_uninterrupted_run_and_export_loads_in_transformer
     assert (straight / "tokenizer.json").is_file()
 
 
-def test_export_keeps_tied_embeddings_tied_and_writes_the_chat_files(workspace, tmp_path):
+def test_export_keeps_tied_embeddings_tied_and_writes_the_chat_files(workspace, tmp_path, capfd):
     """The export builds its model on the meta device and assigns the checkpoint's tensors."""
     torch.manual_seed(0)
     model = GPTNeoX(GPTNeoXConfig.from_name("tiny", tie_word_embeddings=True))
     engine = _sgd_engine(model, gas=1, micro=1)
     write_model_metadata(tmp_path / "checkpoints", model.config, load_tokenizer(workspace[1]), "fp32")
     CheckpointManager(tmp_path / "checkpoints", keep=None, rank=0).write(engine, tag_for(0), {})
+    capfd.readouterr()
     export_checkpoint(tmp_path / "checkpoints", tmp_path / "out")
+    printed = capfd.readouterr()
+    assert printed.out == printed.err == "", "DeepSpeed's reader prints into the training's progress bar"
     exported = GPTNeoX.from_pretrained(tmp_path / "out")
     assert exported.embed_out.weight is exported.gpt_neox.embed_in.weight
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
@@ -206,6 +209,20 @@ def test_export_keeps_tied_embeddings_tied_and_writes_the_chat_files(workspace, 
     assert sorted(p.name for p in (tmp_path / "resharded").glob("model*")) == ["model.safetensors"]
     mode = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
     assert len(mode) == 1, "the weights are readable like the other files"
+
+
+def test_a_failed_export_shows_what_deepspeed_printed(workspace, tmp_path, capfd):
+    torch.manual_seed(0)
+    model = GPTNeoX(GPTNeoXConfig.from_name("tiny"))
+    engine = _sgd_engine(model, gas=1, micro=1)
+    write_model_metadata(tmp_path / "checkpoints", model.config, load_tokenizer(workspace[1]), "fp32")
+    CheckpointManager(tmp_path / "checkpoints", keep=None, rank=0).write(engine, tag_for(0), {})
+    for optimizer_file in (tmp_path / "checkpoints" / tag_for(0)).glob("*optim_states.pt"):
+        optimizer_file.unlink()
+    capfd.readouterr()
+    with pytest.raises(Exception):
+        export_checkpoint(tmp_path / "checkpoints", tmp_path / "out")
+    assert "Processing zero checkpoint" in capfd.readouterr().err
 
 
 @pytest.mark.slow
