@@ -22,6 +22,7 @@ import torch
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.errors import UserError
 from gptneox.training.loss import DEFAULT_CHUNK_ROWS
+from gptneox.weights import DEFAULT_SHARD_SIZE, parse_size
 
 HEADROOM = 0.10          # fraction of GPU memory left for fragmentation, the CUDA context and NCCL buffers
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -169,9 +170,11 @@ def zero_plans(config: GPTNeoXConfig, hardware: Hardware, batch: Batch, zero_sec
             host_rank.update(rank_states)
             host_rank["fp32 gradient partition"] = FP32 * psi / n
         plan.host_per_node = {key: value * per_node for key, value in host_rank.items()}
-        # the export (zero_to_fp32, optimizer files memory-mapped and their moments dropped): the consolidated
-        # fp32 weights and their cast to the training dtype, on rank 0
-        plan.host_per_node["final export on rank 0 (fp32 weights + cast)"] = FP32 * psi + s * psi
+        # the export on rank 0 (zero_to_fp32, optimizer files memory-mapped and their moments dropped): under
+        # stage 2 the consolidated fp32 weights and their cast to the training dtype; under stage 3 one shard
+        # of the export at a time (each weight is gathered when its shard is written)
+        exported = psi * s if stage == 2 else parse_size(DEFAULT_SHARD_SIZE)  # bytes made at once, cast
+        plan.host_per_node["final export on rank 0 (fp32 + cast; ZeRO-3: one shard)"] = exported / s * FP32 + exported
         plan.disk["checkpoint: optimizer partitions (fp32 master, m, v)"] = 3 * FP32 * psi
         if stage == 2:
             plan.disk["checkpoint: 16-bit module"] = s * psi

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import zipfile
@@ -29,6 +30,8 @@ CHECKPOINT_FILES = ("model.safetensors.index.json", "model.safetensors",
                     "pytorch_model.bin.index.json", "pytorch_model.bin")
 # Buffers older transformers saved; they are recomputed, never loaded.
 _LEGACY_BUFFER = re.compile(r"\.attention\.(bias|masked_bias)$|\.rotary_emb\.inv_freq$")
+# The largest safetensors file written unless asked otherwise (the size transformers uses).
+DEFAULT_SHARD_SIZE = "2GB"
 # transformers 5 names the head lm_head and may save it under that name.
 _ALIASES = {"lm_head.weight": "embed_out.weight"}
 
@@ -222,38 +225,47 @@ def _give_default_mode(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def save_pretrained(model: nn.Module, directory: str | Path, max_shard_size: int | str = "2GB") -> None:
+def save_pretrained(model: nn.Module, directory: str | Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> None:
     """config.json plus model.safetensors, or numbered shards and model.safetensors.index.json.
+    Shards are copied to the CPU one at a time, so saving from a GPU needs host memory for one shard only."""
+    save_weights(model.config, model.state_dict(), directory, max_shard_size)
 
-    A tied head is not written (transformers re-ties it from embed_in). Shards are copied to the CPU one
-    at a time, so saving from a GPU needs host memory for one shard only.
-    """
+
+def save_weights(config, tensors: dict, directory: str | Path, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+                 dtype: torch.dtype | None = None) -> None:
+    """save_pretrained for a config and its tensors by name (a tied head is not written: transformers
+    re-ties it from embed_in). A value may also be a stand-in with `shape`, `dtype` and `contiguous()`, such
+    as DeepSpeed's lazily gathered ZeRO-3 tensors: each is made, cast to `dtype` (None: kept) and copied to
+    the CPU only while its shard is written, so the host holds one shard, not the model."""
     limit = parse_size(max_shard_size)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    if model.config.tie_word_embeddings:
-        state.pop("embed_out.weight")
+    tensors = {k: v for k, v in tensors.items() if not (k == "embed_out.weight" and config.tie_word_embeddings)}
+
+    def size(tensor) -> int:
+        return math.prod(tensor.shape) * (dtype or tensor.dtype).itemsize
+
     shards, current, current_size = [], {}, 0
-    for name, tensor in state.items():
-        size = tensor.numel() * tensor.element_size()
-        if current and current_size + size > limit:
+    for name, tensor in tensors.items():
+        if current and current_size + size(tensor) > limit:
             shards.append(current)
             current, current_size = {}, 0
         current[name] = tensor
-        current_size += size
+        current_size += size(tensor)
     shards.append(current)
 
     for stale in list(directory.glob("model*.safetensors")) + list(directory.glob("model.safetensors.index.json")):
         stale.unlink()  # left over from an earlier save with a different shard count
-    model.config.save(directory)
+    config.save(directory)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for file_name, shard in zip(names, shards):
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in shard.items()}
-        save_file(tensors, str(directory / file_name), metadata={"format": "pt"})
+        made = {k: v.contiguous().detach().to(device="cpu", dtype=dtype or v.dtype).contiguous()
+                for k, v in shard.items()}
+        save_file(made, str(directory / file_name), metadata={"format": "pt"})
         _give_default_mode(directory / file_name)
+        del made  # before the next shard is made
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+        index = {"metadata": {"total_size": sum(size(t) for t in tensors.values())},
                  "weight_map": {k: f for f, shard in zip(names, shards) for k in shard}}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -2,8 +2,9 @@
 tokenizer files with the chat template, generation_config.json with the chat's stop ids and sampling).
 
 The weights are the fp32 master copy gathered from the ZeRO partitions (not the fp16 module copy), cast
-to the training dtype or a chosen one. The checkpoint directory carries what the export needs besides
-weights in `model/`: config.json (after the vocabulary resize), the tokenizer, and the training dtype.
+to the training dtype or a chosen one; under ZeRO-3 one shard of the export at a time. The checkpoint
+directory carries what the export needs besides weights in `model/`: config.json (after the vocabulary
+resize), the tokenizer, and the training dtype.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from gptneox.errors import MissingFileError
 from gptneox.training.checkpoint import CheckpointManager
 from gptneox.training.output_dir import EXPORTED_WEIGHTS
 from gptneox.training.storage import DiskFullError, fsync_path, fsync_tree, out_of_space, remove_partial
+from gptneox.weights import DEFAULT_SHARD_SIZE, save_weights
 
 MODEL_SUBDIR = "model"
 
@@ -41,7 +43,7 @@ def write_model_metadata(checkpoint_dir: str | Path, config: GPTNeoXConfig, toke
 
 
 def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: str | None = None,
-                      dtype: str | None = None, max_shard_size: str = "2GB") -> Path:
+                      dtype: str | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE) -> Path:
     """Write the Hugging Face directory for `tag` (default: the newest complete checkpoint)."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     metadata = checkpoint_dir / MODEL_SUBDIR
@@ -52,20 +54,22 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     if tag is None or not (checkpoint_dir / tag).is_dir():
         raise MissingFileError(f"{checkpoint_dir}: no complete checkpoint {tag or ''} to export")
     dtype = dtype_name(dtype or json.loads((metadata / "training.json").read_text())["dtype"])
-    state = _quietly(get_fp32_state_dict_from_zero_checkpoint, str(checkpoint_dir), tag=tag)
+    # lazily: under ZeRO-3 each weight is gathered from the ranks' partitions only when its shard is written
+    state = _quietly(get_fp32_state_dict_from_zero_checkpoint, str(checkpoint_dir), tag=tag, lazy_mode=True)
     config = GPTNeoXConfig.from_hf(metadata)
-    with torch.device("meta"):  # no random fp32 initialisation: the checkpoint's tensors become the weights
-        model = GPTNeoX(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise RuntimeError(f"{checkpoint_dir / tag}: weights do not match {metadata / 'config.json'} "
-                           f"(missing {missing}, unexpected {unexpected})")
-    model.tie_weights()  # assign gave the two names separate Parameters
+    with torch.device("meta"):  # the names and shapes the checkpoint must hold, without building the model
+        expected = {k: tuple(v.shape) for k, v in GPTNeoX(config).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        reshaped = sorted(k for k in found.keys() & expected.keys() if found[k] != expected[k])
+        raise RuntimeError(f"{checkpoint_dir / tag}: weights do not match {metadata / 'config.json'} (missing "
+                           f"{sorted(expected.keys() - found.keys())}, unexpected "
+                           f"{sorted(found.keys() - expected.keys())}, other shapes {reshaped})")
     # written aside, then moved in: a full disk leaves the directory as it was, not half a model
     staging = output_dir / ".export.partial"
     remove_partial(staging)
     try:
-        save_chat_model(model.to(torch_dtype(dtype)), load_tokenizer(metadata), staging, max_shard_size)
+        save_chat_model(config, state, load_tokenizer(metadata), staging, max_shard_size, torch_dtype(dtype))
         fsync_tree(staging)
     except Exception as err:
         full = out_of_space(err, output_dir)
@@ -96,15 +100,16 @@ def _quietly(function, *args, **kwargs):
         raise
 
 
-def save_chat_model(model: GPTNeoX, tokenizer: Tokenizer, output_dir: str | Path,
-                    max_shard_size: str = "2GB") -> Path:
+def save_chat_model(config: GPTNeoXConfig, tensors: dict, tokenizer: Tokenizer, output_dir: str | Path,
+                    max_shard_size: str = DEFAULT_SHARD_SIZE, dtype: torch.dtype | None = None) -> Path:
     """A model directory that Hugging Face tools use as a chat model with no further settings: config.json
-    with the tokenizer's eos and pad ids, the weights, the tokenizer with the chat template, and
-    generation_config.json with the chat's stop ids and sampling defaults."""
+    with the tokenizer's eos and pad ids, the weights (gptneox.weights.save_weights: `tensors` may be lazy, cast
+    to `dtype`), the tokenizer with the chat template, and generation_config.json with the chat's stop ids
+    and sampling defaults."""
     eos_id = tokenizer.token_to_id(EOS_TOKEN)
-    model.config = dataclasses.replace(model.config, bos_token_id=eos_id, eos_token_id=eos_id,
-                                       pad_token_id=tokenizer.token_to_id(PAD_TOKEN))
-    model.save_pretrained(output_dir, max_shard_size=max_shard_size)
+    config = dataclasses.replace(config, bos_token_id=eos_id, eos_token_id=eos_id,
+                                 pad_token_id=tokenizer.token_to_id(PAD_TOKEN))
+    save_weights(config, tensors, output_dir, max_shard_size, dtype)
     save_tokenizer(tokenizer, output_dir)
     save_generation_config(tokenizer, output_dir)
     return Path(output_dir)

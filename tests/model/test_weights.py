@@ -67,6 +67,33 @@ def test_save_round_trip_bit_exact(tmp_path, tiny_model):
     assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_lazy_tensors_are_made_one_shard_at_a_time_and_cast(tmp_path, tiny_model):
+    """save_weights with stand-ins (DeepSpeed's lazily gathered ZeRO-3 tensors): a tensor is made only after
+    every earlier shard is on disk, and the files hold the tensors cast to the requested dtype."""
+    model = tiny_model()
+    state = model.state_dict()
+    made = []
+
+    class Lazy:
+        def __init__(self, name, tensor):
+            self.name, self.tensor, self.shape, self.dtype = name, tensor, tensor.shape, tensor.dtype
+
+        def contiguous(self):
+            made.append((self.name, sorted(p.name for p in tmp_path.glob("out/model-*.safetensors"))))
+            return self.tensor.clone()
+
+    weights.save_weights(model.config, {k: Lazy(k, v) for k, v in state.items()}, tmp_path / "out",
+                         max_shard_size=10_000, dtype=torch.bfloat16)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    files = sorted(set(index.values()))
+    assert len(files) > 2 and [name for name, _ in made] == list(state)
+    for name, written in made:
+        assert written == files[:files.index(index[name])], name  # the earlier shards, and only those
+    loaded = {k: v for f in files for k, v in load_file(tmp_path / "out" / f).items()}
+    assert all(loaded[k].dtype == torch.bfloat16 and torch.equal(loaded[k], v.to(torch.bfloat16))
+               for k, v in state.items())
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_weight_files_get_the_mode_of_every_other_file(tmp_path, tiny_model, umask):
     previous = os.umask(umask)

@@ -28,7 +28,7 @@ def model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = GPTNeoX(GPTNeoXConfig.from_name("tiny", max_position_embeddings=128, initializer_range=0.1))
     model.resize_token_embeddings(tokenizer.get_vocab_size(), pad_to_multiple_of=16)
-    save_chat_model(model, tokenizer, directory)
+    save_chat_model(model.config, model.state_dict(), tokenizer, directory)
     return directory
 
 
