@@ -2,12 +2,13 @@
 the collectives the loop's parts share, which are no-ops in a single process without a process group.
 
 On a CPU, DeepSpeed JIT-compiles a shared-memory communication op when its backend starts. Its only use is
-the all-reduce of tensor-parallel inference between ranks (TorchBackend.inference_all_reduce, which returns
-at once for one rank); training's collectives go through torch.distributed. A single process is therefore
-started without it: no C++ build, no compiler needed. Several ranks still load it (a later DeepSpeed may
-use it for more). torch keys its build cache on the sources and compiler flags, and each environment's
-include paths differ, so environments sharing ~/.cache/torch_extensions rebuild it in turn at every start
-(about a minute each): the cache is kept inside the environment, and a first build is announced.
+the all-reduce of tensor-parallel inference (TorchBackend.inference_all_reduce, which falls back to
+torch.distributed's all-reduce without it); training's collectives all go through torch.distributed. The
+op costs a C++ build (about a minute on two cores, per environment) and 69 MB of /dev/shm per rank that
+DeepSpeed never unlinks, so every launch of several ranks would leave that behind; it is never loaded.
+DeepSpeed's other JIT ops (CPU Adam for offload on a GPU host, FusedAdam) are cached inside the environment:
+torch keys its build cache on the sources and compiler flags, and environments sharing
+~/.cache/torch_extensions would rebuild them in turn.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.utils import cpp_extension
 
 from gptneox.errors import UserError
 
@@ -51,21 +51,6 @@ def use_environment_extensions_dir() -> None:
     directory = environment_extensions_dir()
     if "TORCH_EXTENSIONS_DIR" not in os.environ and directory is not None:
         os.environ["TORCH_EXTENSIONS_DIR"] = str(directory)
-
-
-def announce_comm_op_build() -> str | None:
-    """The line to print when DeepSpeed is about to build its CPU communication op (None: nothing to build)."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        return None
-    build_dir = Path(cpp_extension._get_build_directory(builder.name, verbose=False))
-    if (build_dir / f"{builder.name}.so").is_file():
-        return None
-    return (f"building DeepSpeed's {builder.name} op in {build_dir} (first start in this environment; "
-            "about a minute on two cores, once)")
 
 
 @contextmanager
@@ -102,15 +87,10 @@ def init_distributed() -> tuple[int, int]:
         raise RuntimeError(f"partial launch environment: {', '.join(missing)} not set "
                            f"(use the deepspeed launcher, torchrun, or set all of {', '.join(_LAUNCH_VARIABLES)})")
     get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))  # before weights load onto "this" device
-    if not dist.is_initialized() and os.environ["WORLD_SIZE"] == "1":
-        with without_comm_op():  # one rank never calls it
+    use_environment_extensions_dir()
+    if not dist.is_initialized():
+        with without_comm_op():
             deepspeed.init_distributed()
-    elif not dist.is_initialized():
-        use_environment_extensions_dir()
-        line = announce_comm_op_build()
-        if line and os.environ["LOCAL_RANK"] == "0":
-            print(line, file=sys.stderr, flush=True)
-        deepspeed.init_distributed()
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -5,7 +5,7 @@ import json
 import os
 import subprocess
 
-from tests.helpers import REPO
+from tests.helpers import LAUNCH_VARIABLES, REPO
 
 FAKE_SRUN = """#!/bin/bash
 # start the command once per task, as srun would, with the variables SLURM gives each task
@@ -35,7 +35,8 @@ def test_each_rank_gets_its_rank_the_first_node_and_the_arguments(tmp_path):
     fake(bin_dir, "srun", FAKE_SRUN)
     fake(bin_dir, "scontrol", "#!/bin/bash\nprintf 'node7\\nnode8\\n'\n")
     python = fake(tmp_path, "python", FAKE_PYTHON)
-    environment = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(python),
+    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}  # left by in-process runs
+    environment = {**inherited, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(python),
                    "RESULTS": str(results), "SLURM_JOB_NODELIST": "node[7-8]", "SLURM_SUBMIT_DIR": str(REPO)}
     run = subprocess.run(["bash", "tools/slurm_train.sh", "--configs", "defaults", "gpt-neox-20b", "--resume"],
                          cwd=REPO, env=environment, capture_output=True, text=True, timeout=60)

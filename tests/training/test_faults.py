@@ -21,6 +21,7 @@ from gptneox import weights
 from gptneox.data import load_tokenizer
 from gptneox.errors import invoked_name
 from gptneox.training.checkpoint import POINTER, tag_for
+from gptneox.training.distributed import free_port
 from gptneox.training.evaluation import EvaluationStopped, Evaluator, evaluate
 
 from tests.helpers import LAUNCH_VARIABLES, REPO
@@ -160,7 +161,8 @@ def test_killing_the_deepspeed_command_stops_its_ranks_after_a_save(workspace, t
                        "sys.exit(code)\n")
     argv = _script_argv(workspace, out, "--max_steps", "100000", "--save_steps", "100000", "--eval_steps", "100000",
                         "--per_device_train_batch_size", "1")[1:]
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", str(wrapper), *argv]
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+               str(wrapper), *argv]
     runner = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     metrics = out / "metrics.jsonl"

@@ -1,5 +1,6 @@
-"""Start-up: one process needs no DeepSpeed communication op and prints none of DeepSpeed's noise; several
-ranks cache the op per environment and announce a first build."""
+"""Start-up: training needs no DeepSpeed communication op (tests/training/test_partitioned.py checks that two
+ranks leave nothing in /dev/shm), DeepSpeed's JIT ops are cached per environment, and one process prints none
+of DeepSpeed's noise."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from deepspeed.accelerator import get_accelerator
 
 from gptneox.training import distributed, noise
 
@@ -23,16 +23,6 @@ def test_the_extension_cache_defaults_to_this_environment(monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")
     distributed.use_environment_extensions_dir()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == "/somewhere/else"
-
-
-@pytest.mark.skipif(get_accelerator().device_name() != "cpu",
-                    reason="DeepSpeed builds the shared-memory op for its CPU accelerator only")
-def test_a_first_build_is_announced_and_a_built_op_is_not(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    line = distributed.announce_comm_op_build()
-    assert line is not None and f"in {tmp_path / 'deepspeed_shm_comm'} (first start in this environment" in line
-    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
-    assert distributed.announce_comm_op_build() is None
 
 
 @pytest.mark.slow
