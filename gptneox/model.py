@@ -83,6 +83,16 @@ def _rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: 
     x2.mul_(cos).add_(x1_sin)
 
 
+@torch.no_grad()
+def copy_rows(target: torch.Tensor, source: torch.Tensor) -> None:
+    """`target`'s first rows from `source`; rows beyond `source`'s at the mean of its rows (a neutral embedding,
+    logits near the average): how a vocabulary grows, here and when ZeRO-3 streams weights into partitions."""
+    kept = min(target.shape[0], source.shape[0])
+    target[:kept] = source[:kept]
+    if target.shape[0] > kept:
+        target[kept:] = source.float().mean(dim=0).to(target.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPTNeoXConfig, layer_index: int):
         super().__init__()
@@ -310,9 +320,7 @@ class GPTNeoX(nn.Module):
 
         def resized(weight: torch.Tensor) -> nn.Parameter:
             new = weight.new_empty(rows, weight.shape[1])
-            kept = min(rows, weight.shape[0])
-            new[:kept] = weight[:kept]
-            new[kept:] = weight.float().mean(dim=0).to(weight.dtype)
+            copy_rows(new, weight)
             return nn.Parameter(new, requires_grad=weight.requires_grad)
 
         self.gpt_neox.embed_in.weight = resized(self.gpt_neox.embed_in.weight)

@@ -16,6 +16,7 @@ import deepspeed
 import torch
 
 from gptneox import GPTNeoX, GPTNeoXConfig
+from gptneox.model import copy_rows
 from gptneox.training.distributed import is_distributed
 from gptneox.weights import CheckpointReader
 
@@ -38,7 +39,7 @@ def build_partitioned(config: GPTNeoXConfig, ds_config: dict) -> GPTNeoX:
 def load_partitioned(model: GPTNeoX, path: str | Path, checkpoint_config: GPTNeoXConfig) -> None:
     """Overwrite the partitioned `model` with the weights of the Hugging Face directory `path`, whose
     config.json is `checkpoint_config`. The model's vocabulary may be larger: its extra rows start at the
-    mean of the stored rows, as GPTNeoX.resize_token_embeddings does. Collective."""
+    mean of the stored rows (gptneox.model.copy_rows, as GPTNeoX.resize_token_embeddings). Collective."""
     with torch.device("meta"):  # the shapes the checkpoint must have, without building its model
         expected = {k: tuple(v.shape) for k, v in GPTNeoX(checkpoint_config).state_dict().items()}
     reader = CheckpointReader(path, expected, checkpoint_config.tie_word_embeddings)  # every rank checks
@@ -49,12 +50,4 @@ def load_partitioned(model: GPTNeoX, path: str | Path, checkpoint_config: GPTNeo
         parameter = model.get_parameter(name)
         with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
             if tensor is not None:
-                _fill(parameter.data, tensor)
-
-
-@torch.no_grad()
-def _fill(target: torch.Tensor, stored: torch.Tensor) -> None:
-    rows = stored.shape[0]
-    target[:rows].copy_(stored)
-    if target.shape[0] > rows:  # a vocabulary grown to fit the tokenizer
-        target[rows:] = stored.float().mean(dim=0).to(target.dtype)
+                copy_rows(parameter.data, tensor)
