@@ -5,11 +5,11 @@
             flattened rows, outputs joined by one cat (backward: one cat per q, k, v)
   slices    the backend before: per-row, per-segment slices of [B, H, T, D] views, cat per row and over rows
             (backward: every slice zero-fills a full-size gradient)
-  masked    one SDPA call per layer over whole rows with the block-diagonal causal mask (T^2 work per row)
+  masked    one SDPA call per layer over the whole row with the block-diagonal causal mask (T^2 work)
 
-Rows come from the real collator (DialogueCollator(pack=True)) on the conversations bench/train_throughput.py
-draws (`--lengths chat`: real chat lengths), q, k, v are views of one [B * T, H * 3 * D] projection output, as
-in the model. Iterations alternate between the ways; best and median are reported.
+The packed row comes from the real collator (DialogueCollator(pack=True)) on the conversations that
+bench/train_throughput.py draws (`--lengths chat`: real chat lengths); q, k, v are views of one
+[B * T, H * 3 * D] projection output, as in the model. Iterations alternate between the ways; best and median are reported.
 
     python bench/packed_attention.py                             # Pythia-70M heads, chat lengths, 8 x 1024
     python bench/packed_attention.py --heads 48 --head_dim 128   # StableLM-7B heads

@@ -2,8 +2,8 @@
 
 Padding fraction = padding tokens / all tokens of the batch tensors (what the model computes on for
 nothing). The training conversations, in the run's first-epoch order, are cut into batches of --batch_size;
-packed mode lays each batch's conversations end to end in the row layout with the fewest cells, as training
-does. Windows are off (evaluation-style truncation) so the figures are exactly reproducible.
+packed mode lays each batch's conversations end to end in one row, as training does. Windows are off
+(evaluation-style truncation) so the figures are exactly reproducible.
 
     python tools/padding_report.py --configs defaults tiny sample-mix --max_length 256 512 --batch_size 8
 

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 
 from gptneox.data.formatting import ConversationError, ConversationTokenizer, normalize_conversation
 from gptneox.data.tokenizer import PAD_TOKEN
+from gptneox.sizes import round_up
 
 
 @dataclass
@@ -44,10 +45,13 @@ class DialogueCollator:
     """Callable that builds ``input_ids, targets, loss_mask, attention_mask, position_ids`` [B, T].
 
     pack=False: one conversation per row, right padding to the longest row rounded up to
-    ``pad_to_multiple_of``. pack=True: conversations are laid end to end in rows of at most
-    ``max_length`` tokens, in the layout with the fewest cells; ``segment_ids`` numbers them per row, ``position_ids`` restart at 0
-    for each, and trailing padding is one more segment with ``loss_mask`` False. The target of a
-    sample's last token is the pad id and is never trained, so no target crosses into the next sample.
+    ``pad_to_multiple_of``. pack=True: every conversation of the call end to end in a single row [1, T]
+    (padding-free: only the rounding up to ``pad_to_multiple_of``); ``segment_ids`` numbers them,
+    ``position_ids`` restart at 0 for each, and trailing padding is one more segment with ``loss_mask``
+    False. The target of a sample's last token is the pad id and is never trained, so no target crosses
+    into the next sample. ``max_length`` bounds each conversation, not the row: attention runs per
+    segment, so the long row costs what its conversations cost. (Rows of at most ``max_length``, the
+    first design, left 10-23% padding at real chat lengths: docs/benchmarks.md.)
     """
 
     def __init__(
@@ -99,7 +103,7 @@ class DialogueCollator:
                 self.dropped += 1
         if not samples:
             return self._empty_batch()
-        rows = self._pack(samples) if self.pack else [[sample] for sample in samples]
+        rows = [samples] if self.pack else [[sample] for sample in samples]
         return self._to_tensors(rows)
 
     def _truncate(self, conversation: list[dict[str, str]], rng: np.random.Generator) -> _Sample:
@@ -115,43 +119,8 @@ class DialogueCollator:
         window_mask[-1] = False  # its target lies outside the window
         return _Sample(tokens.ids[start:end], window_mask)
 
-    def _pack(self, samples: list[_Sample]) -> list[list[_Sample]]:
-        """Pack into the layout with the fewest cells (rows x padded width).
-
-        First-fit decreasing is tried at every row capacity from the balanced one, ceil(total / fewest
-        rows), up to max_length. Filling rows up to max_length alone would turn a few short
-        conversations into max_length-wide rows that are mostly padding.
-        """
-        lengths = [len(sample.ids) for sample in samples]
-        multiple = self.pad_to_multiple_of or 1
-        fewest_rows = -(-sum(lengths) // self.max_length)
-        balanced = max(max(lengths), -(-sum(lengths) // fewest_rows))
-        capacities = sorted({min(self.max_length, c) for c in range(balanced, self.max_length + multiple, multiple)})
-        layouts = [self._first_fit_decreasing(samples, capacity) for capacity in capacities]
-        return min(layouts, key=lambda rows: len(rows) * self._padded_length(
-            max(sum(len(s.ids) for s in row) for row in rows)))
-
-    @staticmethod
-    def _first_fit_decreasing(samples: list[_Sample], capacity: int) -> list[list[_Sample]]:
-        rows: list[list[_Sample]] = []
-        room: list[int] = []
-        for sample in sorted(samples, key=lambda s: -len(s.ids)):  # stable: ties keep arrival order
-            for index, free in enumerate(room):
-                if len(sample.ids) <= free:
-                    rows[index].append(sample)
-                    room[index] -= len(sample.ids)
-                    break
-            else:
-                rows.append([sample])
-                room.append(capacity - len(sample.ids))
-        return rows
-
-    def _padded_length(self, longest: int) -> int:
-        multiple = self.pad_to_multiple_of or 1
-        return -(-longest // multiple) * multiple
-
     def _to_tensors(self, rows: list[list[_Sample]]) -> dict[str, torch.Tensor]:
-        width = self._padded_length(max(sum(len(s.ids) for s in row) for row in rows))
+        width = round_up(max(sum(len(s.ids) for s in row) for row in rows), self.pad_to_multiple_of or 1)
         shape = (len(rows), width)
         input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
         targets = torch.full(shape, self.pad_id, dtype=torch.long)

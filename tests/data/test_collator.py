@@ -167,37 +167,32 @@ def test_same_seed_same_batches_and_windows_keyed_by_epoch_and_sample_id():
         a([long], sample_ids=[1, 2])
 
 
-def test_packing_balances_rows_and_pads_as_its_own_segment():
+def test_packing_lays_every_conversation_in_one_row_padded_only_to_the_multiple():
     short = [{"role": "prompter", "text": "hi"}, {"role": "assistant", "text": "hello"}]
-    length = len(ConversationTokenizer(TOKENIZER)(short).ids)
-    per_full_row = 64 // length
-    count = 2 * per_full_row + 1  # first fit at 64 would give two full rows and a nearly empty third
-    collate = DialogueCollator(TOKENIZER, max_length=64, pack=True, pad_to_multiple_of=16)
-    batch = collate([short] * count)
-    real = batch["attention_mask"].sum(1)
-    assert (real <= 64).all() and int(real.sum()) == count * length
-    first_fit_cells = 3 * 64
-    assert batch["input_ids"].numel() <= first_fit_cells
-    assert real.max() - real.min() <= length  # balanced: no row is much fuller than another
-    for row in range(batch["input_ids"].shape[0]):
-        n = int(real[row])
-        segments = n // length
-        assert batch["segment_ids"][row, :n].max().item() == segments - 1
-        if n < batch["input_ids"].shape[1]:
-            assert (batch["segment_ids"][row, n:] == segments).all()
-            assert torch.equal(batch["position_ids"][row, n:], torch.arange(batch["input_ids"].shape[1] - n))
-            assert not batch["loss_mask"][row, n:].any()
-    padded = DialogueCollator(TOKENIZER, max_length=64)([short] * count)
-    assert padded["input_ids"].numel() > batch["input_ids"].numel()
+    long = [{"role": "prompter", "text": "tell me"}, {"role": "assistant", "text": "a b c d e f " * 30}]
+    lengths = [len(ConversationTokenizer(TOKENIZER)(c).ids) for c in (short, long)]
+    collate = DialogueCollator(TOKENIZER, max_length=64, random_offset_probability=0.0, pack=True,
+                               pad_to_multiple_of=16)
+    batch = collate([short, long, short])
+    real = [lengths[0], 64, lengths[0]]  # max_length cuts each conversation, not the row
+    width = -(-sum(real) // 16) * 16
+    assert sum(real) > 64 and all(v.shape == (1, width) for v in batch.values())
+    assert int(batch["attention_mask"].sum()) == sum(real)
+    cursor = 0
+    for segment, n in enumerate(real):
+        span = slice(cursor, cursor + n)
+        assert (batch["segment_ids"][0, span] == segment).all()
+        assert torch.equal(batch["position_ids"][0, span], torch.arange(n))
+        cursor += n
+    assert cursor < width  # here the rounding left padding: a segment of its own, positions from 0, untrained
+    assert (batch["segment_ids"][0, cursor:] == len(real)).all()
+    assert torch.equal(batch["position_ids"][0, cursor:], torch.arange(width - cursor))
+    assert not batch["loss_mask"][0, cursor:].any() and not batch["attention_mask"][0, cursor:].any()
 
-
-def test_packing_a_few_short_conversations_uses_narrow_rows():
-    """Eight conversations where a row holds seven: two balanced rows of four, not a full row and a stub."""
-    short = [{"role": "prompter", "text": "tell me something"}, {"role": "assistant", "text": "ok " * 20}]
-    length = len(ConversationTokenizer(TOKENIZER)(short).ids)
-    batch = DialogueCollator(TOKENIZER, max_length=7 * length + 1, pack=True)([short] * 8)
-    assert batch["input_ids"].shape[0] == 2
-    assert batch["input_ids"].shape[1] == -(-4 * length // 16) * 16
+    unpadded = DialogueCollator(TOKENIZER, max_length=64, random_offset_probability=0.0, pack=True,
+                                pad_to_multiple_of=None)([short, long, short])
+    assert unpadded["input_ids"].shape == (1, sum(real)) and bool(unpadded["attention_mask"].all())
+    assert torch.equal(unpadded["input_ids"][0], batch["input_ids"][0, :sum(real)])
 
 
 def test_samples_without_trained_tokens_are_dropped_and_counted():
