@@ -1,8 +1,9 @@
 """Evaluation during training: the evaluation sets, their collator, each rank's share, and when to run.
 
 Evaluation batches are collated deterministically (no random windows, no rounding of the row width), so
-every evaluation of a run sees the same tokens. Each rank takes every world-th batch; the sums are
-all-reduced, so the figures do not depend on the number of ranks.
+every evaluation of a run sees the same tokens; they are packed when training packs (the same sums,
+without the padding's compute). Each rank takes every world-th batch; the sums are all-reduced, so the
+figures do not depend on the number of ranks.
 """
 from __future__ import annotations
 
@@ -64,11 +65,11 @@ class Evaluator:
     """Runs every `every` optimizer steps, and once more at the end unless the last step just did."""
 
     def __init__(self, eval_sets: dict[str, list], tokenizer: Tokenizer, *, max_length: int, batch_size: int,
-                 every: int, rank: int, world: int, size: int | None = None):
-        """`size` keeps only the first samples of every set (None: all)."""
+                 every: int, rank: int, world: int, size: int | None = None, pack: bool = False):
+        """`size` keeps only the first samples of every set (None: all); `pack` lays each batch in one row."""
         self.eval_sets = {name: samples[:size] if size else samples for name, samples in eval_sets.items()}
         self.collate = DialogueCollator(tokenizer, max_length=max_length, random_offset_probability=0.0,
-                                        pad_to_multiple_of=None)
+                                        pad_to_multiple_of=None, pack=pack)
         self.batch_size, self.every, self.rank, self.world = batch_size, every, rank, world
         self.without_trained_tokens: set[str] = set()  # sets already reported as such
 

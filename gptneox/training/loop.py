@@ -150,7 +150,7 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
     model_config = training_model_config(cfg, tokenizer)
     evaluator = Evaluator(eval_sets, tokenizer, max_length=cfg.eval_max_length,
                           batch_size=cfg.per_device_eval_batch_size, every=cfg.eval_steps, rank=rank, world=world,
-                          size=cfg.eval_size)
+                          size=cfg.eval_size, pack=cfg.pack)
     order = DataOrder(len(train_set), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                       world, rank, cfg.rng_seed)
     total_steps = cfg.max_steps or order.steps_per_epoch * cfg.num_train_epochs

@@ -1,4 +1,5 @@
-"""The Evaluator reports an evaluation set whose windows hold no trained token as such, never as loss 0.0."""
+"""The Evaluator: a set whose windows hold no trained token is reported as such, never as loss 0.0; packed
+evaluation gives the padded figures."""
 from __future__ import annotations
 
 import logging
@@ -49,3 +50,33 @@ def test_an_eval_set_without_trained_tokens_has_no_loss_and_is_named_once(caplog
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["eval set long_questions: its 3 conversations hold no trained (assistant) token within "
                         "max_length 16; it has no loss or accuracy"]
+
+
+def test_packed_evaluation_gives_the_padded_figures():
+    tokenizer = load_tokenizer(REPO / "data" / "sample" / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPTNeoX(GPTNeoXConfig.from_name("tiny", vocab_size=tokenizer.get_vocab_size()))
+    conversations = [[{"role": "prompter", "text": "Hi " * (1 + i)},
+                      {"role": "assistant", "text": "Hello " * (3 * i + 1)}] for i in range(5)]
+    stop = StopRequest()
+    try:
+        figures = {}
+        for pack in (False, True):
+            evaluator = Evaluator({"set": conversations}, tokenizer, max_length=64, batch_size=3, every=1, rank=0,
+                                  world=1, pack=pack)
+            rows, collate = [], evaluator.collate
+
+            def counting_rows(batch, collate=collate, rows=rows):
+                collated = collate(batch)
+                rows.append(collated["input_ids"].shape[0])
+                return collated
+
+            evaluator.collate = counting_rows
+            figures[pack] = evaluator.run(_EvalEngine(model), stop)
+            assert rows == ([1, 1] if pack else [3, 2])
+    finally:
+        stop.restore()
+    padded, packed = figures[False], figures[True]
+    assert padded.keys() == packed.keys() == {"eval_set_loss", "eval_set_accuracy"}
+    assert abs(padded["eval_set_loss"] - packed["eval_set_loss"]) < 1e-5
+    assert padded["eval_set_accuracy"] == packed["eval_set_accuracy"]
