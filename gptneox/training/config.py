@@ -81,7 +81,7 @@ class TrainConfig:
     val_max_length: int | None = setting(None, DATA, "longest evaluation sequence; null: max_length")
     random_offset_probability: float = setting(0.8, DATA, "chance that a too-long conversation gets a random window")
     pad_to_multiple_of: int = setting(16, DATA, "row widths are rounded up to a multiple of this")
-    pack: bool = setting(False, DATA, "lay a micro-batch's conversations end to end in one row, unpadded")
+    pack: bool = setting(False, DATA, "a micro-batch's conversations end to end in one row, no attention across them")
     eval_size: int | None = setting(None, DATA, "keep only the first N samples of every evaluation set")
     sort_by_length: bool = setting(False, DATA, "reference option; only false is implemented")
     use_custom_sampler: bool = setting(False, DATA, "reference option; only false is implemented")
