@@ -93,6 +93,13 @@ def copy_rows(target: torch.Tensor, source: torch.Tensor) -> None:
         target[kept:] = source.float().mean(dim=0).to(target.dtype)
 
 
+def state_dict_shapes(config: GPTNeoXConfig) -> dict[str, tuple[int, ...]]:
+    """The state-dict names and shapes of a GPTNeoX of `config`, from a meta-device model (no memory, no
+    random init): what a checkpoint for that config must hold."""
+    with torch.device("meta"):
+        return {name: tuple(tensor.shape) for name, tensor in GPTNeoX(config).state_dict().items()}
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPTNeoXConfig, layer_index: int):
         super().__init__()

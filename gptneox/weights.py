@@ -10,6 +10,7 @@ be readable and no key may be stored twice; all problems are reported together.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -185,9 +186,8 @@ class CheckpointReader:
         """Yield (parameter name, tensor in `dtype` on `device`) in the order of `names`; each tensor owns its
         memory (a .bin tensor, a view of the mapped file, is copied)."""
         dtype = self.dtype(dtype)
-        readers = list(dict.fromkeys(reader for reader, _ in self._sources.values()))
-        for reader in readers:
-            names = {key: name for name, (r, key) in self._sources.items() if r is reader}
+        for reader, group in itertools.groupby(self._sources.items(), key=lambda item: item[1][0]):
+            names = {key: name for name, (_, key) in group}
             for key, tensor in reader.tensors(list(names)):
                 yield names[key], tensor.to(device=device, dtype=dtype, copy=not reader.is_safetensors)
 
@@ -260,8 +260,7 @@ def save_weights(config, tensors: dict, directory: str | Path, max_shard_size: i
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for file_name, shard in zip(names, shards):
-        made = {k: v.contiguous().detach().to(device="cpu", dtype=dtype or v.dtype).contiguous()
-                for k, v in shard.items()}
+        made = {k: v.contiguous().detach().to(device="cpu", dtype=dtype or v.dtype) for k, v in shard.items()}
         save_file(made, str(directory / file_name), metadata={"format": "pt"})
         _give_default_mode(directory / file_name)
         del made  # before the next shard is made

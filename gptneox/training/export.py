@@ -19,11 +19,12 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from tokenizers import Tokenizer
 
-from gptneox import GPTNeoX, GPTNeoXConfig
+from gptneox import GPTNeoXConfig
 from gptneox.chat import save_generation_config
 from gptneox.data import EOS_TOKEN, PAD_TOKEN, load_tokenizer, save_tokenizer
 from gptneox.dtypes import dtype_name, torch_dtype
 from gptneox.errors import MissingFileError
+from gptneox.model import state_dict_shapes
 from gptneox.training.checkpoint import CheckpointManager
 from gptneox.training.output_dir import EXPORTED_WEIGHTS
 from gptneox.training.storage import DiskFullError, fsync_path, fsync_tree, out_of_space, remove_partial
@@ -57,8 +58,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     # lazily: under ZeRO-3 each weight is gathered from the ranks' partitions only when its shard is written
     state = _quietly(get_fp32_state_dict_from_zero_checkpoint, str(checkpoint_dir), tag=tag, lazy_mode=True)
     config = GPTNeoXConfig.from_hf(metadata)
-    with torch.device("meta"):  # the names and shapes the checkpoint must hold, without building the model
-        expected = {k: tuple(v.shape) for k, v in GPTNeoX(config).state_dict().items()}
+    expected = state_dict_shapes(config)
     found = {k: tuple(v.shape) for k, v in state.items()}
     if found != expected:
         reshaped = sorted(k for k in found.keys() & expected.keys() if found[k] != expected[k])

@@ -16,7 +16,7 @@ import deepspeed
 import torch
 
 from gptneox import GPTNeoX, GPTNeoXConfig
-from gptneox.model import copy_rows
+from gptneox.model import copy_rows, state_dict_shapes
 from gptneox.training.distributed import is_distributed
 from gptneox.weights import CheckpointReader
 
@@ -40,9 +40,8 @@ def load_partitioned(model: GPTNeoX, path: str | Path, checkpoint_config: GPTNeo
     """Overwrite the partitioned `model` with the weights of the Hugging Face directory `path`, whose
     config.json is `checkpoint_config`. The model's vocabulary may be larger: its extra rows start at the
     mean of the stored rows (gptneox.model.copy_rows, as GPTNeoX.resize_token_embeddings). Collective."""
-    with torch.device("meta"):  # the shapes the checkpoint must have, without building its model
-        expected = {k: tuple(v.shape) for k, v in GPTNeoX(checkpoint_config).state_dict().items()}
-    reader = CheckpointReader(path, expected, checkpoint_config.tie_word_embeddings)  # every rank checks
+    reader = CheckpointReader(path, state_dict_shapes(checkpoint_config),  # every rank checks
+                              checkpoint_config.tie_word_embeddings)
     dtype = next(model.parameters()).dtype
     reading = not is_distributed() or torch.distributed.get_rank() == 0
     stream = reader.tensors(dtype) if reading else ((name, None) for name in reader.names)
