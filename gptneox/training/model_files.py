@@ -30,9 +30,14 @@ def find_model_dir(model_name: str, cache_dir: str) -> Path | None:
         f"{fetch}or set model_name to the directory's path")
 
 
-def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
-    """The tokenizer a run trains with: `tokenizer_path`, else the model directory's (data tools use it too)."""
+def run_tokenizer_source(cfg: TrainConfig) -> Path:
+    """Where the run's tokenizer is read from: `tokenizer_path`, else the model directory."""
     source = cfg.tokenizer_path or find_model_dir(cfg.model_name, cfg.cache_dir)
     if source is None:
         raise TrainConfigError(f"model_name={cfg.model_name!r} is a preset without files: set tokenizer_path")
-    return load_tokenizer(source)
+    return Path(source)
+
+
+def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The tokenizer a run trains with: `tokenizer_path`, else the model directory's (data tools use it too)."""
+    return load_tokenizer(run_tokenizer_source(cfg))
