@@ -1,6 +1,7 @@
 """Per-GPU and per-node memory of a training run under ZeRO-2, ZeRO-3 and ZeRO-3 + CPU offload, term by term.
 
     gptneox-plan-memory --model stablelm-7b --gpus 8 --gpu_memory_gb 80 --max_length 4096 --micro_batch 4
+    gptneox-plan-memory --model stablelm-7b --gpus 1 --gpu_memory_gb 24 --max_length 2048 --micro_batch 1 --lora_r 16
 
 --model is a preset (gpt-neox-20b, pythia-12b, ...), a Hugging Face model directory, or a config section
 (configs/NAME.yaml) whose model_name is one of those. The ZeRO settings come from the DeepSpeed config
@@ -14,9 +15,11 @@ from pathlib import Path
 
 from gptneox import GPTNeoXConfig
 from gptneox.config import PRESETS
+from gptneox.data.tokenizer import CHAT_TOKENS
 from gptneox.dtypes import TORCH_DTYPES
 from gptneox.errors import UserError, report_user_error
-from gptneox.memory_plan import HEADROOM, Batch, Hardware, activation_terms, zero_plans
+from gptneox.memory_plan import (HEADROOM, LORA_TARGET_MODULES, Batch, Hardware, LoraPlan, PlanError, activation_terms,
+                                 zero_plans)
 from gptneox.training.config import CONFIG_DIR, TrainConfig, TrainConfigError, load_section, repo_path
 from gptneox.training.ds_config import load_ds_config, resolve_ds_config
 
@@ -54,8 +57,27 @@ def zero_sections(paths: list[str], batch: Batch, hidden_size: int, world: int) 
     return sections
 
 
+def lora_settings(args) -> LoraPlan | None:
+    if args.lora_r < 0:
+        raise PlanError(f"--lora_r {args.lora_r}: must be 0 (full fine-tuning) or a positive rank")
+    if args.lora_r == 0:
+        return None
+    if not 0 <= args.lora_dropout < 1:
+        raise PlanError(f"--lora_dropout {args.lora_dropout:g}: must be in [0, 1)")
+    if args.lora_trained_tokens < 0:
+        raise PlanError(f"--lora_trained_tokens {args.lora_trained_tokens}: must be 0 or more")
+    names = [name.strip() for name in args.lora_target_modules.split(",")]
+    if names == ["all-linear"]:
+        names = list(LORA_TARGET_MODULES)
+    unknown = [name for name in names if name not in LORA_TARGET_MODULES]
+    if unknown or not names:
+        raise PlanError(f"--lora_target_modules {args.lora_target_modules!r}: {', '.join(unknown) or 'empty'} is not "
+                        f"a GPT-NeoX Linear; expected a comma list of {', '.join(LORA_TARGET_MODULES)}, or all-linear")
+    return LoraPlan(args.lora_r, tuple(dict.fromkeys(names)), args.lora_dropout, args.lora_trained_tokens)
+
+
 def gb(value: float) -> str:
-    return f"{value / GB:8.1f}"
+    return f"{value / GB:8.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,18 +92,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=list(TORCH_DTYPES), default="fp16")
     parser.add_argument("--deepspeed_configs", nargs="+", default=DEFAULT_DS_CONFIGS, metavar="JSON",
                         help=f"DeepSpeed config files to compare (default: {' '.join(DEFAULT_DS_CONFIGS)})")
+    lora = parser.add_argument_group("LoRA: frozen 16-bit base, only adapters and chat-token rows trained")
+    lora.add_argument("--lora_r", type=int, default=0, help="adapter rank (0: full fine-tuning, the default)")
+    lora.add_argument("--lora_target_modules", default="query_key_value",
+                      help=f"comma list of {', '.join(LORA_TARGET_MODULES)}, or all-linear (default: query_key_value)")
+    lora.add_argument("--lora_dropout", type=float, default=0.05,
+                      help="dropout on the adapters' input; above 0 each target keeps a copy of its input")
+    lora.add_argument("--lora_trained_tokens", type=int, default=len(CHAT_TOKENS),
+                      help=f"token rows of embed_in and embed_out trained with the adapters (default "
+                           f"{len(CHAT_TOKENS)}: the chat tokens; 0: none)")
     args = parser.parse_args(argv)
     try:
         config, origin = model_config(args.model)
         batch = Batch(args.micro_batch, args.max_length, args.dtype)
         hardware = Hardware(args.gpus, args.gpus_per_node or min(args.gpus, 8), args.gpu_memory_gb, args.host_memory_gb)
+        lora_plan = lora_settings(args)
         plans = zero_plans(config, hardware, batch, zero_sections(args.deepspeed_configs, batch, config.hidden_size,
-                                                                  args.gpus))
+                                                                  args.gpus), lora_plan)
     except UserError as err:
         return report_user_error(parser.prog, err)
     print(f"{origin}; {hardware.gpus} GPUs ({hardware.gpus_per_node} per node) of {hardware.gpu_memory_gb:g} GB; "
-          f"micro-batch {batch.micro_batch} x {batch.max_length} tokens, {batch.dtype}. GB = 1e9 bytes.\n")
-    activations = {checkpointing: activation_terms(config, batch, checkpointing) for checkpointing in (True, False)}
+          f"micro-batch {batch.micro_batch} x {batch.max_length} tokens, {batch.dtype}. GB = 1e9 bytes.")
+    if lora_plan is not None:
+        trained = lora_plan.trainable_parameters(config)
+        print(f"LoRA r {lora_plan.r} on {', '.join(lora_plan.target_modules)}, dropout {lora_plan.dropout:g}; "
+              "trained: " + ", ".join(f"{what} {count:,}" for what, count in trained.items())
+              + " parameters; the base frozen in " + batch.dtype)
+    print()
+    activations = {checkpointing: activation_terms(config, batch, checkpointing, lora_plan)
+                   for checkpointing in (True, False)}
     width = 64
     print(f"{'per GPU':<{width}}" + "".join(f"{p.name:>26}" for p in plans))
 
