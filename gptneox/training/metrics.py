@@ -92,9 +92,10 @@ def flex_record() -> dict:
     return {"flex_compilations": count} if count else {}
 
 
-def eval_key(dataset: str, metric: str) -> str:
-    """The record key of an evaluation figure: eval_NAME_loss, eval_NAME_accuracy."""
-    return f"{EVAL_PREFIX}{dataset}_{metric}"
+def eval_key(dataset: str | None, metric: str) -> str:
+    """The record key of an evaluation figure: eval_NAME_loss, eval_NAME_accuracy; for all sets together
+    (dataset None) the Trainer's eval_loss, eval_accuracy."""
+    return f"{EVAL_PREFIX}{dataset}_{metric}" if dataset else f"{EVAL_PREFIX}{metric}"
 
 
 def eval_loss_keys(records: list[dict]) -> list[str]:
@@ -103,7 +104,8 @@ def eval_loss_keys(records: list[dict]) -> list[str]:
 
 
 def eval_dataset(key: str) -> str:
-    """The evaluation set an eval_NAME_METRIC key is about (NAME may itself hold underscores)."""
+    """The evaluation set an eval_NAME_METRIC key is about (NAME may itself hold underscores); "" for the
+    figures over all sets (eval_loss)."""
     return key[len(EVAL_PREFIX):].rpartition("_")[0]
 
 
@@ -112,10 +114,11 @@ _TRAIN_TAGS = {"lr": "learning_rate"}
 
 
 def report_tag(key: str) -> str:
-    """The backends' tag of a record key: eval_NAME_loss is eval/NAME/loss, lr is train/learning_rate, any
-    other key train/KEY."""
+    """The backends' tag of a record key: eval_NAME_loss is eval/NAME/loss, eval_loss (all sets) eval/loss as
+    the Trainer tags it, lr is train/learning_rate, any other key train/KEY."""
     if key.startswith(EVAL_PREFIX):
-        return f"eval/{eval_dataset(key)}/{key.rpartition('_')[2]}"
+        dataset = eval_dataset(key)
+        return f"eval/{dataset + '/' if dataset else ''}{key.rpartition('_')[2]}"
     return f"train/{_TRAIN_TAGS.get(key, key)}"
 
 

@@ -121,8 +121,10 @@ def test_a_backend_asked_for_and_not_installed_stops_the_run_before_anything_is_
 
 
 def test_record_keys_become_grouped_tags():
-    assert [report_tag(k) for k in ("loss", "lr", "grad_norm", "eval_vicuna_loss", "eval_code_alpaca_accuracy")] == [
-        "train/loss", "train/learning_rate", "train/grad_norm", "eval/vicuna/loss", "eval/code_alpaca/accuracy"]
+    assert [report_tag(k) for k in ("loss", "lr", "grad_norm", "eval_vicuna_loss", "eval_code_alpaca_accuracy",
+                                    "eval_loss", "eval_accuracy")] == [
+        "train/loss", "train/learning_rate", "train/grad_norm", "eval/vicuna/loss", "eval/code_alpaca/accuracy",
+        "eval/loss", "eval/accuracy"]  # all sets together: the Trainer's tags
 
 
 def _step(loss: float, lr: float) -> StepResult:
@@ -182,3 +184,4 @@ def test_a_training_run_reports_its_steps_to_both_backends(workspace, tmp_path, 
     history = wandb_history(records)
     assert [(s, history[s]["train/loss"]) for s, _ in losses] == losses
     assert any(key.startswith("eval/") and key.endswith("/loss") for key in history[2])
+    assert "eval/loss" in history[2] and "eval/loss" in tensorboard_scalars(out / "tensorboard")
