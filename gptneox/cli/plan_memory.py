@@ -2,6 +2,7 @@
 
     gptneox-plan-memory --configs defaults stablelm-7b oasst-mix --gpus 8 --gpu_memory_gb 80
     gptneox-plan-memory --model stablelm-7b --gpus 8 --gpu_memory_gb 80 --max_length 4096 --micro_batch 4
+    gptneox-plan-memory --model stablelm-7b --gpus 1 --gpu_memory_gb 24 --max_length 2048 --micro_batch 1 --lora_r 16
 
 --configs takes train.py's sections and overrides (as gptneox-data-report does): the model, max_length,
 per_device_train_batch_size and dtype come from the run's config; --model, --max_length, --micro_batch and
@@ -20,9 +21,11 @@ from pathlib import Path
 
 from gptneox import GPTNeoXConfig
 from gptneox.config import PRESETS
+from gptneox.data.tokenizer import CHAT_TOKENS
 from gptneox.dtypes import TORCH_DTYPES
 from gptneox.errors import UserError, report_user_error
-from gptneox.memory_plan import HEADROOM, Batch, Hardware, activation_terms, zero_plans
+from gptneox.memory_plan import (HEADROOM, LORA_TARGET_MODULES, Batch, Hardware, LoraPlan, PlanError, activation_terms,
+                                 zero_plans)
 from gptneox.training.config import (CONFIG_DIR, TrainConfig, TrainConfigError, load_section, parse_train_config,
                                      repo_path)
 from gptneox.training import noise
@@ -71,12 +74,31 @@ def zero_sections(paths: list[str], batch: Batch, hidden_size: int, world: int) 
     return sections
 
 
+def lora_settings(args) -> LoraPlan | None:
+    if args.lora_r < 0:
+        raise PlanError(f"--lora_r {args.lora_r}: must be 0 (full fine-tuning) or a positive rank")
+    if args.lora_r == 0:
+        return None
+    if not 0 <= args.lora_dropout < 1:
+        raise PlanError(f"--lora_dropout {args.lora_dropout:g}: must be in [0, 1)")
+    if args.lora_trained_tokens < 0:
+        raise PlanError(f"--lora_trained_tokens {args.lora_trained_tokens}: must be 0 or more")
+    names = [name.strip() for name in args.lora_target_modules.split(",")]
+    if names == ["all-linear"]:
+        names = list(LORA_TARGET_MODULES)
+    unknown = [name for name in names if name not in LORA_TARGET_MODULES]
+    if unknown or not names:
+        raise PlanError(f"--lora_target_modules {args.lora_target_modules!r}: {', '.join(unknown) or 'empty'} is not "
+                        f"a GPT-NeoX Linear; expected a comma list of {', '.join(LORA_TARGET_MODULES)}, or all-linear")
+    return LoraPlan(args.lora_r, tuple(dict.fromkeys(names)), args.lora_dropout, args.lora_trained_tokens)
+
+
 COLUMN = 16  # the width of a configuration's column
 WIDTH = 100  # the table's width
 
 
 def gb(value: float) -> str:
-    return f"{value / GB:8.1f}"
+    return f"{value / GB:8.2f}"
 
 
 def header_lines(names: list[str]) -> list[str]:
@@ -136,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deepspeed_configs", nargs="+", default=DEFAULT_DS_CONFIGS, metavar="JSON",
                         help=f"DeepSpeed config files to compare (default: {' '.join(DEFAULT_DS_CONFIGS)})")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON (GB) instead of the table")
+    lora = parser.add_argument_group("LoRA: frozen 16-bit base, only adapters and chat-token rows trained")
+    lora.add_argument("--lora_r", type=int, default=0, help="adapter rank (0: full fine-tuning, the default)")
+    lora.add_argument("--lora_target_modules", default="query_key_value",
+                      help=f"comma list of {', '.join(LORA_TARGET_MODULES)}, or all-linear (default: query_key_value)")
+    lora.add_argument("--lora_dropout", type=float, default=0.05,
+                      help="dropout on the adapters' input; above 0 each target keeps a copy of its input")
+    lora.add_argument("--lora_trained_tokens", type=int, default=len(CHAT_TOKENS),
+                      help=f"token rows of embed_in and embed_out trained with the adapters (default "
+                           f"{len(CHAT_TOKENS)}: the chat tokens; 0: none)")
     return parser
 
 
@@ -165,20 +196,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, origin, batch = run_settings(args, train_args)
         hardware = Hardware(args.gpus, args.gpus_per_node or min(args.gpus, 8), args.gpu_memory_gb, args.host_memory_gb)
+        lora_plan = lora_settings(args)
         plans = zero_plans(config, hardware, batch, zero_sections(args.deepspeed_configs, batch, config.hidden_size,
-                                                                  args.gpus))
+                                                                  args.gpus), lora_plan)
     except UserError as err:
         return report_user_error(parser.prog, err)
-    activations = {checkpointing: activation_terms(config, batch, checkpointing) for checkpointing in (True, False)}
+    activations = {checkpointing: activation_terms(config, batch, checkpointing, lora_plan)
+                   for checkpointing in (True, False)}
     limit = hardware.gpu_memory_gb * GB * (1 - HEADROOM)
     peaks = {checkpointing: [p.gpu_peak(sum(activations[checkpointing].values())) for p in plans]
              for checkpointing in (True, False)}
+    trained = lora_plan.trainable_parameters(config) if lora_plan is not None else None
     if args.json:
-        print(json.dumps(plan_json(origin, hardware, batch, plans, activations, peaks, limit), indent=2))
+        print(json.dumps(plan_json(origin, hardware, batch, plans, activations, peaks, limit, lora_plan, trained),
+                         indent=2))
         return 0
     print(wrapped(f"{origin}; {hardware.gpus} GPUs ({hardware.gpus_per_node} per node) of "
                   f"{hardware.gpu_memory_gb:g} GB; micro-batch {batch.micro_batch} x {batch.max_length} tokens, "
-                  f"{batch.dtype}. GB = 1e9 bytes.") + "\n")
+                  f"{batch.dtype}. GB = 1e9 bytes."))
+    if lora_plan is not None:
+        print(wrapped(f"LoRA r {lora_plan.r} on {', '.join(lora_plan.target_modules)}, dropout {lora_plan.dropout:g}; "
+                      "trained: " + ", ".join(f"{what} {count:,}" for what, count in trained.items())
+                      + " parameters; the base frozen in " + batch.dtype))
+    print()
     table = Table(len(plans))
     titles = header_lines([p.name for p in plans])
     for i, line in enumerate(titles):
@@ -210,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plan_json(origin: str, hardware: Hardware, batch: Batch, plans: list, activations: dict, peaks: dict,
-              limit: float) -> dict:
+              limit: float, lora_plan: LoraPlan | None, trained: dict | None) -> dict:
     """The table's figures in GB (1e9 bytes), per configuration."""
     def in_gb(terms: dict[str, float]) -> dict[str, float]:
         return {name: round(value / GB, 3) for name, value in terms.items()}
@@ -220,6 +260,9 @@ def plan_json(origin: str, hardware: Hardware, batch: Batch, plans: list, activa
         "gpu_memory_gb": hardware.gpu_memory_gb, "host_memory_gb": hardware.host_memory_gb,
         "micro_batch": batch.micro_batch, "max_length": batch.max_length, "dtype": batch.dtype,
         "usable_gpu_memory_gb": round(limit / GB, 3),
+        "lora": None if lora_plan is None else {
+            "r": lora_plan.r, "target_modules": list(lora_plan.target_modules), "dropout": lora_plan.dropout,
+            "trained_parameters": trained},
         "activations_gb": {"with_checkpointing": in_gb(activations[True]),
                            "without_checkpointing": in_gb(activations[False])},
         "plans": [{"deepspeed_config": plan.name, "gpu_gb": in_gb(plan.gpu_states),

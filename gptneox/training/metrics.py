@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from gptneox.attention import flex_compilations
 from gptneox.dtypes import torch_dtype
 from gptneox.errors import UserError
 from gptneox.memory import peak_memory_record
@@ -82,6 +83,13 @@ def peak_tflops(dtype: str, configured: float | None, device: torch.device | str
 
 class MetricsError(UserError, ValueError):
     """A metrics.jsonl that cannot be read, or holds nothing to show."""
+
+
+def flex_record() -> dict:
+    """The compiled FlexAttention kernel's compilations so far, once it has run (CUDA only): a figure that
+    keeps climbing means shapes are not bucketed and torch will fall back to the unfused kernel."""
+    count = flex_compilations()
+    return {"flex_compilations": count} if count else {}
 
 
 def eval_key(dataset: str | None, metric: str) -> str:
@@ -176,7 +184,7 @@ class MetricsLogger:
                 "skipped_steps": result.skipped_steps, "epoch": epoch,
                 "tokens_per_s": result.tokens / seconds, "trained_tokens_per_s": result.trained_tokens / seconds,
                 "mfu": result.flops / seconds / peak if peak else None,
-                **peak_memory_record(self.device)}
+                **peak_memory_record(self.device), **flex_record()}
 
     def log_step(self, step: int, result: StepResult, seconds: float, epoch: float) -> None:
         if not self.enabled:  # the record is rank 0's: other ranks need not read their memory figures
