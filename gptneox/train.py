@@ -22,6 +22,7 @@ with noise.deepspeed_import():  # before anything imports DeepSpeed
     from deepspeed.accelerator import get_accelerator
 
 from gptneox.errors import UserError, invoked_name, report_user_error
+from gptneox.torch_support import check_torch_version
 from gptneox.training.config import parse_train_config
 from gptneox.training.determinism import use_deterministic_algorithms
 from gptneox.training.distributed import init_distributed
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(prog: str, argv: list[str] | None, stop: StopRequest) -> int:
     try:
+        check_torch_version()
         cfg = parse_train_config(argv, prog=prog)
         find_model_dir(cfg.model_name, cfg.cache_dir)  # a missing model fails before DeepSpeed starts
         choose_attention_backend(cfg, get_accelerator().device_name())  # so does an unusable attention backend

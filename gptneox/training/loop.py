@@ -7,7 +7,9 @@ what a step's figures are. The loop only calls them in order.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from gptneox.training.model_setup import build_training_model, parameter_groups,
 from gptneox.training.noise import SCHEDULER_NOT_STARTED, deepspeed_log_dropped
 from gptneox.training.partitioned import zero_stage
 from gptneox.training.output_dir import (CHECKPOINTS_DIR, DS_CONFIG_FILE, TENSORBOARD_DIR, TRAIN_CONFIG_FILE,
-                                         check_writable, claim_output_dir)
+                                         check_writable, claim_output_dir, removed_if_failed_empty)
 from gptneox.training.resume_check import check_resume, model_settings, read_run_record, run_record
 from gptneox.training.step import train_step
 from gptneox.training.stop import StopRequest
@@ -88,13 +90,15 @@ def train(cfg: TrainConfig, rank: int, world: int, stop: StopRequest) -> bool:
     """True when the run reached its last step and exported; False when it stopped early on a signal (or
     its launcher's death) after saving. A stop requested before the first step raises StoppedBeforeTraining
     (gptneox.training.stop) out of here, the lock released."""
-    lock = on_rank_zero(lambda: claim_output_dir(cfg.output_dir, resume=cfg.resume,
-                                                  overwrite=cfg.overwrite_output_dir, inputs=input_directories(cfg)))
-    try:
-        return _train(cfg, rank, world, stop)
-    finally:
-        if lock is not None:
-            lock.release()
+    with removed_if_failed_empty(cfg.output_dir, cfg.log_dir) if rank == 0 else contextlib.nullcontext():
+        lock = on_rank_zero(lambda: claim_output_dir(cfg.output_dir, resume=cfg.resume,
+                                                      overwrite=cfg.overwrite_output_dir,
+                                                      inputs=input_directories(cfg)))
+        try:
+            return _train(cfg, rank, world, stop)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, stop: StopRequest) -> bool:
@@ -129,10 +133,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, stop: StopRequest) -> bool:
                 raise TrainingStopped(f"{consecutive_skips} optimizer steps in a row skipped for fp16 overflow "
                                       f"(loss scale {result.loss_scale}); checkpoint saved in "
                                       f"{run.checkpoints.directory}")
-            if run.evaluator.due(engine.global_steps):
+            if run.evaluator.due(engine.global_steps, state.epoch_done):
                 run.evaluate(stop)
             run.save(due_only=True)
-        if not run.evaluator.due(engine.global_steps):
+        if run.evaluator.due_at_end(engine.global_steps, state.epoch_done):
             run.evaluate(stop)
         barrier()
         if rank == 0:
@@ -157,13 +161,14 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
     model_config = training_model_config(cfg, tokenizer)
     evaluator = Evaluator(eval_sets, tokenizer, max_length=cfg.eval_max_length,
                           batch_size=cfg.per_device_eval_batch_size, every=cfg.eval_steps, rank=rank, world=world,
-                          size=cfg.eval_size, pack=cfg.pack)
+                          size=cfg.eval_size, pack=cfg.pack, strategy=cfg.eval_strategy)
     order = DataOrder(len(train_set), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                       world, rank, cfg.rng_seed)
-    total_steps = cfg.max_steps or order.steps_per_epoch * cfg.num_train_epochs
+    total_steps = cfg.max_steps or math.ceil(order.steps_per_epoch * cfg.num_train_epochs)  # as the Trainer
     say(f"{len(train_set)} training conversations, {order.steps_per_epoch} steps/epoch of "
         f"{order.global_batch_size}, {total_steps} steps; eval sets: "
-        + ", ".join(f"{k} ({len(v)})" for k, v in evaluator.eval_sets.items()))
+        + ", ".join(f"{k} ({len(v)})" for k, v in evaluator.eval_sets.items())
+        + (" (eval_strategy no: never evaluated)" if cfg.eval_strategy == "no" else ""))
     ds_config, notes = resolve_ds_config(
         load_ds_config(cfg.deepspeed_config), cfg, world_size=world, hidden_size=model_config.hidden_size,
         total_num_steps=total_steps, cpu=get_accelerator().device_name() == "cpu")

@@ -17,6 +17,7 @@ the file records pid, host and start time for the message the second run prints.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -57,6 +58,25 @@ def check_writable(directory: str | Path, key: str = "output_dir") -> None:
         os.unlink(probe)
     except OSError as err:
         raise OutputDirError(f"{key} {directory} is not writable ({err.strerror or err})") from None
+
+
+@contextlib.contextmanager
+def removed_if_failed_empty(*directories: str | Path | None):
+    """Directories this run creates (output_dir, log_dir, with any missing parents) are removed again when the
+    run fails while they are still empty: a config or data error before training leaves nothing behind."""
+    created = []
+    for directory in filter(None, directories):
+        path = Path(directory).absolute()
+        while not path.exists() and path != path.parent:
+            created.append(path)
+            path = path.parent
+    try:
+        yield
+    except BaseException:
+        for path in sorted(set(created), key=lambda p: len(p.parts), reverse=True):  # children first
+            with contextlib.suppress(OSError):  # not empty (or gone): left as it is
+                path.rmdir()
+        raise
 
 
 def previous_run(directory: str | Path) -> list[str]:
