@@ -21,7 +21,7 @@ from deepspeed.accelerator import get_accelerator
 
 from gptneox.data import DialogueCollator
 from gptneox.data.datasets import load_run_datasets, merge_datasets
-from gptneox.training.checkpoint import CheckpointManager, TrainState
+from gptneox.training.checkpoint import CheckpointManager, TrainState, restore_rng_states, rng_states
 from gptneox.training.config import TrainConfig
 from gptneox.training.data_order import DataOrder
 from gptneox.training.distributed import barrier, on_rank_zero
@@ -29,7 +29,7 @@ from gptneox.training.ds_config import load_ds_config, resolve_ds_config
 from gptneox.training.evaluation import Evaluator
 from gptneox.training.export import MODEL_SUBDIR, export_checkpoint, write_model_metadata
 from gptneox.training.metrics import MetricsLogger, peak_tflops
-from gptneox.training.model_files import load_run_tokenizer
+from gptneox.training.model_files import input_directories, load_run_tokenizer
 from gptneox.training.model_setup import build_training_model, parameter_groups, training_model_config
 from gptneox.training.noise import SCHEDULER_NOT_STARTED, deepspeed_log_dropped
 from gptneox.training.partitioned import zero_stage
@@ -76,46 +76,55 @@ class Run:
         if path is not None:
             self.metrics.write(f"saved {path}")
 
+    def save_for_stop(self, stop: StopRequest) -> bool:
+        """Save the last finished step for a stop request and say so; False, for train's result."""
+        self.save()
+        self.metrics.write(f"{stop.signal_name or 'signal on another rank'}: saved, exiting (resume with --resume)")
+        return False
+
     def evaluate(self, stop: StopRequest) -> None:
         self.metrics.log_eval(self.engine.global_steps, self.evaluator.run(self.engine, stop))
 
 
-def train(cfg: TrainConfig, rank: int, world: int) -> bool:
+def train(cfg: TrainConfig, rank: int, world: int, stop: StopRequest) -> bool:
     """True when the run reached its last step and exported; False when it stopped early on a signal (or
-    its launcher's death) after saving."""
+    its launcher's death) after saving. A stop requested before the first step raises StoppedBeforeTraining
+    (gptneox.training.stop) out of here, the lock released."""
     with removed_if_failed_empty(cfg.output_dir, cfg.log_dir) if rank == 0 else contextlib.nullcontext():
         lock = on_rank_zero(lambda: claim_output_dir(cfg.output_dir, resume=cfg.resume,
-                                                      overwrite=cfg.overwrite_output_dir))
+                                                      overwrite=cfg.overwrite_output_dir,
+                                                      inputs=input_directories(cfg)))
         try:
-            return _train(cfg, rank, world)
+            return _train(cfg, rank, world, stop)
         finally:
             if lock is not None:
                 lock.release()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int) -> bool:
+def _train(cfg: TrainConfig, rank: int, world: int, stop: StopRequest) -> bool:
     run = prepare(cfg, rank, world)
     engine, state, metrics = run.engine, run.state, run.metrics
-    stop = StopRequest()
     consecutive_skips = 0
     try:
+        stop.at_step_boundaries()
         while engine.global_steps < run.total_steps:
             state.advance()
             if stop.agreed(engine.device):
-                run.save()
-                metrics.write(f"{stop.signal_name or 'signal on another rank'}: saved, exiting "
-                              f"(resume with --resume)")
-                return False
+                return run.save_for_stop(stop)
             started = time.perf_counter()
+            generators = rng_states()  # as a stop between micro-batches saves them: as at the step's start
             micro_batches = run.micro_batches()
             try:
-                result = train_step(engine, micro_batches)
+                result = train_step(engine, micro_batches, stopped=lambda: stop.agreed(engine.device))
             except Exception as err:
                 if MIN_SCALE_MESSAGE not in str(err):
                     raise
                 run.save()
                 raise TrainingStopped(f"fp16 overflow at the minimum loss scale at step {engine.global_steps + 1} "
                                       f"(DeepSpeed: {err}); checkpoint saved in {run.checkpoints.directory}") from err
+            if result is None:  # stopped between two micro-batches: the step is abandoned, see train_step
+                restore_rng_states(generators)
+                return run.save_for_stop(stop)
             state.step_in_epoch += 1
             metrics.log_step(engine.global_steps, result, time.perf_counter() - started, state.progress)
             consecutive_skips = consecutive_skips + 1 if result.skipped else 0
@@ -135,7 +144,6 @@ def _train(cfg: TrainConfig, rank: int, world: int) -> bool:
             metrics.write(f"exported the final model to {cfg.output_dir}")
         return True
     finally:
-        stop.restore()
         metrics.close()
 
 

@@ -233,8 +233,8 @@ def test_a_stop_skips_evaluation_and_saves_each_step_once(workspace, tmp_path, m
     the epoch ends (every 2 steps of these 8 conversations) are not saved."""
     real_step, saved = loop.train_step, []
 
-    def signalled_at_step_3(engine, micro_batches):
-        result = real_step(engine, micro_batches)
+    def signalled_at_step_3(engine, micro_batches, **options):
+        result = real_step(engine, micro_batches, **options)
         if engine.global_steps == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return result
