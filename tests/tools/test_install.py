@@ -59,7 +59,8 @@ def installed(tmp_path_factory) -> Path:
 
 
 def run(command: list, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    # PYTHONPATH (a worktree's test command sets it) would put the checkout before the installed package
+    environment = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_VARIABLES, "PYTHONPATH")}
     # the op this environment already built; a fresh environment would build its own (about a minute)
     environment["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR") or str(environment_extensions_dir())
     return subprocess.run(list(map(str, command)), cwd=cwd, env=environment, capture_output=True, text=True,
@@ -125,7 +126,7 @@ def test_the_readmes_own_chats_walk_through_runs_as_written(installed, tmp_path)
     PATH, as a user pastes it."""
     script = readme_block("## Train on your own chats")
     assert "gptneox-train --configs defaults tiny sample-tokenizer my-chats.yaml" in script
-    environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    environment = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_VARIABLES, "PYTHONPATH")}
     environment["PATH"] = f"{installed}:{os.environ['PATH']}"
     environment["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR") or str(environment_extensions_dir())
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=environment,
