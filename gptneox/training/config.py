@@ -75,8 +75,11 @@ class TrainConfig:
     deterministic: bool = setting(False, MODEL, "deterministic kernels (flash backward, cuBLAS): bitwise resume on GPU")
 
     datasets: list[str | dict] = setting([], DATA,
-                                         "dataset names or {name: options} mappings (YAML on the command line)")
-    cache_dir: str = setting(".cache", DATA, "where dataset files and model directories are looked for")
+                                         "dataset names or {name: options} mappings (YAML on the command line); "
+                                         "input_file_path may be an hf://datasets/ORG/NAME[/PATH] in the "
+                                         "Hugging Face cache")
+    cache_dir: str = setting(".cache", DATA, "where dataset files and model directories are looked for (a stock "
+                                             "dataset file missing here: in its hub repo in the Hugging Face cache)")
     max_length: int = setting(512, DATA, "longest training sequence in tokens (a random window of longer ones)")
     val_max_length: int | None = setting(None, DATA, "longest evaluation sequence; null: max_length")
     random_offset_probability: float = setting(0.8, DATA, "chance that a too-long conversation gets a random window")
