@@ -6,8 +6,10 @@
     python bench/gpu_check.py loss OUT        # chunked loss in fp16 against fp32 at StableLM-7B scale
     python bench/gpu_check.py layers OUT      # 7B-shaped layers, 4 x 4096 packed, checkpointing: memory, MFU
     python bench/gpu_check.py decode OUT      # ms/token with padded and unpadded prompts per backend
-    python bench/gpu_check.py checkpoint DIR  # a random 2-layer 7B-shaped Hugging Face directory for train.py
-    python bench/gpu_check.py resume OUT A B  # steps after a resume against the uninterrupted run
+    python bench/gpu_check.py checkpoint DIR  # a random 2-layer model with 7B's heads for train.py
+    python bench/gpu_check.py train ARGS...   # train.py's main, with --overflow_steps N,M injected
+    python bench/gpu_check.py resume OUT A B  # steps after a resume against the uninterrupted run, loss scale
+    python bench/gpu_check.py environment X   # torch's version and which version-dependent paths it takes
     python bench/gpu_check.py summary OUT     # the table of every OUT/*.json
 
 --cpu runs the same code on tiny shapes in fp32 (what the CPU test suite checks); without it CUDA is required.
@@ -36,6 +38,8 @@ from gptneox.training.loss import batch_loss, masked_cross_entropy_from_hidden  
 from gptneox.training.metrics import peak_tflops  # noqa: E402
 
 STABLELM_7B = "stablelm-base-alpha-7b"
+FLEX_HEAD_DIM = 128  # parity compiles FlexAttention (seconds per shape) for StableLM-7B's head size only
+LOSS_SCALE = 2.0 ** 16  # ds_config.json's initial_scale_power
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}  # floor of the parity bound
 
 
@@ -95,14 +99,21 @@ def run_parity(out: Path, cpu: bool) -> dict:
             for case, mask in parity_cases(B, T, device).items():
                 q = torch.randn(B, mask.query_length, H, D, device=device, generator=generator)
                 k, v = (torch.randn(B, T, H, D, device=device, generator=generator) for _ in range(2))
-                real = (mask.padding[:, -mask.query_length:] if mask.padding is not None
-                        else torch.ones(B, mask.query_length, dtype=torch.bool, device=device))
+                # Rows of real tokens: the backends agree on them. A padded query attends to itself in
+                # eager/sdpa/flex and is dropped by flash's varlen path, so its output and the gradients it
+                # sends to its own q/k/v differ by construction and are not compared.
+                keys = mask.padding if mask.padding is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+                real = {"out": keys[:, -mask.query_length:], "dq": keys[:, -mask.query_length:], "dk": keys, "dv": keys}
                 grads = case != "cache"  # decoding runs under inference_mode
                 reference = _attention(q, k, v, mask, "eager", grads)  # fp32 inputs: the reference
                 eager_half = _attention(*(t.to(dtype) for t in (q, k, v)), mask, "eager", grads)
                 base_row = dict(dtype=str(dtype).replace("torch.", ""), head_dim=D, case=case)
                 for backend in runnable_backends(rows, device, dtype, training=False, row=base_row):
                     row = {**base_row, "backend": backend}
+                    if backend == "flex" and not cpu and D != FLEX_HEAD_DIM:
+                        rows.append({**row, "status": "SKIP", "reason": f"flex compiles per shape: head dim "
+                                                                         f"{FLEX_HEAD_DIM} only, to fit the lease"})
+                        continue
                     backward = grads and usable(backend, device, dtype, training=True) is None
                     row["compared"] = "output and q/k/v gradients" if backward else "output"
                     try:
@@ -113,9 +124,7 @@ def run_parity(out: Path, cpu: bool) -> dict:
                         continue
                     errors = {}
                     for name in result:
-                        ref = reference[name][real] if name == "out" else reference[name]
-                        got = result[name][real] if name == "out" else result[name]
-                        base = eager_half[name][real] if name == "out" else eager_half[name]
+                        ref, got, base = (r[name][real[name]] for r in (reference, result, eager_half))
                         bound = max(2 * (base.float() - ref).abs().max().item(), TOLERANCE[dtype])
                         errors[name] = ((got.float() - ref).abs().max().item(), bound)
                     ok = all(err <= bound for err, bound in errors.values())
@@ -158,8 +167,11 @@ def run_loss(out: Path, cpu: bool) -> dict:
     for dtype in (torch.float32, *([torch.float16] if cpu else s["dtypes"])):  # fp16 on CPU: tiny, and the point
         h, w = hidden.to(dtype).detach().requires_grad_(), head.to(dtype).detach().requires_grad_()
         total, count = masked_cross_entropy_from_hidden(h, w, targets, mask)
-        (total / count).backward()
-        results[dtype] = (total.item() / count.item(), h.grad.float(), w.grad.float())
+        # as training does: DeepSpeed scales an fp16 loss (2^16 at the start, ds_config.json) before the
+        # backward, so small gradients do not underflow, and unscales the gradients before the update
+        scale = LOSS_SCALE if dtype == torch.float16 else 1.0
+        (total / count * scale).backward()
+        results[dtype] = (total.item() / count.item(), h.grad.float() / scale, w.grad.float() / scale)
     ref_loss, ref_dh, ref_dw = results[torch.float32]
     rows = []
     for dtype, (loss, dh, dw) in results.items():
@@ -209,7 +221,8 @@ def run_layers(out: Path, cpu: bool, steps: int = 3) -> dict:
     rows = []
     for backend in runnable_backends(rows, device, dtype, training=True):
         torch.manual_seed(0)
-        model = GPTNeoX(config).to(device=device, dtype=dtype).train()
+        with device:  # initialised where it runs: a 7B-shaped init on the CPU takes longer than the steps
+            model = GPTNeoX(config).to(dtype=dtype).train()
         model.gradient_checkpointing = True
         model.attention_backend = backend
         parameters = sum(p.numel() for p in model.parameters())
@@ -280,7 +293,8 @@ def run_decode(out: Path, cpu: bool) -> dict:
     dtype = torch.float32 if cpu else torch.float16
     torch.manual_seed(0)
     config = GPTNeoXConfig.from_name(STABLELM_7B, num_hidden_layers=s["layers"], **s["model"])
-    model = GPTNeoX(config).to(device=device, dtype=dtype).eval()
+    with device:
+        model = GPTNeoX(config).to(dtype=dtype).eval()
     n, new = s["decode_prompt"], s["decode_new"]
     ids = torch.randint(2, config.vocab_size, (4, n), device=device)
     unpadded = torch.ones(4, n, dtype=torch.long, device=device)
@@ -309,45 +323,120 @@ def run_decode(out: Path, cpu: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------- train.py run
+def train_model_config(cpu: bool) -> GPTNeoXConfig:
+    """The train step's model: StableLM-7B's head size (128), rotary, vocabulary and layer layout at 2 layers of
+    width 1024, so the same kernels and dtypes run while a ZeRO-2 checkpoint (16-bit weights, fp32 master and
+    Adam moments) stays near 1.8 GB instead of 21 GB."""
+    if cpu:
+        return GPTNeoXConfig.from_name(STABLELM_7B, num_hidden_layers=2, **setting(True)["model"])
+    return GPTNeoXConfig.from_name(STABLELM_7B, num_hidden_layers=2, hidden_size=1024, num_attention_heads=8,
+                                   intermediate_size=4096)
+
+
 def make_checkpoint(directory: Path, cpu: bool) -> None:
-    """A random 2-layer StableLM-7B-shaped model in fp16, saved the Hugging Face way, for train.py."""
-    s = setting(cpu)
+    """A random model of train_model_config in fp16, saved the Hugging Face way, for train.py (built on the
+    GPU: its initialisation on the CPU would be untimed work)."""
     torch.manual_seed(0)
-    config = GPTNeoXConfig.from_name(STABLELM_7B, num_hidden_layers=2, **s["model"])
-    model = GPTNeoX(config).to(torch.float32 if cpu else torch.float16)
+    with torch.device("cpu" if cpu else "cuda"):
+        model = GPTNeoX(train_model_config(cpu)).to(torch.float32 if cpu else torch.float16)
     model.save_pretrained(directory)
 
 
-def compare_resume(out: Path, straight: Path, resumed: Path) -> dict:
-    """Losses of the steps after the resume against the uninterrupted run's, and the exported model loads."""
+class _OverflowInBackward(torch.autograd.Function):
+    """Passes the loss through unchanged and sends back an infinite gradient: the fp16 overflow of a step, as
+    DeepSpeed's loss scaler meets it, with a finite logged loss."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def run_training(argv: list[str]) -> int:
+    """train.py's main in this process, with a gradient overflow injected at the optimizer steps given by
+    --overflow_steps (no production setting does this: the check patches the loss function). With --cpu,
+    DeepSpeed is told the CPU supports fp16, so the same loss-scaling path runs in the test suite."""
+    parser = argparse.ArgumentParser(prog="gpu_check.py train")
+    parser.add_argument("--overflow_steps", default="", help="comma list of optimizer steps whose backward overflows")
+    parser.add_argument("--cpu", action="store_true")
+    ours, train_argv = parser.parse_known_args(argv)
+    steps = {int(x) for x in ours.overflow_steps.split(",") if x}
+    from deepspeed.accelerator import get_accelerator
+    from gptneox import train as train_command
+    from gptneox.training import step as step_module
+    if ours.cpu:
+        get_accelerator().is_fp16_supported = lambda: True
+    batch_loss_of = step_module.losses.batch_loss
+
+    def batch_loss_overflowing(engine, batch):
+        total, count = batch_loss_of(engine, batch)
+        if engine.global_steps + 1 in steps:
+            total = _OverflowInBackward.apply(total)
+        return total, count
+
+    step_module.losses = argparse.Namespace(batch_loss=batch_loss_overflowing)
+    return train_command.main(train_argv)
+
+
+def compare_resume(out: Path, straight: Path, resumed: Path, overflow_steps: set[int], cpu: bool) -> dict:
+    """Losses of the steps after the resume against the uninterrupted run's, the fp16 loss scale around the
+    injected overflows (skipped, scale halved after hysteresis, recovered), and the exported model loads."""
     from gptneox.training.metrics import last_per_step, read_metrics
     from gptneox.training.output_dir import METRICS_FILE
-    def losses(run: Path) -> dict:  # training records only: an evaluation record shares its step
-        return {r["step"]: r["loss"] for r in last_per_step([r for r in read_metrics(run / METRICS_FILE)
-                                                             if "loss" in r])}
-    a, b = losses(straight), losses(resumed)
+
+    def steps(run: Path) -> dict:  # training records only: an evaluation record shares its step
+        return {r["step"]: r for r in last_per_step([r for r in read_metrics(run / METRICS_FILE) if "loss" in r])}
+    a, b = steps(straight), steps(resumed)
     after = sorted(set(a) & set(b) - {min(a)})
-    differences = {step: abs(a[step] - b[step]) for step in after}
-    exported = GPTNeoX.from_pretrained(straight, dtype=torch.float32)
-    finite = bool(torch.isfinite(exported(torch.tensor([[1, 2, 3]]))).all())
+    differences = {step: abs(a[step]["loss"] - b[step]["loss"]) for step in after}
+    device = "cpu" if cpu else "cuda"
+    exported = GPTNeoX.from_pretrained(straight, dtype=torch.float32, device=device)
+    finite = bool(torch.isfinite(exported(torch.tensor([[1, 2, 3]], device=device))).all())
     exact = bool(after) and all(d == 0.0 for d in differences.values())
-    close = bool(after) and all(d <= 1e-3 * abs(a[s]) for s, d in differences.items())
-    status = "PASS" if close and finite and all(math.isfinite(x) for x in a.values()) else "FAIL"
-    return dict(status=status, losses=a, resumed_losses=b, differences=differences, exported_forward_finite=finite,
-                summary=f"losses {', '.join(f'{a[s]:.4f}' for s in sorted(a))}; after resume "
+    close = bool(after) and all(d <= 1e-3 * abs(a[s]["loss"]) for s, d in differences.items())
+    scale = {step: record["loss_scale"] for step, record in a.items()}
+    skipped = sorted(step for step, record in a.items()
+                     if record["skipped_steps"] > a.get(step - 1, {"skipped_steps": 0})["skipped_steps"])
+    overflow = dict(injected=sorted(overflow_steps), skipped=skipped, loss_scale=scale)
+    overflow_ok = True
+    if overflow_steps:
+        first, last = min(overflow_steps), max(overflow_steps)
+        recovered = [s for s in a if s > last and s not in skipped]
+        overflow_ok = (skipped == sorted(overflow_steps) and scale[last] < scale.get(first - 1, scale[first])
+                       and bool(recovered) and all(math.isfinite(a[s]["loss"]) for s in recovered))
+        overflow["recovered_at"] = min(recovered, default=None)
+    status = "PASS" if close and finite and overflow_ok and all(math.isfinite(r["loss"]) for r in a.values()) else "FAIL"
+    scales = " -> ".join(f"{scale[s]:g}" for s in sorted(scale))
+    return dict(status=status, losses={s: r["loss"] for s, r in a.items()},
+                resumed_losses={s: r["loss"] for s, r in b.items()}, differences=differences, overflow=overflow,
+                exported_forward_finite=finite,
+                summary=f"losses {', '.join(format(a[s]['loss'], '.4f') for s in sorted(a))}; after resume "
                         f"{'identical' if exact else 'max diff ' + format(max(differences.values(), default=0), '.2e')}"
-                        f" at steps {after}; export loads: {finite}")
+                        f" at steps {after}; overflow at {sorted(overflow_steps)}: skipped {skipped}, loss scale "
+                        f"{scales}; export loads: {finite}")
 
 
-def truncate_to_first_checkpoint(checkpoints: Path) -> str:
-    """Keep only the oldest complete checkpoint, as if the run had been stopped right after it."""
+def copy_first_checkpoint(source: Path, target: Path) -> str:
+    """A copy of `source` (a run's checkpoints/) holding only its oldest complete tag, as if the run had been
+    stopped right after it: one checkpoint is copied, not every kept one."""
     from gptneox.training.checkpoint import POINTER
-    pointer = json.loads((checkpoints / POINTER).read_text())
+    pointer = json.loads((source / POINTER).read_text())
     first = pointer["complete"][0]
-    for tag in pointer["complete"][1:]:
-        shutil.rmtree(checkpoints / tag)
-    (checkpoints / POINTER).write_text(json.dumps({"latest": first, "complete": [first]}))
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.name == POINTER or (path.name in pointer["complete"] and path.name != first):
+            continue
+        (shutil.copytree if path.is_dir() else shutil.copy2)(path, target / path.name)
+    (target / POINTER).write_text(json.dumps({"latest": first, "complete": [first]}))
     return first
+
+
+def torch_paths() -> str:
+    from gptneox.torch_support import version_dependent_paths
+    return "\n".join(f"{name}: {path}" for name, path in version_dependent_paths().items())
 
 
 # ----------------------------------------------------------------------------- summary
@@ -364,23 +453,31 @@ CHECKS = {"parity": run_parity, "loss": run_loss, "layers": run_layers, "decode"
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # train.py's own arguments follow
+        return run_training(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=[*CHECKS, "checkpoint", "resume", "truncate", "summary", "record"])
+    parser.add_argument("command", choices=[*CHECKS, "checkpoint", "resume", "copy-checkpoint", "summary", "record",
+                                            "environment"])
     parser.add_argument("paths", nargs="+", type=Path, help="OUT (and for resume: the two run directories)")
     parser.add_argument("--cpu", action="store_true", help="tiny fp32 shapes on the CPU")
     parser.add_argument("--status", help="record: PASS, FAIL or SKIP")
     parser.add_argument("--summary", default="", help="record: the one-line result")
     parser.add_argument("--seconds", type=float, help="record: how long the step took")
+    parser.add_argument("--overflow_steps", default="", help="resume: the steps whose backward overflowed")
     args = parser.parse_args(argv)
     out = args.paths[0]
     if args.command == "summary":
         print(summary_table(out))
         return 0
+    if args.command == "environment":
+        print(torch_paths())
+        return 0
     if args.command == "checkpoint":
         make_checkpoint(out, args.cpu)
         return 0
-    if args.command == "truncate":
-        print(truncate_to_first_checkpoint(out))
+    if args.command == "copy-checkpoint":
+        print(copy_first_checkpoint(out, args.paths[1]))
         return 0
     name = args.paths[1].name if args.command == "record" else args.command
     if args.command == "record":  # a step of the shell script (install, tests, train) as a table row
@@ -390,7 +487,8 @@ def main(argv=None) -> int:
             parser.error("no CUDA GPU here; --cpu runs the tiny CPU version")
         start = time.perf_counter()
         try:
-            result = (compare_resume(out, *args.paths[1:3]) if args.command == "resume"
+            overflow = {int(x) for x in args.overflow_steps.split(",") if x}
+            result = (compare_resume(out, *args.paths[1:3], overflow, args.cpu) if args.command == "resume"
                       else CHECKS[args.command](out, args.cpu))
         except Exception as err:
             result = dict(status="FAIL", summary=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())

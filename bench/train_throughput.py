@@ -8,6 +8,8 @@
   B2  ours, padded batches, the training loop's loss (logits of trained rows only, in chunks)
   C   ours, packed batches (conversations end to end, per-segment attention), the training loop's loss
   Cc  C with compiled blocks (compile: true; the compiling happens in the warm-up steps)
+  AL  A with LoRA as a transformers + peft user runs it: peft's LoRA (same r, alpha, dropout, targets) on the
+      frozen base, the chat tokens' embedding rows trained through peft's trainable_token_indices
 
 One step = forward + backward on --accumulation micro-batches, then one AdamW step, as an optimizer step
 of training (batches are collated before timing, as a data loader would). Timing: all variants live in
@@ -43,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from gptneox import GPTNeoX, GPTNeoXConfig  # noqa: E402
 from gptneox.attention import AttentionBackendError, check_backend  # noqa: E402
-from gptneox.data import DialogueCollator, build_datasets, load_tokenizer  # noqa: E402
+from gptneox.data import CHAT_TOKENS, DialogueCollator, build_datasets, load_tokenizer  # noqa: E402
 from gptneox.flops import conversation_lengths, training_flops  # noqa: E402
 from gptneox.dtypes import dtype_name, torch_dtype  # noqa: E402
 from gptneox.memory import peak_memory_mib  # noqa: E402
@@ -58,8 +60,10 @@ VARIANTS = {
     "B2": "gptneox, padded, chunked trained-rows loss",
     "C": "gptneox, packed, chunked trained-rows loss",
     "Cc": "gptneox, packed, chunked trained-rows loss, compiled blocks",
+    "AL": "transformers + peft LoRA, padded, full-logits loss",
 }
 PACKED = ("C", "Cc")
+REFERENCE = ("A", "AL")  # transformers' model and the reference loss
 MODELS = {"pythia-70m": "pythia-70m", "stablelm-7b-layers": "stablelm-base-alpha-7b"}
 
 
@@ -122,10 +126,27 @@ def collate_all(args, batches, pack: bool) -> list[dict]:
     return [collate(b) for b in batches]
 
 
+def chat_token_ids() -> list[int]:
+    tokenizer = load_tokenizer(repo_path(SAMPLE_MIX["tokenizer_path"]))
+    return [tokenizer.token_to_id(token) for token in CHAT_TOKENS]
+
+
+def peft_lora(reference, args):
+    """peft's LoRA over the frozen reference model, as a TRL/peft user configures it."""
+    import peft
+    targets = args.lora_target_modules
+    lora = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                           target_modules=targets if targets == "all-linear" else targets.split(","),
+                           task_type="CAUSAL_LM", trainable_token_indices=(
+                               {name: chat_token_ids() for name in ("embed_in", "lm_head")}
+                               if args.lora_train_chat_tokens else None))
+    return peft.get_peft_model(reference, lora)
+
+
 def build_model(variant: str, config: GPTNeoXConfig, args, device, dtype):
     torch.manual_seed(args.seed)
     ours = GPTNeoX(config)
-    if variant != "A":
+    if variant not in REFERENCE:
         ours.attention_backend = args.attention
         if variant == "Cc":
             ours.compile_blocks()
@@ -136,6 +157,9 @@ def build_model(variant: str, config: GPTNeoXConfig, args, device, dtype):
     hf_config._attn_implementation = "flash_attention_2" if args.attention == "flash" else "sdpa"  # flex: sdpa
     reference = transformers.GPTNeoXForCausalLM(hf_config)
     reference.load_state_dict({k.replace("embed_out.", "lm_head."): v for k, v in ours.state_dict().items()})
+    if variant == "AL":
+        torch.manual_seed(args.seed)
+        reference = peft_lora(reference, args)
     return reference.to(device=device, dtype=dtype).train()
 
 
@@ -168,7 +192,8 @@ class Variant:
                         for b in collate_all(args, conversations, pack=name in PACKED)]
         self.model = build_model(name, self.config, args, self.device, dtype)
         # fused: the kernel the trainer uses on CPU (gptneox.training.ds_config), one pass per tensor
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-12,
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-5, betas=(0.9, 0.95), eps=1e-12,
                                            weight_decay=0.0, fused=True)
         self.setup_mib = peak_memory_mib(self.device)
         self.first_loss = None
@@ -180,7 +205,7 @@ class Variant:
         batches = self.batches[index * accumulation:(index + 1) * accumulation]
         start = time.perf_counter()
         for batch in batches:
-            if self.name == "A":
+            if self.name in REFERENCE:
                 loss = reference_loss(self.model, batch)
             else:
                 loss = our_loss(self.model, batch, full_logits=self.name == "B",
@@ -291,6 +316,14 @@ def main(argv=None) -> None:
     parser.add_argument("--no_memory", action="store_true",
                         help="skip the peak-memory runs (a fresh process per variant, two more steps each)")
     parser.add_argument("--loss_chunk_rows", type=int, default=DEFAULT_CHUNK_ROWS)
+    lora = parser.add_argument_group("LoRA variants (AL), the same settings on both stacks")
+    lora.add_argument("--lora_r", type=int, default=16)
+    lora.add_argument("--lora_alpha", type=float, default=32)
+    lora.add_argument("--lora_dropout", type=float, default=0.05)
+    lora.add_argument("--lora_target_modules", default="query_key_value",
+                      help="comma list of query_key_value, dense, dense_h_to_4h, dense_4h_to_h, or all-linear")
+    lora.add_argument("--no_lora_chat_tokens", dest="lora_train_chat_tokens", action="store_false",
+                      help="leave the chat tokens' embedding rows frozen too (default: trained with the adapters)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="also write the figures here (JSON)")
     parser.add_argument("--memory_worker", choices=list(VARIANTS), help=argparse.SUPPRESS)

@@ -139,24 +139,27 @@ class AttentionMask:
             self._cache_lengths = (ends, starts)
         return self._cache_lengths
 
-    def block_mask(self, device: torch.device):
-        """FlexAttention BlockMask of the same rule as dense(): causal, real keys, same segment, or itself."""
-        if self._block_mask is None:
+    def block_mask(self, device: torch.device, width: int | None = None):
+        """FlexAttention BlockMask of the same rule as dense(): causal, real keys, same segment, or itself;
+        for rows padded to `width` tokens (the extra keys are padding). Built once per mask and width."""
+        width = width or self.key_length
+        if self._block_mask is None or self._block_mask[0] != width:
             from torch.nn.attention.flex_attention import create_block_mask
             B, S, offset = self.batch_size, self.key_length, self.offset
             # both tensors always, so padded and packed batches share one compiled kernel
             padding = self.padding if self.padding is not None else torch.ones(B, S, dtype=torch.bool, device=device)
             segments = self.segments if self.segments is not None else torch.zeros(B, S, dtype=torch.long,
                                                                                    device=device)
+            padding, segments = F.pad(padding, (0, width - S), value=False), F.pad(segments, (0, width - S))
 
             def allowed(b, h, q_index, k_index):
                 query = q_index + offset
                 keep = (k_index <= query) & padding[b, k_index] & (segments[b, query] == segments[b, k_index])
                 return keep | (k_index == query)
 
-            self._block_mask = create_block_mask(allowed, self.batch_size, None, self.query_length,
-                                                 self.key_length, device=device)
-        return self._block_mask
+            self._block_mask = (width, create_block_mask(allowed, self.batch_size, None, width - offset, width,
+                                                         device=device))
+        return self._block_mask[1]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, backend: str) -> torch.Tensor:
@@ -259,14 +262,48 @@ def _varlen(q, k, v, mask: AttentionMask, kernel: Callable) -> torch.Tensor:
 
 def _flex(q, k, v, mask: AttentionMask) -> torch.Tensor:
     """FlexAttention where a mask is needed without a cache (padding, packed rows); SDPA's fused kernels
-    already cover plain causal attention and decoding."""
+    already cover plain causal attention and decoding.
+
+    The row is padded to its `flex_width` bucket (the extra keys are masked, the extra queries see only
+    themselves and are cut off again), so a run compiles the kernel once per bucket, not once per width."""
     if mask.cached or mask.is_causal_only:
         return _sdpa(q, k, v, mask)
-    with warnings.catch_warnings():  # off CUDA the unfused path is the only one; its warning says to compile
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        out = flex_attention_function(q.device.type)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     block_mask=mask.block_mask(q.device))
-    return out.transpose(1, 2)
+    T = q.shape[1]
+    width = flex_width(T)
+    q, k, v = (F.pad(t, (0, 0, 0, 0, 0, width - T)).transpose(1, 2) for t in (q, k, v))
+    kernel = flex_attention_function(q.device.type)
+    if q.is_cuda:
+        _FLEX_SIGNATURES.add((tuple(q.shape), q.dtype))
+        out = kernel(q, k, v, block_mask=mask.block_mask(q.device, width))
+    else:
+        with warnings.catch_warnings():  # off CUDA the unfused path is the only one; its warning says to compile
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out = kernel(q, k, v, block_mask=mask.block_mask(q.device, width))
+    return out.transpose(1, 2)[:, :T]
+
+
+FLEX_MIN_WIDTH = 128
+# Compiled with static shapes, each bucket is one compilation: 2 buckets per doubling from 128 to 32k tokens
+# (17 buckets), times a few batch sizes. torch's default limit (8) would send the rest to the unfused kernel,
+# whose memory grows with the square of the width, so the limit is raised to this when flex is compiled.
+FLEX_RECOMPILE_LIMIT = 64
+_FLEX_SIGNATURES: set = set()
+
+
+def flex_width(length: int) -> int:
+    """The bucket a FlexAttention row of `length` tokens is padded to: the smallest 2^k or 1.5 * 2^k (at least
+    128) that holds it, so padding adds at most a third and a run sees a handful of widths."""
+    width = FLEX_MIN_WIDTH
+    while width < length:
+        width = width * 3 // 2 if width & (width - 1) == 0 else width * 4 // 3
+    return width
+
+
+def flex_compilations() -> int:
+    """How many shapes the compiled CUDA FlexAttention kernel has been called with in this process: each one
+    was a compilation (static shapes). Logged with every training step, so a run that recompiles per batch,
+    or past FLEX_RECOMPILE_LIMIT (where torch falls back to the unfused kernel), shows it."""
+    return len(_FLEX_SIGNATURES)
 
 
 @functools.cache
@@ -274,7 +311,12 @@ def flex_attention_function(device_type: str) -> Callable:
     """flex_attention compiled once on CUDA (uncompiled it materialises every score); on CPU torch only has the
     uncompiled forward, which is what the CPU tests check against eager."""
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+    if device_type != "cuda":
+        return flex_attention
+    dynamo = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(dynamo, name, max(getattr(dynamo, name), FLEX_RECOMPILE_LIMIT))
+    return torch.compile(flex_attention, dynamic=False)
 
 
 @dataclass(frozen=True)
@@ -299,7 +341,8 @@ def flash_kernels() -> FlashKernels:
     first import this is a sys.modules lookup, and a cache would outlive a reinstall in the same process."""
     if _find_spec("flash_attn") is None:
         raise AttentionBackendError(
-            "attention_backend='flash' needs flash-attn, which is not installed (README, 'GPU install': a prebuilt "
+            "attention_backend='flash' needs flash-attn, which is not installed (gptneox's extra 'flash'; README, "
+            "'GPU install': a prebuilt "
             f"wheel for torch {torch.__version__} / CUDA {torch.version.cuda}, or flash-attn-4 on Hopper); "
             "use 'flex' or 'sdpa' otherwise")
     module = _import_flash("flash_attn")

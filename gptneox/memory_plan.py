@@ -9,7 +9,10 @@ The estimate is built term by term from what the code allocates, so each term ca
   checkpointing, which then recomputes one block at a time during backward;
 - the loss buffers are those of the chunked LM-head loss (gptneox/training/loss.py).
 The GPU peak is the persistent states plus the larger of the forward/backward working set and the
-optimizer-step working set (activations are freed before the step). Allocator fragmentation and the CUDA
+optimizer-step working set (activations are freed before the step).
+With LoRA the base weights are frozen in the 16-bit training dtype (no fp32 master, gradient or Adam state);
+those states exist only for the adapters and the trained chat-token rows, and a frozen Linear keeps no input
+for a weight gradient, so the activations shrink too (LoraPlan). Allocator fragmentation and the CUDA
 context are not modelled: a configuration "fits" when the estimate leaves HEADROOM of the GPU free.
 """
 from __future__ import annotations
@@ -33,6 +36,32 @@ class PlanError(UserError, ValueError):
     """A DeepSpeed config the planner cannot estimate (a ZeRO stage other than 2 or 3)."""
 
 
+LORA_TARGET_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
+
+def linear_shapes(config: GPTNeoXConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each Linear of a block that a LoRA adapter can target."""
+    h, inner = config.hidden_size, config.intermediate_size
+    return {"query_key_value": (h, 3 * h), "dense": (h, h), "dense_h_to_4h": (h, inner),
+            "dense_4h_to_h": (inner, h)}
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    """What of a LoRA run sets its memory: rank, targets, dropout (it keeps a copy of each target's input),
+    and how many token rows of embed_in and of embed_out are trained with the adapters (the chat tokens)."""
+    r: int
+    target_modules: tuple[str, ...] = ("query_key_value",)
+    dropout: float = 0.0
+    trained_token_rows: int = 0
+
+    def trainable_parameters(self, config: GPTNeoXConfig) -> dict[str, int]:
+        shapes = linear_shapes(config)
+        adapters = config.num_hidden_layers * sum(self.r * sum(shapes[name]) for name in self.target_modules)
+        embeddings = 1 if config.tie_word_embeddings else 2
+        return {"adapters": adapters, "trained token rows": embeddings * self.trained_token_rows * config.hidden_size}
+
+
 @dataclass(frozen=True)
 class ParameterCounts:
     """Element counts from the model itself, built on the meta device (no memory, exact shapes)."""
@@ -52,7 +81,8 @@ def parameter_counts(config: GPTNeoXConfig, persistence_threshold: int) -> Param
 
 
 def saved_activation_bytes_per_token(config: GPTNeoXConfig, dtype: str, checkpointing: bool,
-                                     layer_norm_stats_bytes: int = FP32) -> dict[str, float]:
+                                     layer_norm_stats_bytes: int = FP32, lora: LoraPlan | None = None,
+                                     dropout_mask_bytes: int = 1) -> dict[str, float]:
     """Bytes per token that autograd keeps from forward to backward, by part of the model.
 
     Per block (SDPA/flash attention): the block input, the two LayerNorm outputs, the fused qkv output
@@ -61,40 +91,56 @@ def saved_activation_bytes_per_token(config: GPTNeoXConfig, dtype: str, checkpoi
     (fp32 on CUDA; torch's CPU kernel keeps them in the input dtype, hence `layer_norm_stats_bytes`) and the
     attention's fp32 logsumexp per head.
     A sequential-residual block also keeps the mid-block sum. Under checkpointing a block keeps only its input.
+
+    With LoRA (frozen base) a Linear's input is kept only where an adapter reads it: the LayerNorm outputs
+    and the GELU output go unless their Linear is a target. Each target keeps its adapter's [tokens, r]
+    down-projection and, with dropout, the dropped-out copy of its input and the dropout mask (a bool on
+    CUDA; torch's CPU kernel keeps it in the input dtype, hence `dropout_mask_bytes`). This assumes the
+    graph starts at the embedding (trained token rows); without them the first block keeps a little less.
     """
     s, h, inner = BYTES[dtype], config.hidden_size, config.intermediate_size
     if checkpointing:
         block = s * h
     else:
         mid_sum = 0 if config.use_parallel_residual else h
-        block = (s * (h + 2 * h + 3 * h + h + 2 * inner + mid_sum)
-                 + layer_norm_stats_bytes * 2 * 2 + FP32 * config.num_attention_heads)
+        always = h + 3 * h + h + inner + mid_sum  # input, qkv, attention output, up-projection (GELU's input)
+        # a Linear's input kept for its weight gradient beyond those (dense reads the attention output)
+        inputs = {"query_key_value": h, "dense": 0, "dense_h_to_4h": h, "dense_4h_to_h": inner}
+        if lora is None:
+            kept, masks = always + sum(inputs.values()), 0
+        else:
+            dropped = [linear_shapes(config)[name][0] if lora.dropout else 0 for name in lora.target_modules]
+            kept = always + sum(lora.r + (d or inputs[name]) for name, d in zip(lora.target_modules, dropped))
+            masks = dropout_mask_bytes * sum(dropped)
+        block = s * kept + masks + layer_norm_stats_bytes * 2 * 2 + FP32 * config.num_attention_heads
     rotary = 2 * s * (config.rotary_ndims // 2)  # cos and sin of half the rotary dims, shared by all blocks
     return {"blocks": config.num_hidden_layers * block,
             "embedding and final LayerNorm": 8 + rotary + s * h + layer_norm_stats_bytes * 2}
 
 
-def block_recompute_bytes_per_token(config: GPTNeoXConfig, dtype: str) -> float:
+def block_recompute_bytes_per_token(config: GPTNeoXConfig, dtype: str, lora: LoraPlan | None = None) -> float:
     """Under checkpointing, backward recomputes one block: its full saved set is alive for that block, plus
     the gradients flowing through it (taken as two [tokens, intermediate] tensors)."""
     one_block = dataclasses.replace(config, num_hidden_layers=1)
-    full = saved_activation_bytes_per_token(one_block, dtype, checkpointing=False)["blocks"]
+    full = saved_activation_bytes_per_token(one_block, dtype, checkpointing=False, lora=lora)["blocks"]
     return full + 2 * BYTES[dtype] * config.intermediate_size
 
 
 def loss_buffer_bytes(config: GPTNeoXConfig, dtype: str, trained_tokens: int,
-                      chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict[str, float]:
+                      chunk_rows: int = DEFAULT_CHUNK_ROWS, lora: LoraPlan | None = None) -> dict[str, float]:
     """What ChunkedLinearCrossEntropy holds at the loss's backward (the start of backward).
 
     fp32/bf16: the hidden-state gradient of the trained rows and the fp32 head-weight gradient, both made in
     forward, and the cast of the latter to the weight dtype. fp16 recomputes in backward: it keeps the trained
     rows' hidden states (a gathered copy) and then builds the same gradients. Plus one chunk of fp32 logits
-    and its gradient in the training dtype.
+    and its gradient in the training dtype. With LoRA the head is frozen but for the trained token rows, and
+    only their gradient is formed.
     """
     s, h, v = BYTES[dtype], config.hidden_size, config.vocab_size
     rows = min(chunk_rows, trained_tokens)
+    head_rows = v if lora is None else lora.trained_token_rows
     return {"trained hidden rows and their gradient": (2 if dtype == "fp16" else 1) * trained_tokens * h * s,
-            "head weight gradient (fp32 + cast)": v * h * (FP32 + (s if s != FP32 else 0)),
+            "head weight gradient (fp32 + cast)": head_rows * h * (FP32 + (s if s != FP32 else 0)),
             "one chunk of logits": rows * v * (FP32 + (s if s != FP32 else 0))}
 
 
@@ -130,8 +176,11 @@ class Plan:
         return sum(self.gpu_states.values()) + max(activation_peak, sum(self.gpu_step.values()))
 
 
-def zero_plans(config: GPTNeoXConfig, hardware: Hardware, batch: Batch, zero_sections: dict[str, dict]) -> list[Plan]:
-    """One Plan per named `zero_optimization` section (resolved: no "auto" left)."""
+def zero_plans(config: GPTNeoXConfig, hardware: Hardware, batch: Batch, zero_sections: dict[str, dict],
+               lora: LoraPlan | None = None) -> list[Plan]:
+    """One Plan per named `zero_optimization` section (resolved: no "auto" left). With `lora` the optimizer
+    (fp32 master, Adam moments, gradients) holds only the adapters and trained token rows; the base weights
+    stay frozen in the training dtype, and checkpoints hold only what is trained."""
     s = BYTES[batch.dtype]
     n, per_node = hardware.gpus, hardware.gpus_per_node
     plans = []
@@ -141,54 +190,65 @@ def zero_plans(config: GPTNeoXConfig, hardware: Hardware, batch: Batch, zero_sec
         offload_optimizer = zero.get("offload_optimizer", {}).get("device", "none") != "none"
         counts = parameter_counts(config, int(zero.get("stage3_param_persistence_threshold", 0)) if stage == 3 else 0)
         psi = counts.total
+        trained = psi if lora is None else sum(lora.trainable_parameters(config).values())
+        weights = psi if lora is None else psi + trained  # the module: base (+ adapters and token rows)
         plan = Plan(name)
-        bucket = float(zero.get("reduce_bucket_size", 5e8)) * s
-        rank_states = {"master weights (fp32)": FP32 * psi / n, "optimizer (Adam m, v)": 2 * FP32 * psi / n,
-                       "gradients (partition)": s * psi / n}
+        bucket = float(zero.get("reduce_bucket_size", 5e8)) * s  # allocated whole, whatever is trained
+        rank_states = {"master weights (fp32)": FP32 * trained / n, "optimizer (Adam m, v)": 2 * FP32 * trained / n,
+                       "gradients (partition)": s * trained / n}
         if stage == 2:
-            plan.gpu_states["weights (16-bit, replicated)"] = s * psi
+            if lora is None:
+                plan.gpu_states["weights (16-bit, replicated)"] = s * psi
+            else:
+                plan.gpu_states["frozen base weights (16-bit, replicated)"] = s * psi
+                plan.gpu_states["adapters + trained token rows (16-bit)"] = s * trained
             plan.gpu_states.update(rank_states)
             plan.gpu_states["reduce bucket"] = bucket
-            plan.gpu_step["fp32 gradient partition"] = FP32 * psi / n
+            plan.gpu_step["fp32 gradient partition"] = FP32 * trained / n
         elif stage == 3:
             live = min(float(zero.get("stage3_max_live_parameters", 1e9)),
                        counts.largest_block + float(zero.get("stage3_prefetch_bucket_size", 5e7)))
-            plan.gpu_states["weights partition (16-bit)"] = 0.0 if offload_params else s * (psi - counts.persistent) / n
+            plan.gpu_states["weights partition (16-bit)"] = (0.0 if offload_params else
+                                                             s * (weights - counts.persistent) / n)
             plan.gpu_states["persistent small parameters"] = s * counts.persistent
             plan.gpu_states["gathered weights (block + prefetch)"] = s * live
             if not offload_optimizer:
                 plan.gpu_states.update(rank_states)
                 sub_group = float(zero.get("sub_group_size", 1e9))
-                plan.gpu_step["fp32 gradient partition"] = FP32 * min(sub_group, psi / n)
+                plan.gpu_step["fp32 gradient partition"] = FP32 * min(sub_group, trained / n)
             plan.gpu_states["reduce bucket"] = bucket
         else:
             raise PlanError(f"{name}: zero_optimization.stage={stage}; the planner covers stages 2 and 3")
         host_rank = {}
         if offload_params:
-            host_rank["weights partition (16-bit, pinned)"] = s * psi / n
+            host_rank["weights partition (16-bit, pinned)"] = s * weights / n
         if offload_optimizer:
             host_rank.update(rank_states)
-            host_rank["fp32 gradient partition"] = FP32 * psi / n
+            host_rank["fp32 gradient partition"] = FP32 * trained / n
         plan.host_per_node = {key: value * per_node for key, value in host_rank.items()}
         # the export on rank 0 (zero_to_fp32, optimizer files memory-mapped and their moments dropped): under
         # stage 2 the consolidated fp32 weights and their cast to the training dtype; under stage 3 one shard
         # of the export at a time (each weight is gathered when its shard is written)
         exported = psi * s if stage == 2 else parse_size(DEFAULT_SHARD_SIZE)  # bytes made at once, cast
         plan.host_per_node["final export on rank 0 (fp32 + cast; ZeRO-3: one shard)"] = exported / s * FP32 + exported
-        plan.disk["checkpoint: optimizer partitions (fp32 master, m, v)"] = 3 * FP32 * psi
+        plan.disk["checkpoint: optimizer partitions (fp32 master, m, v)"] = 3 * FP32 * trained
         if stage == 2:
-            plan.disk["checkpoint: 16-bit module"] = s * psi
+            plan.disk["checkpoint: 16-bit module" + ("" if lora is None else " (trained parameters)")] = s * trained
         plan.disk["final Hugging Face export"] = s * psi
+        if lora is not None:
+            plan.disk["final export: PEFT adapter"] = s * trained
         plans.append(plan)
     return plans
 
 
-def activation_terms(config: GPTNeoXConfig, batch: Batch, checkpointing: bool) -> dict[str, float]:
+def activation_terms(config: GPTNeoXConfig, batch: Batch, checkpointing: bool,
+                     lora: LoraPlan | None = None) -> dict[str, float]:
     """Per-GPU activation memory of one micro-batch (every token taken as trained: the worst case)."""
-    saved = saved_activation_bytes_per_token(config, batch.dtype, checkpointing)
+    saved = saved_activation_bytes_per_token(config, batch.dtype, checkpointing, lora=lora)
     terms = {f"activations: {part}": per_token * batch.tokens for part, per_token in saved.items()}
-    loss = loss_buffer_bytes(config, batch.dtype, batch.tokens)
-    recompute = block_recompute_bytes_per_token(config, batch.dtype) * batch.tokens if checkpointing else 0.0
+    loss = loss_buffer_bytes(config, batch.dtype, batch.tokens, lora=lora)
+    recompute = (block_recompute_bytes_per_token(config, batch.dtype, lora) * batch.tokens if checkpointing
+                 else 0.0)
     # the loss buffers are gone before the first block's backward (and its recomputation) starts
     terms["backward working set (max of loss buffers, block recompute)"] = max(sum(loss.values()), recompute)
     return terms

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gptneox import GPTNeoX, GPTNeoXConfig
-from gptneox.memory_plan import loss_buffer_bytes, parameter_counts, saved_activation_bytes_per_token
+from gptneox.memory_plan import (LORA_TARGET_MODULES, Batch, Hardware, LoraPlan, loss_buffer_bytes, parameter_counts,
+                                 saved_activation_bytes_per_token, zero_plans)
 from gptneox.dtypes import TORCH_DTYPES
 from gptneox.flops import non_embedding_parameters
 from gptneox.training.loss import masked_cross_entropy_from_hidden
@@ -115,3 +116,103 @@ def test_unknown_model_is_one_line():
     result = run_python(REPO / "tools/plan_memory.py", "--model", "gpt-neox-21b", "--gpus", "8", "--gpu_memory_gb",
                         "80", "--max_length", "2048", "--micro_batch", "2")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "gpt-neox-21b" in result.stderr
+
+
+# LoRA. TINY_CONFIG by hand: hidden 48, MLP 96, 2 layers, vocabulary 96, 6 heads, untied; 47,232 parameters
+# (embed_in and embed_out 4,608 each; per layer qkv 7,056, dense 2,352, dense_h_to_4h 4,704, dense_4h_to_h
+# 4,656, LayerNorms 192; final LayerNorm 96).
+TINY_PARAMETERS = 47_232
+
+
+def test_lora_trainable_parameters_by_hand():
+    config = GPTNeoXConfig(**TINY_CONFIG)
+    assert parameter_counts(config, 0).total == TINY_PARAMETERS
+    qkv = LoraPlan(r=4, target_modules=("query_key_value",), trained_token_rows=5).trainable_parameters(config)
+    assert qkv == {"adapters": 2 * 4 * (48 + 144), "trained token rows": 2 * 5 * 48}  # 1,536 and 480
+    every = LoraPlan(r=4, target_modules=LORA_TARGET_MODULES).trainable_parameters(config)
+    assert every == {"adapters": 2 * 4 * ((48 + 144) + (48 + 48) + (48 + 96) + (96 + 48)), "trained token rows": 0}
+    tied = GPTNeoXConfig(**{**TINY_CONFIG, "tie_word_embeddings": True})  # one matrix, one set of rows
+    assert LoraPlan(r=4, trained_token_rows=5).trainable_parameters(tied)["trained token rows"] == 5 * 48
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_lora_zero2_states_by_hand(gpus):
+    """Frozen base in fp16 only; master, Adam, gradients and checkpoint over the 2,016 trained parameters."""
+    config = GPTNeoXConfig(**TINY_CONFIG)
+    lora = LoraPlan(r=4, target_modules=("query_key_value",), dropout=0.1, trained_token_rows=5)
+    trained = 1_536 + 480
+    plan, = zero_plans(config, Hardware(gpus, gpus, 80), Batch(1, 16, "fp16"),
+                       {"zero2": {"stage": 2, "reduce_bucket_size": 1000}}, lora)
+    assert plan.gpu_states == {"frozen base weights (16-bit, replicated)": 2 * TINY_PARAMETERS,
+                               "adapters + trained token rows (16-bit)": 2 * trained,
+                               "master weights (fp32)": 4 * trained / gpus,
+                               "optimizer (Adam m, v)": 8 * trained / gpus,
+                               "gradients (partition)": 2 * trained / gpus,
+                               "reduce bucket": 2 * 1000}
+    assert plan.gpu_step == {"fp32 gradient partition": 4 * trained / gpus}
+    assert plan.disk == {"checkpoint: optimizer partitions (fp32 master, m, v)": 12 * trained,
+                         "checkpoint: 16-bit module (trained parameters)": 2 * trained,
+                         "final Hugging Face export": 2 * TINY_PARAMETERS, "final export: PEFT adapter": 2 * trained}
+    full, = zero_plans(config, Hardware(gpus, gpus, 80), Batch(1, 16, "fp16"),
+                       {"zero2": {"stage": 2, "reduce_bucket_size": 1000}})
+    assert full.gpu_states["master weights (fp32)"] == 4 * TINY_PARAMETERS / gpus
+
+
+@pytest.mark.parametrize("targets, dropout, block", [
+    # full fine-tuning: input 48, LayerNorm outputs 2 x 48, qkv 144, attention output 48, MLP 2 x 96 (x 2 bytes)
+    # + LayerNorm mean/rstd 2 x 2 x 4 + logsumexp 6 x 4
+    (None, 0.0, 2 * (48 + 96 + 144 + 48 + 192) + 16 + 24),
+    # frozen: input, qkv, attention output, up-projection always; + qkv's input (LN output) and its r=4 rows
+    (("query_key_value",), 0.0, 2 * (48 + 144 + 48 + 96 + 48 + 4) + 16 + 24),
+    # every target: + LN1 output, LN2 output, GELU output (dense reads the kept attention output), 4 x r
+    (LORA_TARGET_MODULES, 0.0, 2 * (336 + 48 + 48 + 96 + 4 * 4) + 16 + 24),
+    # dropout: each target keeps its dropped-out input instead, and a 1-byte mask of it
+    (LORA_TARGET_MODULES, 0.1, 2 * (336 + 48 + 48 + 48 + 96 + 4 * 4) + (48 + 48 + 48 + 96) + 16 + 24),
+])
+def test_lora_saved_activations_by_hand(targets, dropout, block):
+    config = GPTNeoXConfig(**TINY_CONFIG)
+    lora = None if targets is None else LoraPlan(r=4, target_modules=targets, dropout=dropout)
+    saved = saved_activation_bytes_per_token(config, "fp16", checkpointing=False, lora=lora)
+    assert saved["blocks"] == 2 * block
+    # checkpointing keeps each block's input only, LoRA or not
+    assert saved_activation_bytes_per_token(config, "fp16", checkpointing=True, lora=lora)["blocks"] == 2 * 2 * 48
+
+
+def test_lora_loss_buffers_form_only_the_trained_head_rows():
+    config = GPTNeoXConfig(**TINY_CONFIG)
+    lora = loss_buffer_bytes(config, "fp16", 40, chunk_rows=8, lora=LoraPlan(r=4, trained_token_rows=5))
+    full = loss_buffer_bytes(config, "fp16", 40, chunk_rows=8)
+    assert lora["head weight gradient (fp32 + cast)"] == 5 * 48 * (4 + 2)
+    assert full["head weight gradient (fp32 + cast)"] == 96 * 48 * (4 + 2)
+    assert lora["one chunk of logits"] == full["one chunk of logits"] == 8 * 96 * (4 + 2)
+
+
+def plan_stablelm_7b(*extra: str):
+    result = run_python(REPO / "tools/plan_memory.py", "--model", "stablelm-7b", "--gpus", "1", "--gpu_memory_gb",
+                        "24", "--max_length", "2048", "--micro_batch", "1", *extra)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_stablelm_7b_trains_with_lora_on_one_24_gb_gpu():
+    """Full fine-tuning needs 16 bytes a parameter (126 GB); LoRA keeps 2 (15.7 GB) and fits with checkpointing."""
+    full = plan_stablelm_7b()
+    assert "ds_config: does not fit" in full
+    lora = plan_stablelm_7b("--lora_r", "16")
+    assert "ds_config: fits with gradient checkpointing only" in lora
+    assert re.search(r"frozen base weights \(16-bit, replicated\)\s+15\.7\d", lora), lora
+    assert "adapters 6,291,456, trained token rows 61,440" in lora  # 16 layers x 16 x (6144 + 18432); 2 x 5 x 6144
+    every = plan_stablelm_7b("--lora_r", "16", "--lora_target_modules", "all-linear")
+    assert "query_key_value, dense, dense_h_to_4h, dense_4h_to_h" in every
+
+
+@pytest.mark.parametrize("flag, value, named", [
+    ("--lora_r", "-1", "--lora_r -1"),
+    ("--lora_dropout", "1", "--lora_dropout 1"),
+    ("--lora_target_modules", "query_key_value,mlp", "mlp is not a GPT-NeoX Linear; expected a comma list of "
+                                                     "query_key_value, dense, dense_h_to_4h, dense_4h_to_h"),
+])
+def test_bad_lora_settings_are_one_line(flag, value, named):
+    result = run_python(REPO / "tools/plan_memory.py", "--model", "stablelm-7b", "--gpus", "1", "--gpu_memory_gb",
+                        "24", "--max_length", "2048", "--micro_batch", "1", "--lora_r", "16", flag, value)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and named in result.stderr, result.stderr

@@ -113,7 +113,7 @@ def report(args: argparse.Namespace, train_args: list[str]) -> int:
     print(f"\n{len(train)} training conversations; {order.steps_per_epoch} steps per epoch of "
           f"{order.global_batch_size} ({cfg.per_device_train_batch_size} per device x "
           f"{cfg.gradient_accumulation_steps} accumulation x {args.world_size} GPU(s)), "
-          f"{cfg.num_train_epochs} epochs")
+          f"{cfg.num_train_epochs:g} epochs")
     return 0
 
 

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 from gptneox.errors import UserError, report_user_error
+from gptneox.extras import require
 from gptneox.training.metrics import MetricsError, eval_dataset, eval_loss_keys, last_per_step, read_metrics  # noqa: E501
 from gptneox.training.output_dir import METRICS_FILE
 
 
 def plot(records: list[dict], output: Path) -> Path:
+    require("matplotlib", "gptneox-plot")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -25,7 +27,7 @@ def plot(records: list[dict], output: Path) -> Path:
     loss_axis.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train", linewidth=1)
     for key in eval_loss_keys(records):
         points = [(r["step"], r[key]) for r in last_per_step([r for r in records if key in r])]
-        loss_axis.plot(*zip(*points), marker="o", markersize=3, label=eval_dataset(key))
+        loss_axis.plot(*zip(*points), marker="o", markersize=3, label=eval_dataset(key) or "eval (all sets)")
     loss_axis.set_ylabel("loss (mean over trained tokens)")
     loss_axis.legend(fontsize="small")
     loss_axis.grid(alpha=0.3)

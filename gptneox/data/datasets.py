@@ -157,14 +157,17 @@ def read_dataset(name: str, options: dict[str, Any], cache_dir: str | Path) -> U
     if "lang" in converter_options and not isinstance(options["lang"], (str, list)):
         lang = options["lang"]
         raise DataError(f"dataset {name!r}: option lang must be a comma-separated string or a list, got {lang!r}")
-    default_file = SOURCES[name].default_file
-    spec = options.get("input_file_path", default_file)
+    return read_units(name, input_files(name, options, cache_dir), skip, converter_options)
+
+
+def input_files(name: str, options: dict[str, Any], cache_dir: str | Path) -> list[Path]:
+    """The files dataset ``name`` reads (its input_file_path, or the source's default file)."""
+    spec = options.get("input_file_path", SOURCES[name].default_file)
     if spec is None:
         raise DataError(f"dataset {name!r} needs the option input_file_path")
     source = SOURCES[name]
-    files = dataset_files(name, spec, cache_dir, default_used="input_file_path" not in options,
-                          hub_repo=source.hub_repo, stock_files=source.stock_files)
-    return read_units(name, files, skip, converter_options)
+    return dataset_files(name, spec, cache_dir, default_used="input_file_path" not in options,
+                         hub_repo=source.hub_repo, stock_files=source.stock_files)
 
 
 def _flag(name: str, options: dict, key: str) -> bool:

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from gptneox.data import hub_datasets
 from gptneox.data.readers import FORMATS, DataError, record_format
-
-log = logging.getLogger(__name__)
 
 GLOB_CHARACTERS = "*?["
 SAVED_STATE = "state.json"  # a folder written by Dataset.save_to_disk
@@ -40,9 +37,7 @@ def dataset_files(name: str, spec: Any, cache_dir: str | Path, default_used: boo
                             f"hf://datasets/ path or a list of them, got {item!r}")
         if hub_datasets.is_hub_path(item):
             hub = hub_datasets.parse_hub_path(name, item)
-            snapshot, paths = hub_datasets.resolve(name, hub)
-            files.extend(f for path in paths for f in _expand(name, path, False))
-            log.info("%s: %s is snapshot %s in the Hugging Face cache", name, hub, snapshot.name)
+            files.extend(f for path in hub_datasets.resolve(name, hub) for f in _expand(name, path, False))
             continue
         path = Path(cache_dir) / Path(item).expanduser()
         if hub_repo and str(item) in stock_files and not path.exists():
@@ -57,14 +52,11 @@ def dataset_files(name: str, spec: Any, cache_dir: str | Path, default_used: boo
 
 def _from_reference_repo(name: str, path: Path, repo_id: str, default_used: bool) -> list[Path]:
     try:
-        snapshot, found = hub_datasets.reference_files(name, repo_id, path.name)
+        found = hub_datasets.reference_files(name, repo_id, path.name)
     except DataError as error:
         hint = DEFAULT_HINT if default_used else ""
         raise DataError(f"dataset {name!r}: file not found: {path}{hint}, and the reference's hub dataset "
                         f"{str(error).removeprefix(f'dataset {name!r}: ')}") from None
-    what = "its file of that name" if found[0].name == path.name else f"its data files ({len(found)})"
-    log.info("%s: %s is not there; reading %s from hf://datasets/%s, snapshot %s in the Hugging Face cache",
-             name, path, what, repo_id, snapshot.name)
     return [f for p in found for f in _expand(name, p, False)]
 
 

@@ -61,21 +61,19 @@ def parse_hub_path(name: str, spec: str) -> HubPath:
     return HubPath(f"{parts[0]}/{name_part}", revision or "main", path)
 
 
-def resolve(name: str, hub: HubPath) -> tuple[Path, list[Path]]:
-    """(the snapshot, the local paths it gives for ``hub``): a file, a folder or glob matches (expanded
-    by the caller as local ones are), or for a whole repo its data files."""
-    snapshot = _snapshot(name, hub, lambda s: _matches(s, hub.path))
-    return snapshot, _matches(snapshot, hub.path)
+def resolve(name: str, hub: HubPath) -> list[Path]:
+    """The local paths in the snapshot for ``hub``: a file, a folder or glob matches (expanded by the caller
+    as local ones are), or for a whole repo its data files."""
+    return _matches(_snapshot(name, hub, lambda s: _matches(s, hub.path)), hub.path)
 
 
-def reference_files(name: str, repo_id: str, file_name: str) -> tuple[Path, list[Path]]:
+def reference_files(name: str, repo_id: str, file_name: str) -> list[Path]:
     """A stock source's file from its reference repo: ``file_name`` anywhere in the snapshot (the first in
     path order), else every data file of the snapshot."""
     def found(snapshot: Path) -> list[Path]:
         named = sorted(snapshot.rglob(file_name))
         return named[:1] or repo_data_files(snapshot)
-    snapshot = _snapshot(name, HubPath(repo_id, "main", ""), found)
-    return snapshot, found(snapshot)
+    return found(_snapshot(name, HubPath(repo_id, "main", ""), found))
 
 
 def repo_data_files(folder: Path) -> list[Path]:

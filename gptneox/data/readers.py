@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from gptneox.errors import UserError
+from gptneox.extras import install_hint, installed
 
 FORMATS = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
 CHUNK_CHARS = 1 << 20  # a JSON array is parsed from a buffer of about this many characters
@@ -222,11 +223,11 @@ def _read_csv(stream: io.TextIOBase) -> Iterator[tuple[str, Any]]:
 def _read_arrow_batches(path: Path, kind: str) -> Iterator[tuple[str, Any]]:
     """Rows of a parquet file or an Arrow IPC stream, one record batch in memory at a time."""
     name = kind.lstrip(".")
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as parquet
-    except ImportError:
-        raise DataError(f"{path}: reading .{name} files needs pyarrow (pip install 'gptneox[data]')") from None
+    if not installed("pyarrow.parquet"):
+        raise DataError(f"{path}: reading .{name} files needs pyarrow, which is not installed: "
+                        f"{install_hint('pyarrow')}")
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
     index = 0
     compressed = path.suffix == ".gz"  # a plain file is given by path, so that pyarrow reads it natively
     try:

@@ -97,7 +97,8 @@ class TrainConfig:
     adam_epsilon: float = setting(1e-12, OPTIMISATION, "AdamW epsilon")
     warmup_steps: int = setting(600, OPTIMISATION, "optimizer steps of learning-rate warm-up")
     max_grad_norm: float = setting(2.0, OPTIMISATION, "gradient clipping norm")
-    num_train_epochs: int = setting(3, OPTIMISATION, "passes over the training set")
+    num_train_epochs: float = setting(3, OPTIMISATION, "passes over the training set; a fraction (0.5) ends "
+                                                       "the run part-way, after ceil(epochs x steps/epoch) steps")
     max_steps: int | None = setting(None, OPTIMISATION,
                                     "stop after this many optimizer steps (also the schedule length)")
     per_device_train_batch_size: int = setting(2, OPTIMISATION, "conversations per micro-batch and rank")
@@ -123,7 +124,10 @@ class TrainConfig:
     log_dir: str | None = setting(None, LOGGING, "TensorBoard directory (report_to tensorboard); "
                                                  "null: OUTPUT_DIR/tensorboard")
     logging_steps: int = setting(10, LOGGING, "progress-bar refresh; metrics.jsonl gets every step")
-    eval_steps: int = setting(200, LOGGING, "optimizer steps between evaluations (and one at the end)")
+    eval_strategy: Literal["no", "steps", "epoch"] = setting(
+        "steps", LOGGING, "evaluate every eval_steps steps, or at every epoch end (either: and after the last "
+                          "step), or never (no)")
+    eval_steps: int = setting(200, LOGGING, "optimizer steps between evaluations (eval_strategy steps)")
     per_device_eval_batch_size: int = setting(2, LOGGING, "evaluation conversations per batch and rank")
     peak_tflops: float | None = setting(None, LOGGING,
                                         "accelerator peak TFLOP/s for MFU; null: known-GPU table or measured")
@@ -144,10 +148,14 @@ class TrainConfig:
         for name, (low, high, rule) in _RANGES.items():
             value = getattr(self, name)
             if value is not None and (not low <= value <= high or (isinstance(value, float) and not math.isfinite(value))):
-                raise TrainConfigError(f"{name}={value!r} must be {rule}")
-        if self.learning_rate == 0 or self.adam_epsilon == 0 or self.peak_tflops == 0:
-            name = next(n for n in ("learning_rate", "adam_epsilon", "peak_tflops") if getattr(self, n) == 0)
-            raise TrainConfigError(f"{name}={getattr(self, name)!r} must be positive")
+                hint = f"; {_KEY_HINTS[name]}" if name in _KEY_HINTS else ""
+                raise TrainConfigError(f"{name}={value!r} must be {rule}{hint}")
+        for name in POSITIVE:
+            if getattr(self, name) == 0:
+                raise TrainConfigError(f"{name}={getattr(self, name)!r} must be positive")
+        for name in _FIELDS:
+            if getattr(self, name) is None and name not in _NULLABLE:
+                raise TrainConfigError(_null_refused(name, name))
 
     @property
     def allowed_changes(self) -> set[str]:
@@ -174,13 +182,14 @@ def _value_type(hint: Any) -> tuple[type, tuple | None]:
     return get_origin(hint) or hint, None
 
 
+POSITIVE = ("learning_rate", "adam_epsilon", "peak_tflops", "num_train_epochs")  # floats that must not be 0
 # Every numeric key's allowed range (low, high, as said in the error); null is always allowed where the
 # type has it. save_total_limit 0 would delete every checkpoint, the final one included.
 _AT_LEAST_1 = (1, math.inf, "at least 1")
 _RANGES = {
     **{name: _AT_LEAST_1 for name in (
         "max_length", "val_max_length", "pad_to_multiple_of", "eval_size", "per_device_train_batch_size",
-        "per_device_eval_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
+        "per_device_eval_batch_size", "gradient_accumulation_steps", "max_steps",
         "max_consecutive_skipped_steps", "save_steps", "save_total_limit", "logging_steps", "eval_steps")},
     "rng_seed": (0, 2**64 - 1, "in [0, 2**64)"),
     "warmup_steps": (0, math.inf, "0 or more"),
@@ -188,11 +197,39 @@ _RANGES = {
     "adam_beta1": (0.0, 1.0 - 1e-12, "in [0, 1)"),
     "adam_beta2": (0.0, 1.0 - 1e-12, "in [0, 1)"),
     **{name: (0.0, math.inf, "a finite number, 0 or more") for name in ("weight_decay", "max_grad_norm")},
-    **{name: (0.0, math.inf, "a finite positive number") for name in ("learning_rate", "adam_epsilon",
-                                                                       "peak_tflops")},
+    **{name: (0.0, math.inf, "a finite positive number") for name in POSITIVE},
 }
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _TYPES = {name: _value_type(hint) for name, hint in get_type_hints(TrainConfig).items()}
+_NULLABLE = {name for name, hint in get_type_hints(TrainConfig).items() if type(None) in get_args(hint)}
+
+# What to add when a key gets a value it cannot take (null, or out of range).
+_KEY_HINTS = {"eval_steps": "to switch evaluation off: eval_strategy no", "datasets": "an empty list is []",
+              "report_to": "for no backend: report_to none"}
+
+# Arguments of the Hugging Face Trainer, TRL and axolotl that are not keys here, and what does their job.
+FOREIGN_KEYS = {
+    "bf16": "the precision is one key here: --dtype bf16",
+    "fp16": "the precision is one key here: --dtype fp16 (the default)",
+    "lr_scheduler_type": "the learning-rate schedule is the DeepSpeed config's 'scheduler' section "
+                         "(ds_config.json: WarmupDecayLR, filled from learning_rate, warmup_steps and the run's "
+                         "length); to change it, copy ds_config.json, set scheduler.type to WarmupLR (constant "
+                         "after warm-up) or WarmupCosineLR, and pass --deepspeed_config YOUR_COPY.json",
+    "warmup_ratio": "warm-up is counted in optimizer steps here: --warmup_steps N",
+    "resume_from_checkpoint": "use --resume: it continues the run in output_dir from its newest complete "
+                              "checkpoint (data position and optimizer state included), so it takes no path; "
+                              "to start a new run from another run's exported model, pass --model_name DIR",
+    "seed": "the one seed (data order, random windows, init) is --rng_seed",
+    "data_seed": "the one seed (data order, random windows, init) is --rng_seed",
+    "logging_dir": "TensorBoard's directory is --log_dir (default OUTPUT_DIR/tensorboard)",
+    "evaluation_strategy": "the Trainer's newer name is the key here: --eval_strategy no|steps|epoch",
+    "model_name_or_path": "use --model_name (a preset, a local directory or an org/name in the HF cache)",
+    "base_model": "use --model_name (a preset, a local directory or an org/name in the HF cache)",
+    "tokenizer_name": "use --tokenizer_path (a tokenizer.json or a directory holding one)",
+    "max_seq_length": "use --max_length", "sequence_len": "use --max_length",
+    "micro_batch_size": "use --per_device_train_batch_size", "num_epochs": "use --num_train_epochs",
+    "packing": "use --pack", "sample_packing": "use --pack", "torch_compile": "use --compile true",
+}
 
 
 def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -224,13 +261,26 @@ def load_section(name: str, config_dir: Path = CONFIG_DIR) -> dict:
 
 
 def _check_key(key: str, where: str) -> None:
+    if key in FOREIGN_KEYS:
+        raise TrainConfigError(f"{where}: {key!r} is not a key here; {FOREIGN_KEYS[key]}")
     if key not in _FIELDS:
         raise TrainConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, _FIELDS)}")
+
+
+def _null_refused(where: str, key: str) -> str:
+    """The error of a null (YAML null, --no-KEY) for a key whose type has no null; `where` ends with the key."""
+    hint = f"; {_KEY_HINTS[key]}" if key in _KEY_HINTS else ""
+    return f"{where} cannot be null (it takes {_type_name(key)}){hint}"
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:
     """A YAML value checked against the key's type (YAML reads `1e-5` as a string, for one)."""
     kind = _kind(key)
+    if value is None and key not in _NULLABLE:
+        raise TrainConfigError(_null_refused(where, key))
+    choices = _TYPES[key][1]
+    if value is False and choices and "no" in choices:  # YAML 1.1 reads a bare `no` as false
+        return "no"
     if value is None or kind in (list, dict):
         return value
     if isinstance(value, str):
@@ -281,6 +331,8 @@ def _parse_overrides(tokens: list[str]) -> dict:
         name, has_value, value = token[2:].partition("=")
         negated = name[3:].replace("-", "_")
         if name.startswith("no-") and not has_value and negated in _FIELDS:
+            if _kind(negated) is not bool and negated not in _NULLABLE:
+                raise TrainConfigError(_null_refused(f"--{name}: {negated}", negated))
             overrides[negated] = False if _kind(negated) is bool else None
             i += 1
             continue
@@ -322,8 +374,7 @@ def _type_name(name: str) -> str:
     text = "|".join(map(str, choices)) if choices else names.get(kind, kind.__name__.upper())
     if _one_or_many(name):
         text = "NAME|" + text
-    optional = type(None) in get_args(get_type_hints(TrainConfig)[name])
-    return text + "|null" if optional else text
+    return text + "|null" if name in _NULLABLE else text
 
 
 def _yaml_value(value: Any) -> str:
@@ -360,8 +411,6 @@ def parse_train_config(argv: list[str] | None = None, prog: str | None = None) -
     for name in args.configs:
         merged.update(load_section(name))
     merged.update(_parse_overrides(rest))
-    if merged.get("datasets", []) is None:
-        merged["datasets"] = []
     try:
         return TrainConfig(**merged)
     except TypeError as err:

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def evaluate(engine: Any, batches: Iterable[dict | None],
-             stopped: Callable[[], bool] | None = None) -> tuple[float, float] | None:
-    """(masked loss, token accuracy) over this rank's `batches`, summed over all ranks; None when no rank's
+             stopped: Callable[[], bool] | None = None) -> tuple[float, float, int] | None:
+    """(masked loss, token accuracy, trained tokens) over this rank's `batches`, summed over all ranks; None when no rank's
     batches held a trained token (every rank agrees, the count is summed first). EvaluationStopped when
     `stopped` (a collective asked before each batch) turned true: every rank passes as many batches (None
     for a round in which it has none), so that they ask the same number of times. Collective."""
@@ -54,7 +54,7 @@ def evaluate(engine: Any, batches: Iterable[dict | None],
     loss_sum, correct, count = sums.tolist()
     if count == 0:
         return None
-    return loss_sum / count, correct / count
+    return loss_sum / count, correct / count, int(count)
 
 
 class EvaluationStopped(Exception):
@@ -62,19 +62,27 @@ class EvaluationStopped(Exception):
 
 
 class Evaluator:
-    """Runs every `every` optimizer steps, and once more at the end unless the last step just did."""
+    """Runs as `strategy` says (the Trainer's eval_strategy): every `every` optimizer steps ("steps"), at each
+    epoch end ("epoch"), and then once more at the end unless the last step just did; or never ("no")."""
 
     def __init__(self, eval_sets: dict[str, list], tokenizer: Tokenizer, *, max_length: int, batch_size: int,
-                 every: int, rank: int, world: int, size: int | None = None, pack: bool = False):
+                 every: int, rank: int, world: int, size: int | None = None, pack: bool = False,
+                 strategy: str = "steps"):
         """`size` keeps only the first samples of every set (None: all); `pack` lays each batch in one row."""
         self.eval_sets = {name: samples[:size] if size else samples for name, samples in eval_sets.items()}
         self.collate = DialogueCollator(tokenizer, max_length=max_length, random_offset_probability=0.0,
                                         pad_to_multiple_of=None, pack=pack)
         self.batch_size, self.every, self.rank, self.world = batch_size, every, rank, world
+        self.strategy = strategy
         self.without_trained_tokens: set[str] = set()  # sets already reported as such
 
-    def due(self, step: int) -> bool:
-        return step % self.every == 0
+    def due(self, step: int, epoch_done: bool) -> bool:
+        """Whether the step just taken evaluates (`epoch_done`: it ended an epoch)."""
+        return (self.strategy == "steps" and step % self.every == 0) or (self.strategy == "epoch" and epoch_done)
+
+    def due_at_end(self, step: int, epoch_done: bool) -> bool:
+        """Whether the run evaluates once more after its last step (which did not already)."""
+        return self.strategy != "no" and not self.due(step, epoch_done)
 
     def my_batches(self, samples: list) -> list[list | None]:
         """This rank's batches of one set: batch i goes to rank i mod world; None where the last round has
@@ -85,12 +93,13 @@ class Evaluator:
                 for i in range(self.rank * size, rounds * stride, stride)]
 
     def run(self, engine: Any, stop: StopRequest) -> dict[str, float]:
-        """{eval_NAME_loss, eval_NAME_accuracy} of every set; nothing once a stop is requested: the launcher
+        """{eval_NAME_loss, eval_NAME_accuracy} of every set, and eval_loss, eval_accuracy over all their
+        trained tokens together (the Trainer's overall figures); nothing once a stop is requested: the launcher
         kills the job soon after its SIGTERM (DeepSpeed's after about 30 s), and the checkpoint comes first;
         a stop during the evaluation ends it at the next batch, without results. Collective, like stop.agreed."""
         if stop.agreed(engine.device):
             return {}
-        results = {}
+        results, loss_sum, correct, count = {}, 0.0, 0.0, 0
         for name, samples in self.eval_sets.items():
             batches = (None if batch is None else self.collate(batch) for batch in self.my_batches(samples))
             try:
@@ -104,6 +113,9 @@ class Evaluator:
                                 self.collate.max_length)
                 self.without_trained_tokens.add(name)
                 continue
-            loss, accuracy = result
+            loss, accuracy, tokens = result
             results.update({eval_key(name, "loss"): loss, eval_key(name, "accuracy"): accuracy})
+            loss_sum, correct, count = loss_sum + loss * tokens, correct + accuracy * tokens, count + tokens
+        if count:
+            results.update({eval_key(None, "loss"): loss_sum / count, eval_key(None, "accuracy"): correct / count})
         return results

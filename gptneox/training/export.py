@@ -39,7 +39,7 @@ def write_model_metadata(checkpoint_dir: str | Path, config: GPTNeoXConfig, toke
     directory = Path(checkpoint_dir) / MODEL_SUBDIR
     directory.mkdir(parents=True, exist_ok=True)
     config.save(directory)
-    save_tokenizer(tokenizer, directory)
+    save_tokenizer(tokenizer, directory, model_max_length=config.max_position_embeddings)
     (directory / "training.json").write_text(json.dumps({"dtype": dtype}) + "\n")
 
 
@@ -110,6 +110,6 @@ def save_chat_model(config: GPTNeoXConfig, tensors: dict, tokenizer: Tokenizer, 
     config = dataclasses.replace(config, bos_token_id=eos_id, eos_token_id=eos_id,
                                  pad_token_id=tokenizer.token_to_id(PAD_TOKEN))
     save_weights(config, tensors, output_dir, max_shard_size, dtype)
-    save_tokenizer(tokenizer, output_dir)
+    save_tokenizer(tokenizer, output_dir, model_max_length=config.max_position_embeddings)  # the model's context
     save_generation_config(tokenizer, output_dir)
     return Path(output_dir)

@@ -7,7 +7,9 @@ what a step's figures are. The loop only calls them in order.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from deepspeed.accelerator import get_accelerator
 
 from gptneox.data import DialogueCollator
 from gptneox.data.datasets import load_run_datasets, merge_datasets
-from gptneox.training.checkpoint import CheckpointManager, TrainState
+from gptneox.training.checkpoint import CheckpointManager, TrainState, restore_rng_states, rng_states
 from gptneox.training.config import TrainConfig
 from gptneox.training.data_order import DataOrder
 from gptneox.training.distributed import barrier, on_rank_zero
@@ -27,12 +29,12 @@ from gptneox.training.ds_config import load_ds_config, resolve_ds_config
 from gptneox.training.evaluation import Evaluator
 from gptneox.training.export import MODEL_SUBDIR, export_checkpoint, write_model_metadata
 from gptneox.training.metrics import MetricsLogger, peak_tflops
-from gptneox.training.model_files import load_run_tokenizer
+from gptneox.training.model_files import input_directories, load_run_tokenizer
 from gptneox.training.model_setup import build_training_model, parameter_groups, training_model_config
 from gptneox.training.noise import SCHEDULER_NOT_STARTED, deepspeed_log_dropped
 from gptneox.training.partitioned import zero_stage
 from gptneox.training.output_dir import (CHECKPOINTS_DIR, DS_CONFIG_FILE, TENSORBOARD_DIR, TRAIN_CONFIG_FILE,
-                                         check_writable, claim_output_dir)
+                                         check_writable, claim_output_dir, removed_if_failed_empty)
 from gptneox.training.resume_check import check_resume, model_settings, read_run_record, run_record
 from gptneox.training.step import train_step
 from gptneox.training.stop import StopRequest
@@ -74,45 +76,55 @@ class Run:
         if path is not None:
             self.metrics.write(f"saved {path}")
 
+    def save_for_stop(self, stop: StopRequest) -> bool:
+        """Save the last finished step for a stop request and say so; False, for train's result."""
+        self.save()
+        self.metrics.write(f"{stop.signal_name or 'signal on another rank'}: saved, exiting (resume with --resume)")
+        return False
+
     def evaluate(self, stop: StopRequest) -> None:
         self.metrics.log_eval(self.engine.global_steps, self.evaluator.run(self.engine, stop))
 
 
-def train(cfg: TrainConfig, rank: int, world: int) -> bool:
+def train(cfg: TrainConfig, rank: int, world: int, stop: StopRequest) -> bool:
     """True when the run reached its last step and exported; False when it stopped early on a signal (or
-    its launcher's death) after saving."""
-    lock = on_rank_zero(lambda: claim_output_dir(cfg.output_dir, resume=cfg.resume,
-                                                  overwrite=cfg.overwrite_output_dir))
-    try:
-        return _train(cfg, rank, world)
-    finally:
-        if lock is not None:
-            lock.release()
+    its launcher's death) after saving. A stop requested before the first step raises StoppedBeforeTraining
+    (gptneox.training.stop) out of here, the lock released."""
+    with removed_if_failed_empty(cfg.output_dir, cfg.log_dir) if rank == 0 else contextlib.nullcontext():
+        lock = on_rank_zero(lambda: claim_output_dir(cfg.output_dir, resume=cfg.resume,
+                                                      overwrite=cfg.overwrite_output_dir,
+                                                      inputs=input_directories(cfg)))
+        try:
+            return _train(cfg, rank, world, stop)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int) -> bool:
+def _train(cfg: TrainConfig, rank: int, world: int, stop: StopRequest) -> bool:
     run = prepare(cfg, rank, world)
     engine, state, metrics = run.engine, run.state, run.metrics
-    stop = StopRequest()
     consecutive_skips = 0
     try:
+        stop.at_step_boundaries()
         while engine.global_steps < run.total_steps:
             state.advance()
             if stop.agreed(engine.device):
-                run.save()
-                metrics.write(f"{stop.signal_name or 'signal on another rank'}: saved, exiting "
-                              f"(resume with --resume)")
-                return False
+                return run.save_for_stop(stop)
             started = time.perf_counter()
+            generators = rng_states()  # as a stop between micro-batches saves them: as at the step's start
             micro_batches = run.micro_batches()
             try:
-                result = train_step(engine, micro_batches)
+                result = train_step(engine, micro_batches, stopped=lambda: stop.agreed(engine.device))
             except Exception as err:
                 if MIN_SCALE_MESSAGE not in str(err):
                     raise
                 run.save()
                 raise TrainingStopped(f"fp16 overflow at the minimum loss scale at step {engine.global_steps + 1} "
                                       f"(DeepSpeed: {err}); checkpoint saved in {run.checkpoints.directory}") from err
+            if result is None:  # stopped between two micro-batches: the step is abandoned, see train_step
+                restore_rng_states(generators)
+                return run.save_for_stop(stop)
             state.step_in_epoch += 1
             metrics.log_step(engine.global_steps, result, time.perf_counter() - started, state.progress)
             consecutive_skips = consecutive_skips + 1 if result.skipped else 0
@@ -121,10 +133,10 @@ def _train(cfg: TrainConfig, rank: int, world: int) -> bool:
                 raise TrainingStopped(f"{consecutive_skips} optimizer steps in a row skipped for fp16 overflow "
                                       f"(loss scale {result.loss_scale}); checkpoint saved in "
                                       f"{run.checkpoints.directory}")
-            if run.evaluator.due(engine.global_steps):
+            if run.evaluator.due(engine.global_steps, state.epoch_done):
                 run.evaluate(stop)
             run.save(due_only=True)
-        if not run.evaluator.due(engine.global_steps):
+        if run.evaluator.due_at_end(engine.global_steps, state.epoch_done):
             run.evaluate(stop)
         barrier()
         if rank == 0:
@@ -132,7 +144,6 @@ def _train(cfg: TrainConfig, rank: int, world: int) -> bool:
             metrics.write(f"exported the final model to {cfg.output_dir}")
         return True
     finally:
-        stop.restore()
         metrics.close()
 
 
@@ -150,13 +161,14 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
     model_config = training_model_config(cfg, tokenizer)
     evaluator = Evaluator(eval_sets, tokenizer, max_length=cfg.eval_max_length,
                           batch_size=cfg.per_device_eval_batch_size, every=cfg.eval_steps, rank=rank, world=world,
-                          size=cfg.eval_size, pack=cfg.pack)
+                          size=cfg.eval_size, pack=cfg.pack, strategy=cfg.eval_strategy)
     order = DataOrder(len(train_set), cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                       world, rank, cfg.rng_seed)
-    total_steps = cfg.max_steps or order.steps_per_epoch * cfg.num_train_epochs
+    total_steps = cfg.max_steps or math.ceil(order.steps_per_epoch * cfg.num_train_epochs)  # as the Trainer
     say(f"{len(train_set)} training conversations, {order.steps_per_epoch} steps/epoch of "
         f"{order.global_batch_size}, {total_steps} steps; eval sets: "
-        + ", ".join(f"{k} ({len(v)})" for k, v in evaluator.eval_sets.items()))
+        + ", ".join(f"{k} ({len(v)})" for k, v in evaluator.eval_sets.items())
+        + (" (eval_strategy no: never evaluated)" if cfg.eval_strategy == "no" else ""))
     ds_config, notes = resolve_ds_config(
         load_ds_config(cfg.deepspeed_config), cfg, world_size=world, hidden_size=model_config.hidden_size,
         total_num_steps=total_steps, cpu=get_accelerator().device_name() == "cpu")

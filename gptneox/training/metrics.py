@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from gptneox.attention import flex_compilations
 from gptneox.dtypes import torch_dtype
 from gptneox.errors import UserError
 from gptneox.memory import peak_memory_record
@@ -84,9 +85,17 @@ class MetricsError(UserError, ValueError):
     """A metrics.jsonl that cannot be read, or holds nothing to show."""
 
 
-def eval_key(dataset: str, metric: str) -> str:
-    """The record key of an evaluation figure: eval_NAME_loss, eval_NAME_accuracy."""
-    return f"{EVAL_PREFIX}{dataset}_{metric}"
+def flex_record() -> dict:
+    """The compiled FlexAttention kernel's compilations so far, once it has run (CUDA only): a figure that
+    keeps climbing means shapes are not bucketed and torch will fall back to the unfused kernel."""
+    count = flex_compilations()
+    return {"flex_compilations": count} if count else {}
+
+
+def eval_key(dataset: str | None, metric: str) -> str:
+    """The record key of an evaluation figure: eval_NAME_loss, eval_NAME_accuracy; for all sets together
+    (dataset None) the Trainer's eval_loss, eval_accuracy."""
+    return f"{EVAL_PREFIX}{dataset}_{metric}" if dataset else f"{EVAL_PREFIX}{metric}"
 
 
 def eval_loss_keys(records: list[dict]) -> list[str]:
@@ -95,7 +104,8 @@ def eval_loss_keys(records: list[dict]) -> list[str]:
 
 
 def eval_dataset(key: str) -> str:
-    """The evaluation set an eval_NAME_METRIC key is about (NAME may itself hold underscores)."""
+    """The evaluation set an eval_NAME_METRIC key is about (NAME may itself hold underscores); "" for the
+    figures over all sets (eval_loss)."""
     return key[len(EVAL_PREFIX):].rpartition("_")[0]
 
 
@@ -104,10 +114,11 @@ _TRAIN_TAGS = {"lr": "learning_rate"}
 
 
 def report_tag(key: str) -> str:
-    """The backends' tag of a record key: eval_NAME_loss is eval/NAME/loss, lr is train/learning_rate, any
-    other key train/KEY."""
+    """The backends' tag of a record key: eval_NAME_loss is eval/NAME/loss, eval_loss (all sets) eval/loss as
+    the Trainer tags it, lr is train/learning_rate, any other key train/KEY."""
     if key.startswith(EVAL_PREFIX):
-        return f"eval/{eval_dataset(key)}/{key.rpartition('_')[2]}"
+        dataset = eval_dataset(key)
+        return f"eval/{dataset + '/' if dataset else ''}{key.rpartition('_')[2]}"
     return f"train/{_TRAIN_TAGS.get(key, key)}"
 
 
@@ -173,7 +184,7 @@ class MetricsLogger:
                 "skipped_steps": result.skipped_steps, "epoch": epoch,
                 "tokens_per_s": result.tokens / seconds, "trained_tokens_per_s": result.trained_tokens / seconds,
                 "mfu": result.flops / seconds / peak if peak else None,
-                **peak_memory_record(self.device)}
+                **peak_memory_record(self.device), **flex_record()}
 
     def log_step(self, step: int, result: StepResult, seconds: float, epoch: float) -> None:
         if not self.enabled:  # the record is rank 0's: other ranks need not read their memory figures

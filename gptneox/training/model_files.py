@@ -1,4 +1,4 @@
-"""Where a run's model and tokenizer files are. No torch model code and no DeepSpeed here, so data tools
+"""Where a run's model, tokenizer and data files are. No torch model code and no DeepSpeed here, so data tools
 (tools/data_report.py) find the run's tokenizer exactly as training does, in a second."""
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from tokenizers import Tokenizer
 
 from gptneox.config import PRESETS
 from gptneox.data import load_tokenizer
+from gptneox.data.datasets import input_files as dataset_input_files
+from gptneox.data.datasets import parse_entry
 from gptneox.hub import find_model, is_repo_id
 from gptneox.training.config import TrainConfig, TrainConfigError
 
@@ -36,3 +38,20 @@ def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
     if source is None:
         raise TrainConfigError(f"model_name={cfg.model_name!r} is a preset without files: set tokenizer_path")
     return load_tokenizer(source)
+
+
+def input_directories(cfg: TrainConfig) -> dict[str, Path]:
+    """What a run reads from, by the key that names it: the model directory, the tokenizer's directory,
+    cache_dir and each dataset file's folder. Its output_dir may be none of them (gptneox.training.output_dir)."""
+    inputs = {"cache_dir": Path(cfg.cache_dir)}
+    model_dir = find_model_dir(cfg.model_name, cfg.cache_dir)
+    if model_dir is not None:
+        inputs["model_name"] = model_dir
+    if cfg.tokenizer_path:
+        tokenizer = Path(cfg.tokenizer_path)
+        inputs["tokenizer_path"] = tokenizer if tokenizer.is_dir() else tokenizer.parent
+    for entry in cfg.datasets if isinstance(cfg.datasets, list) else []:  # else load_datasets says why
+        name, options = parse_entry(entry)
+        for path in dataset_input_files(name, options, cfg.cache_dir):
+            inputs.setdefault(f"dataset {name} ({path.name})", path.parent)
+    return inputs

@@ -40,7 +40,7 @@ def dataset_fingerprint(conversations: list) -> str:
 
 
 def run_record(*, model: dict, dtype: str, world_size: int, zero_stage: int, learning_rate: float,
-               warmup_steps: int, total_steps: int, num_train_epochs: int, max_length: int,
+               warmup_steps: int, total_steps: int, num_train_epochs: float, max_length: int,
                global_batch_size: int, rng_seed: int, train_set: list) -> dict:
     """The settings a resume must match (`model` is the model's config.json content), as JSON reads them."""
     return json.loads(json.dumps({"model": model_settings(model), "dtype": dtype,

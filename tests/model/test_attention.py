@@ -47,7 +47,7 @@ def test_flash_needs_cuda_and_half_precision(tiny_model, fake_flash_modules):
 def test_flash_missing_package_is_a_clear_error(tiny_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes the import fail
     model = tiny_model()
-    with pytest.raises(attention_module.AttentionBackendError, match="needs flash-attn, which is not installed"):
+    with pytest.raises(attention_module.AttentionBackendError, match="needs flash-attn, which is not installed \\(gptneox's extra 'flash'"):
         model.attention_backend = "flash"  # fails when chosen, before any forward
     assert model.attention_backend == "sdpa"
 
@@ -548,3 +548,22 @@ def test_compile_blocks_keeps_parameter_names(tiny_model):
     model.compile_blocks()
     assert list(model.state_dict()) == names
     assert all(block._compiled_call_impl is not None for block in model.gpt_neox.layers)
+
+
+def test_flex_widths_fall_in_few_buckets():
+    flex_width = attention_module.flex_width
+    """Compiled FlexAttention has static shapes: rows are padded to 2^k or 1.5 * 2^k tokens (at least 128)."""
+    assert [flex_width(n) for n in (1, 128, 129, 192, 193, 300, 1000, 2049, 4097)] == \
+        [128, 128, 192, 192, 256, 384, 1024, 3072, 6144]
+    assert len({flex_width(n) for n in range(1, 32769)}) == 17  # 128, 192, 256, ..., 24576, 32768
+    assert all(n <= flex_width(n) < 1.5 * n + 1 for n in range(128, 5000))
+
+
+def test_flex_rows_padded_to_their_bucket_match_eager(tiny_model):
+    """A packed row of 130 tokens runs padded to 192: the extra keys are masked, the extra queries dropped."""
+    model = tiny_model()
+    segments = torch.tensor([[0] * 70 + [1] * 60])
+    positions = torch.tensor([list(range(70)) + list(range(60))])
+    x = ids(1, 130)
+    assert torch.allclose(logits(model, "flex", x, segment_ids=segments, position_ids=positions),
+                          logits(model, "eager", x, segment_ids=segments, position_ids=positions), atol=ATOL)

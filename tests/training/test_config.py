@@ -1,6 +1,7 @@
 """The training config: sections merged left to right, typed overrides, errors that name the key."""
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -132,3 +133,84 @@ def test_no_flag_sets_a_boolean_false_and_other_keys_null_and_long_dtype_names_a
                               "--dtype", "bfloat16"])
     assert cfg.pack is False and cfg.max_steps is None and cfg.dtype == "bf16"
     assert TrainConfig(dtype="float32").dtype == "fp32" and "dtype: fp32" in TrainConfig(dtype="float32").to_yaml()
+
+
+# ------------------------------------------------------------------ null, and the Trainer's habits
+@pytest.mark.parametrize("key, takes", [("eval_steps", "INT"), ("max_length", "INT"), ("learning_rate", "FLOAT"),
+                                        ("per_device_train_batch_size", "INT"), ("dtype", "fp32|fp16|bf16")])
+def test_no_key_is_refused_at_parse_time_where_the_type_has_no_null(key, takes):
+    with pytest.raises(TrainConfigError, match=rf"^--no-{key}: {key} cannot be null \(it takes {re.escape(takes)}\)"):
+        parse_train_config(["--configs", "defaults", "tiny", f"--no-{key}"])
+
+
+def test_every_key_either_takes_no_or_refuses_it_in_one_line():
+    """--no-KEY: false for a boolean, null where the type has null (|null in --help), else a parse error."""
+    for f in fields(TrainConfig):
+        argv = ["--configs", "defaults", "tiny", f"--no-{f.name}"]
+        if f.type == "bool" or "None" in str(f.type):
+            cfg = parse_train_config(argv)
+            assert getattr(cfg, f.name) is (False if f.type == "bool" else None), f.name
+        else:
+            with pytest.raises(TrainConfigError, match=f"cannot be null"):
+                parse_train_config(argv)
+
+
+def test_a_null_in_a_yaml_file_is_refused_naming_the_file_and_key(tmp_path):
+    section = tmp_path / "mine.yaml"
+    section.write_text("mine:\n  eval_steps: null\n")
+    with pytest.raises(TrainConfigError, match=rf"{re.escape(str(section))}: eval_steps cannot be null \(it takes "
+                                               r"INT\); to switch evaluation off: eval_strategy no"):
+        parse_train_config(["--configs", "defaults", str(section)])
+    with pytest.raises(TrainConfigError, match="eval_steps cannot be null"):
+        TrainConfig(eval_steps=None)  # the library's way in is checked too
+
+
+def test_eval_strategy_takes_the_trainers_values_yaml_no_included(tmp_path):
+    assert parse_train_config(["--configs", "defaults", "tiny"]).eval_strategy == "steps"
+    assert parse_train_config(["--eval_strategy", "no"]).eval_strategy == "no"
+    assert parse_train_config(["--eval_strategy=epoch"]).eval_strategy == "epoch"
+    section = tmp_path / "quiet.yaml"
+    section.write_text("quiet:\n  eval_strategy: no\n")  # YAML 1.1 reads a bare no as false
+    assert parse_train_config(["--configs", "defaults", str(section)]).eval_strategy == "no"
+    with pytest.raises(TrainConfigError, match=r"eval_strategy='never' is not supported \(allowed: no, steps, epoch\)"):
+        parse_train_config(["--eval_strategy", "never"])
+    with pytest.raises(TrainConfigError, match=r"eval_steps=0 must be at least 1; to switch evaluation off: "
+                                               r"eval_strategy no"):
+        parse_train_config(["--eval_steps", "0"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bf16"], "--bf16: 'bf16' is not a key here; the precision is one key here: --dtype bf16"),
+    (["--fp16", "true"], "--fp16: 'fp16' is not a key here; the precision is one key here: --dtype fp16"),
+    (["--lr_scheduler_type", "cosine"], "the learning-rate schedule is the DeepSpeed config's 'scheduler' section "
+                                        ".*set scheduler.type to WarmupLR .* or WarmupCosineLR, and pass "
+                                        "--deepspeed_config"),
+    (["--resume_from_checkpoint", "out/checkpoint-500"], "use --resume: it continues the run in output_dir from "
+                                                         "its newest complete checkpoint"),
+    (["--seed", "42"], "--rng_seed"),
+    (["--logging_dir", "runs"], "TensorBoard's directory is --log_dir"),
+    (["--evaluation_strategy", "no"], "--eval_strategy no\\|steps\\|epoch"),
+    (["--warmup_ratio", "0.1"], "--warmup_steps"),
+])
+def test_hugging_face_trainer_arguments_point_to_ours(argv, message):
+    with pytest.raises(TrainConfigError, match=message):
+        parse_train_config(argv)
+
+
+def test_suggestions_name_an_existing_key():
+    """Every pointer names a key that exists (--eval_strategy once suggested save_strategy)."""
+    from gptneox.training.config import FOREIGN_KEYS
+    keys = {f.name for f in fields(TrainConfig)}
+    for name, pointer in FOREIGN_KEYS.items():
+        named = re.findall(r"--(\w+)", pointer)
+        assert named and set(named) <= keys | {"deepspeed_config"}, (name, named)
+    assert parse_train_config(["--eval_strategy", "epoch"]).eval_strategy == "epoch"
+
+
+def test_fractional_epochs_are_accepted_as_the_trainer_does():
+    assert parse_train_config(["--num_train_epochs", "0.5"]).num_train_epochs == 0.5
+    assert parse_train_config(["--num_train_epochs", "2"]).num_train_epochs == 2
+    with pytest.raises(TrainConfigError, match="num_train_epochs=0.0 must be positive"):
+        parse_train_config(["--num_train_epochs", "0"])
+    with pytest.raises(TrainConfigError, match="num_train_epochs=-1.0 must be a finite positive number"):
+        parse_train_config(["--num_train_epochs", "-1"])

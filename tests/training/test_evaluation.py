@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 from gptneox import GPTNeoX, GPTNeoXConfig
@@ -45,8 +46,8 @@ def test_an_eval_set_without_trained_tokens_has_no_loss_and_is_named_once(caplog
             second = evaluator.run(_EvalEngine(model), stop)
     finally:
         stop.restore()
-    assert set(first) == set(second) == {"eval_short_loss", "eval_short_accuracy"}
-    assert first["eval_short_loss"] > 0
+    assert set(first) == set(second) == {"eval_short_loss", "eval_short_accuracy", "eval_loss", "eval_accuracy"}
+    assert first["eval_short_loss"] > 0 and first["eval_loss"] == first["eval_short_loss"]  # the one set with tokens
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["eval set long_questions: its 3 conversations hold no trained (assistant) token within "
                         "max_length 16; it has no loss or accuracy"]
@@ -77,6 +78,40 @@ def test_packed_evaluation_gives_the_padded_figures():
     finally:
         stop.restore()
     padded, packed = figures[False], figures[True]
-    assert padded.keys() == packed.keys() == {"eval_set_loss", "eval_set_accuracy"}
+    assert padded.keys() == packed.keys() == {"eval_set_loss", "eval_set_accuracy", "eval_loss", "eval_accuracy"}
     assert abs(padded["eval_set_loss"] - packed["eval_set_loss"]) < 1e-5
     assert padded["eval_set_accuracy"] == packed["eval_set_accuracy"]
+
+
+def test_the_overall_eval_loss_is_the_mean_over_every_sets_trained_tokens():
+    """eval_loss (TensorBoard's eval/loss, the Trainer's tag) weighs each set by its trained tokens, so a
+    small set does not count as much as a large one."""
+    tokenizer = load_tokenizer(REPO / "data" / "sample" / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPTNeoX(GPTNeoXConfig.from_name("tiny", vocab_size=tokenizer.get_vocab_size()))
+    short = [[{"role": "prompter", "text": "Hi"}, {"role": "assistant", "text": "Hello there"}]]
+    long = [[{"role": "prompter", "text": f"Question {i}"}, {"role": "assistant", "text": "A long answer. " * (i + 3)}]
+            for i in range(4)]
+    sets = {"short": short, "long": long}
+    stop = StopRequest()
+    try:
+        together = Evaluator(sets, tokenizer, max_length=128, batch_size=2, every=1, rank=0, world=1).run(
+            _EvalEngine(model), stop)
+    finally:
+        stop.restore()
+    tokens = {name: sum(len(tokenizer.encode(c[1]["text"]).ids) + 1 for c in convs) for name, convs in sets.items()}
+    expected = sum(together[f"eval_{name}_loss"] * n for name, n in tokens.items()) / sum(tokens.values())
+    assert together["eval_loss"] == pytest.approx(expected, rel=1e-3)
+    assert together["eval_short_loss"] != pytest.approx(together["eval_long_loss"], rel=1e-3)  # a real weighing
+
+
+@pytest.mark.parametrize("strategy, due_steps, at_end", [
+    ("steps", [3, 6], True), ("epoch", [4, 8], False), ("no", [], False)])
+def test_eval_strategy_says_when_to_evaluate(strategy, due_steps, at_end):
+    """Epochs of 4 steps, eval_steps 3: the Trainer's eval_strategy values; the end of a run evaluates
+    unless its last step just did, or the strategy is no."""
+    tokenizer = load_tokenizer(REPO / "data" / "sample" / "tokenizer.json")
+    evaluator = Evaluator({}, tokenizer, max_length=16, batch_size=1, every=3, rank=0, world=1, strategy=strategy)
+    assert [step for step in range(1, 9) if evaluator.due(step, epoch_done=step % 4 == 0)] == due_steps
+    assert evaluator.due_at_end(10, epoch_done=False) is (strategy != "no")
+    assert evaluator.due_at_end(8, epoch_done=True) is at_end

@@ -200,7 +200,9 @@ def test_export_keeps_tied_embeddings_tied_and_writes_the_chat_files(workspace, 
     generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == reply_stop_ids(tokenizer) and generation["pad_token_id"] == pad
     assert {k: generation[k] for k in DEFAULT_SAMPLING} == DEFAULT_SAMPLING
-    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    tokenizer_config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["chat_template"] == CHAT_TEMPLATE
+    assert tokenizer_config["model_max_length"] == config["max_position_embeddings"] == 2048  # not the default 4096
 
     # a re-export with fewer shards leaves none of the earlier export's weight files behind
     export_checkpoint(tmp_path / "checkpoints", tmp_path / "resharded", max_shard_size=100_000)
@@ -231,8 +233,8 @@ def test_a_stop_skips_evaluation_and_saves_each_step_once(workspace, tmp_path, m
     the epoch ends (every 2 steps of these 8 conversations) are not saved."""
     real_step, saved = loop.train_step, []
 
-    def signalled_at_step_3(engine, micro_batches):
-        result = real_step(engine, micro_batches)
+    def signalled_at_step_3(engine, micro_batches, **options):
+        result = real_step(engine, micro_batches, **options)
         if engine.global_steps == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return result
@@ -466,3 +468,23 @@ def test_fused_cpu_adamw_gives_the_loss_curve_of_the_plain_one(workspace):
     assert fused_defaults["fused"] is True and not plain_defaults["fused"] and plain_defaults["foreach"] is False
     assert fused_losses[-1] < fused_losses[0] - 0.1  # it trains
     assert fused_losses == pytest.approx(plain_losses, rel=1e-5)
+
+
+def test_half_an_epoch_without_evaluation_and_no_key_refused_before_anything(workspace, tmp_path, capsys):
+    """--num_train_epochs 0.5 runs ceil(steps_per_epoch / 2) steps (the Trainer's rule); eval_strategy no
+    evaluates never, not even at the end; --no-eval_steps is one line at parse time, before any directory."""
+    out = tmp_path / "half"
+    assert run_train(workspace, out, "--num_train_epochs", "0.5", "--eval_strategy", "no", "--save_steps", "1000") == 0
+    printed = capsys.readouterr().out
+    steps_per_epoch = int(printed.split(" steps/epoch of ")[0].rsplit(" ", 1)[1])
+    records = read_metrics(out)
+    assert steps_per_epoch > 2 and [r["step"] for r in records if "loss" in r] == list(
+        range(1, -(-steps_per_epoch // 2) + 1))
+    assert not [key for r in records for key in r if key.startswith("eval")]
+    assert "eval_strategy no: never evaluated" in printed
+
+    assert run_train(workspace, tmp_path / "refused", "--no-eval_steps") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].endswith("--no-eval_steps: eval_steps cannot be null (it takes INT); "
+                                               "to switch evaluation off: eval_strategy no")
+    assert not (tmp_path / "refused").exists()

@@ -95,3 +95,20 @@ def test_read_only_output_directory_is_refused(read_only_directory):
         claim_output_dir(read_only_directory, resume=False, overwrite=False)
     with pytest.raises(OutputDirError, match=f"log_dir {read_only_directory}/tb is not writable"):
         check_writable(read_only_directory / "tb", key="log_dir")
+
+
+def test_a_run_that_fails_before_training_leaves_no_empty_directories(tmp_path, capsys):
+    """A data error found after the output directory was claimed: the directories the run made (output_dir
+    and log_dir, with their missing parents) go again; one that existed before stays."""
+    from gptneox.train import main as train_main
+
+    section = tmp_path / "broken.yaml"
+    section.write_text("broken:\n  datasets:\n    - chat:\n        input_file_path: missing.jsonl\n")
+    (tmp_path / "kept").mkdir()
+    argv = ["--configs", "defaults", "tiny", str(section), "--tokenizer_path", str(REPO / "data/sample/tokenizer.json")]
+    assert train_main([*argv, "--output_dir", str(tmp_path / "runs" / "one"),
+                       "--log_dir", str(tmp_path / "logs" / "tb")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.yaml", "kept"]
+    assert train_main([*argv, "--output_dir", str(tmp_path / "kept")]) == 2
+    assert (tmp_path / "kept").is_dir() and not list((tmp_path / "kept").iterdir())
