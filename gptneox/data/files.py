@@ -25,8 +25,8 @@ SAVED_SPLITS = "dataset_dict.json"  # a folder written by DatasetDict.save_to_di
 
 def dataset_files(name: str, spec: Any, cache_dir: str | Path, default_used: bool = False,
                   hub_repo: str | None = None, stock_files: tuple[str, ...] = ()) -> list[Path]:
-    """The files of dataset ``name``; relative paths are taken from ``cache_dir``. A path in ``stock_files``
-    that is not in ``cache_dir`` is looked up in ``hub_repo`` in the Hugging Face cache."""
+    """The files of dataset ``name``; relative paths are taken from ``cache_dir``. A file named as one of
+    ``stock_files`` that is not where it is named is looked up in ``hub_repo`` in the Hugging Face cache."""
     specs = spec if isinstance(spec, list) else [spec]
     if not specs:
         raise DataError(f"dataset {name!r}: input_file_path is an empty list")
@@ -40,7 +40,7 @@ def dataset_files(name: str, spec: Any, cache_dir: str | Path, default_used: boo
             files.extend(f for path in hub_datasets.resolve(name, hub) for f in _expand(name, path, False))
             continue
         path = Path(cache_dir) / Path(item).expanduser()
-        if hub_repo and str(item) in stock_files and not path.exists():
+        if hub_repo and path.name in stock_files and not path.exists():
             files.extend(_from_reference_repo(name, path, hub_repo, default_used))
             continue
         files.extend(_expand(name, path, default_used))

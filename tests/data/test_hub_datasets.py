@@ -200,3 +200,22 @@ def test_the_data_report_lists_the_snapshot_files_it_read(hub, tmp_path, capsys,
     assert rows["code_alpaca"]["files"] == [str(hub / "datasets--sahil2801--CodeAlpaca-20k" / "snapshots" /
                                                 COMMITS["sahil2801/CodeAlpaca-20k"] / "code_alpaca_20k.json")]
     assert rows["code_alpaca"]["drops"] == {"banned word": 1} and rows["oasst_export"]["records"] == 22
+
+
+def test_a_users_yaml_without_cache_dir_keeps_hf_paths_and_finds_stock_files_in_the_hub(hub, tmp_path):
+    from gptneox.data.datasets import load_run_datasets
+    from gptneox.training.config import parse_train_config
+
+    reference_cache(hub)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "mix.yaml").write_text(yaml.safe_dump({"mix": {"datasets": [
+        {"oasst_export": {"input_file_path": f"hf://datasets/{OASST1}/2023-04-12_oasst_ready.trees.jsonl.gz",
+                          "lang": "en,de"}},
+        {"code_alpaca": {"input_file_path": "code_alpaca_20k.json"}}]}}))  # taken from mine/, not there
+    cfg = parse_train_config(["--configs", "defaults", "tiny", str(mine / "mix.yaml")])
+    oasst, code = load_run_datasets(cfg)
+    assert cfg.datasets[0]["oasst_export"]["input_file_path"].startswith("hf://datasets/")
+    assert oasst.files[0].name == "2023-04-12_oasst_ready.trees.jsonl.gz" and len(oasst.train + oasst.eval) == 5
+    assert code.files == [hub / "datasets--sahil2801--CodeAlpaca-20k" / "snapshots" / COMMITS["sahil2801/CodeAlpaca-20k"]
+                          / "code_alpaca_20k.json"]
