@@ -18,6 +18,7 @@ import yaml
 
 from gptneox.config import did_you_mean
 from gptneox.dtypes import LONG_NAMES, TORCH_DTYPES
+from gptneox.data.hub_datasets import is_hub_path
 from gptneox.errors import UserError
 from gptneox.training.reporting import requested_backends
 
@@ -75,9 +76,12 @@ class TrainConfig:
     deterministic: bool = setting(False, MODEL, "deterministic kernels (flash backward, cuBLAS): bitwise resume on GPU")
 
     datasets: list[str | dict] = setting([], DATA,
-                                         "dataset names or {name: options} mappings (YAML on the command line)")
+                                         "dataset names or {name: options} mappings (YAML on the command line); "
+                                         "input_file_path may be an hf://datasets/ORG/NAME[/PATH] in the "
+                                         "Hugging Face cache")
     cache_dir: str = setting(".cache", DATA, "where dataset files and model directories are looked for (a YAML "
-                                             "file that sets no cache_dir: its input_file_paths are relative to it)")
+                                             "file that sets no cache_dir: its input_file_paths are relative to it; "
+                                             "a stock dataset file missing: in its hub repo in the Hugging Face cache)")
     max_length: int = setting(512, DATA, "longest training sequence in tokens (a random window of longer ones)")
     val_max_length: int | None = setting(None, DATA, "longest evaluation sequence; null: max_length")
     random_offset_probability: float = setting(0.8, DATA, "chance that a too-long conversation gets a random window")
@@ -373,7 +377,9 @@ def _input_paths_from(datasets: Any, folder: Path) -> Any:
     def resolved(spec: Any) -> Any:
         if isinstance(spec, list):
             return [resolved(item) for item in spec]
-        return str(folder / Path(spec).expanduser()) if isinstance(spec, str) else spec
+        if not isinstance(spec, str) or is_hub_path(spec):  # hf://datasets/... is not a local path
+            return spec
+        return str(folder / Path(spec).expanduser())
 
     return [{name: {**options, "input_file_path": resolved(options["input_file_path"])}
              if isinstance(options, dict) and "input_file_path" in options else options
