@@ -227,7 +227,24 @@ FOREIGN_KEYS = {
     "max_seq_length": "use --max_length", "sequence_len": "use --max_length",
     "micro_batch_size": "use --per_device_train_batch_size", "num_epochs": "use --num_train_epochs",
     "packing": "use --pack", "sample_packing": "use --pack", "torch_compile": "use --compile true",
+    "model": "use --model_name", "lr": "use --learning_rate", "epochs": "use --num_train_epochs",
+    "torch_dtype": "use --dtype fp32|fp16|bf16",
+    "eval_batch_size": "use --per_device_eval_batch_size",
+    "batch_size": "the batch is --per_device_train_batch_size conversations per rank, times "
+                  "--gradient_accumulation_steps",
+    "optim": "the optimizer is AdamW, the DeepSpeed config's 'optimizer' section, filled from --learning_rate, "
+             "--adam_beta1, --adam_beta2, --adam_epsilon and --weight_decay",
+    "logging_strategy": "metrics.jsonl records every step; --logging_steps only sets how often the progress "
+                        "bar refreshes",
+    "logging_first_step": "metrics.jsonl records every step, the first included",
+    "eval_accumulation_steps": "evaluation keeps running sums only, never a batch's logits: nothing to accumulate",
+    "val_set_size": "the evaluation split is set per dataset: val_split (a fraction) and max_val_set in its "
+                    "options (--datasets, or a YAML section)",
+    "group_by_length": "length grouping is not implemented (--sort_by_length accepts only false); --pack "
+                       "removes the padding instead",
+    "gradient_checkpointing_kwargs": "--gradient_checkpointing true takes no options (each block is recomputed)",
 }
+SUGGESTION_CUTOFF = 0.75  # below it, the nearest key was more often wrong (logging_strategy -> logging_steps)
 
 
 def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -273,10 +290,11 @@ def load_section(name: str, config_dir: Path = CONFIG_DIR) -> dict:
 
 
 def _check_key(key: str, where: str) -> None:
+    if key in _FIELDS:
+        return
     if key in FOREIGN_KEYS:
         raise TrainConfigError(f"{where}: {key!r} is not a key here; {FOREIGN_KEYS[key]}")
-    if key not in _FIELDS:
-        raise TrainConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, _FIELDS)}")
+    raise TrainConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, _FIELDS, cutoff=SUGGESTION_CUTOFF)}")
 
 
 def _null_refused(where: str, key: str) -> str:
