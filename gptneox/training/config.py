@@ -19,6 +19,7 @@ import yaml
 from gptneox.config import did_you_mean
 from gptneox.dtypes import LONG_NAMES, TORCH_DTYPES
 from gptneox.errors import UserError
+from gptneox.lora import LoraConfig, parse_target_modules
 from gptneox.training.reporting import requested_backends
 
 # The bundled files (package data in an installed package; in a checkout, symlinks to the top-level
@@ -42,9 +43,9 @@ class TrainConfigError(UserError, ValueError):
 
 
 # The groups of `--help`, in this order.
-MODEL, DATA, OPTIMISATION, CHECKPOINTING, LOGGING = (
-    "model", "data", "optimisation", "checkpointing", "logging and evaluation")
-GROUPS = (MODEL, DATA, OPTIMISATION, CHECKPOINTING, LOGGING)
+MODEL, LORA, DATA, OPTIMISATION, CHECKPOINTING, LOGGING = (
+    "model", "LoRA", "data", "optimisation", "checkpointing", "logging and evaluation")
+GROUPS = (MODEL, LORA, DATA, OPTIMISATION, CHECKPOINTING, LOGGING)
 
 
 def setting(default: Any, group: str, meaning: str) -> Any:
@@ -73,6 +74,16 @@ class TrainConfig:
     compile: bool = setting(False, MODEL, "torch.compile each block, attention kernels excluded (needs a C++ "
                                           "compiler on CPU; off: no gain on CPU, docs/benchmarks.md)")
     deterministic: bool = setting(False, MODEL, "deterministic kernels (flash backward, cuBLAS): bitwise resume on GPU")
+
+    lora_r: int = setting(0, LORA, "LoRA rank: train low-rank adapters on a frozen base model; 0 trains every "
+                                   "weight (full fine-tuning)")
+    lora_alpha: float = setting(8.0, LORA, "LoRA scaling numerator: the update is (B @ A) * lora_alpha / lora_r")
+    lora_dropout: float = setting(0.0, LORA, "dropout on the adapters' input, in [0, 1)")
+    lora_target_modules: str | list[str] = setting(
+        "query_key_value", LORA, "projections that get adapters: query_key_value, dense, dense_h_to_4h, "
+                                 "dense_4h_to_h (a comma list or a YAML list), or all-linear for all four")
+    lora_train_new_tokens: bool = setting(True, LORA, "with LoRA, also train the embedding rows (input and output) "
+                                                      "of the chat tokens the tokenizer adds to the base vocabulary")
 
     datasets: list[str | dict] = setting([], DATA,
                                          "dataset names or {name: options} mappings (YAML on the command line)")
@@ -150,6 +161,10 @@ class TrainConfig:
         for name in POSITIVE:
             if getattr(self, name) == 0:
                 raise TrainConfigError(f"{name}={getattr(self, name)!r} must be positive")
+        try:
+            self.lora_target_modules = list(parse_target_modules(self.lora_target_modules))
+        except ValueError as err:
+            raise TrainConfigError(f"lora_target_modules={self.lora_target_modules!r}: {err}") from None
         for name in _FIELDS:
             if getattr(self, name) is None and name not in _NULLABLE:
                 raise TrainConfigError(_null_refused(name, name))
@@ -157,6 +172,14 @@ class TrainConfig:
     @property
     def allowed_changes(self) -> set[str]:
         return {name.strip() for name in (self.allow_changed or "").split(",") if name.strip()}
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        """The adapters' settings; None for full fine-tuning (lora_r 0)."""
+        if not self.lora_r:
+            return None
+        return LoraConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          target_modules=tuple(self.lora_target_modules))
 
     @property
     def eval_max_length(self) -> int:
@@ -179,7 +202,7 @@ def _value_type(hint: Any) -> tuple[type, tuple | None]:
     return get_origin(hint) or hint, None
 
 
-POSITIVE = ("learning_rate", "adam_epsilon", "peak_tflops", "num_train_epochs")  # floats that must not be 0
+POSITIVE = ("learning_rate", "adam_epsilon", "peak_tflops", "num_train_epochs", "lora_alpha")  # floats that must not be 0
 # Every numeric key's allowed range (low, high, as said in the error); null is always allowed where the
 # type has it. save_total_limit 0 would delete every checkpoint, the final one included.
 _AT_LEAST_1 = (1, math.inf, "at least 1")
@@ -192,6 +215,8 @@ _RANGES = {
     "warmup_steps": (0, math.inf, "0 or more"),
     "random_offset_probability": (0.0, 1.0, "in [0, 1]"),
     "adam_beta1": (0.0, 1.0 - 1e-12, "in [0, 1)"),
+    "lora_r": (0, math.inf, "0 (LoRA off) or more"),
+    "lora_dropout": (0.0, 1.0 - 1e-12, "in [0, 1)"),
     "adam_beta2": (0.0, 1.0 - 1e-12, "in [0, 1)"),
     **{name: (0.0, math.inf, "a finite number, 0 or more") for name in ("weight_decay", "max_grad_norm")},
     **{name: (0.0, math.inf, "a finite positive number") for name in POSITIVE},

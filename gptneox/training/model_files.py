@@ -8,6 +8,7 @@ from tokenizers import Tokenizer
 
 from gptneox.config import PRESETS
 from gptneox.data import load_tokenizer
+from gptneox.data.tokenizer import added_token_ids
 from gptneox.hub import find_model, is_repo_id
 from gptneox.training.config import TrainConfig, TrainConfigError
 
@@ -30,9 +31,20 @@ def find_model_dir(model_name: str, cache_dir: str) -> Path | None:
         f"{fetch}or set model_name to the directory's path")
 
 
-def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
-    """The tokenizer a run trains with: `tokenizer_path`, else the model directory's (data tools use it too)."""
+def tokenizer_source(cfg: TrainConfig) -> Path:
+    """The tokenizer file or directory of a run: `tokenizer_path`, else the model directory."""
     source = cfg.tokenizer_path or find_model_dir(cfg.model_name, cfg.cache_dir)
     if source is None:
         raise TrainConfigError(f"model_name={cfg.model_name!r} is a preset without files: set tokenizer_path")
-    return load_tokenizer(source)
+    return Path(source)
+
+
+def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The tokenizer a run trains with: `tokenizer_path`, else the model directory's (data tools use it too)."""
+    return load_tokenizer(tokenizer_source(cfg))
+
+
+def trained_token_ids(cfg: TrainConfig) -> list[int]:
+    """The tokens whose embedding rows a LoRA run trains: with lora_train_new_tokens, those the tokenizer
+    adds to the stored vocabulary (the chat tokens, on a base model); none otherwise."""
+    return added_token_ids(tokenizer_source(cfg)) if cfg.lora_r and cfg.lora_train_new_tokens else []

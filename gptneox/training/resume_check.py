@@ -21,7 +21,9 @@ RUN_RECORD = "run.json"
 # was first converted to a universal checkpoint).
 # The saved position (epoch, step in epoch) indexes a data order drawn from rng_seed, num_samples and the
 # global batch: with any of them changed it points nowhere (TrainState refuses it too, after the load).
-FIXED = ("model", "world_size", "zero_stage", "rng_seed", "global_batch_size", "num_samples")
+# A LoRA checkpoint holds adapters, a full one every weight: neither loads as the other, nor as adapters of
+# another rank, targets or token rows.
+FIXED = ("model", "lora", "world_size", "zero_stage", "rng_seed", "global_batch_size", "num_samples")
 # A change of any of these changes the run's numbers; --allow_changed says it is intended.
 WAIVABLE = ("dtype", "learning_rate", "warmup_steps", "total_steps", "num_train_epochs", "max_length", "dataset")
 
@@ -41,9 +43,10 @@ def dataset_fingerprint(conversations: list) -> str:
 
 def run_record(*, model: dict, dtype: str, world_size: int, zero_stage: int, learning_rate: float,
                warmup_steps: int, total_steps: int, num_train_epochs: float, max_length: int,
-               global_batch_size: int, rng_seed: int, train_set: list) -> dict:
-    """The settings a resume must match (`model` is the model's config.json content), as JSON reads them."""
-    return json.loads(json.dumps({"model": model_settings(model), "dtype": dtype,
+               global_batch_size: int, rng_seed: int, train_set: list, lora: dict | None = None) -> dict:
+    """The settings a resume must match (`model` is the model's config.json content; `lora` the adapters'
+    settings, None for full fine-tuning), as JSON reads them."""
+    return json.loads(json.dumps({"model": model_settings(model), "lora": lora, "dtype": dtype,
             "world_size": world_size, "zero_stage": zero_stage, "learning_rate": learning_rate,
             "warmup_steps": warmup_steps, "total_steps": total_steps, "num_train_epochs": num_train_epochs,
             "max_length": max_length, "global_batch_size": global_batch_size, "rng_seed": rng_seed,
@@ -97,7 +100,15 @@ def check_resume(saved: dict, current: dict, where: str | Path, allowed: set[str
 
 def _difference(name: str, theirs: Any, ours: Any) -> tuple[str, str]:
     """Both sides as short text: for the model, only the fields that differ."""
+    if name == "lora":
+        return _lora_text(theirs), _lora_text(ours)
     if name == "model":
         keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         return (", ".join(f"{k}={theirs.get(k)!r}" for k in keys), ", ".join(f"{k}={ours.get(k)!r}" for k in keys))
     return f"{name}={theirs!r}", f"{name}={ours!r}"
+
+
+def _lora_text(lora: dict | None) -> str:
+    if lora is None:
+        return "full fine-tuning (lora_r=0)"
+    return "LoRA " + ", ".join(f"{key}={value!r}" for key, value in lora.items())
