@@ -18,6 +18,7 @@ import yaml
 
 from gptneox.config import did_you_mean
 from gptneox.dtypes import LONG_NAMES, TORCH_DTYPES
+from gptneox.data.hub_datasets import is_hub_path
 from gptneox.errors import UserError
 from gptneox.training.reporting import requested_backends
 
@@ -75,8 +76,12 @@ class TrainConfig:
     deterministic: bool = setting(False, MODEL, "deterministic kernels (flash backward, cuBLAS): bitwise resume on GPU")
 
     datasets: list[str | dict] = setting([], DATA,
-                                         "dataset names or {name: options} mappings (YAML on the command line)")
-    cache_dir: str = setting(".cache", DATA, "where dataset files and model directories are looked for")
+                                         "dataset names or {name: options} mappings (YAML on the command line); "
+                                         "input_file_path may be an hf://datasets/ORG/NAME[/PATH] in the "
+                                         "Hugging Face cache")
+    cache_dir: str = setting(".cache", DATA, "where dataset files and model directories are looked for (a YAML "
+                                             "file that sets no cache_dir: its input_file_paths are relative to it; "
+                                             "a stock dataset file missing: in its hub repo in the Hugging Face cache)")
     max_length: int = setting(512, DATA, "longest training sequence in tokens (a random window of longer ones)")
     val_max_length: int | None = setting(None, DATA, "longest evaluation sequence; null: max_length")
     random_offset_probability: float = setting(0.8, DATA, "chance that a too-long conversation gets a random window")
@@ -233,9 +238,20 @@ def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
     return sorted(p.stem for p in config_dir.glob("*.yaml"))
 
 
+def section_path(name: str, config_dir: Path = CONFIG_DIR) -> Path:
+    """The YAML file of a section: a path ending in .yaml/.yml, else the bundled `configs/NAME.yaml`."""
+    return Path(name) if name.endswith((".yaml", ".yml")) else config_dir / f"{name}.yaml"
+
+
+def users_folder(path: Path) -> Path | None:
+    """The folder of a user's YAML file; None for a bundled section."""
+    folder = path.resolve().parent
+    return None if folder == CONFIG_DIR.resolve() else folder
+
+
 def load_section(name: str, config_dir: Path = CONFIG_DIR) -> dict:
     """One config section: `configs/NAME.yaml` holding `{NAME: {...}}` (or a path to such a file)."""
-    path = Path(name) if name.endswith((".yaml", ".yml")) else config_dir / f"{name}.yaml"
+    path = section_path(name, config_dir)
     if not path.is_file():
         hint = did_you_mean(name, available_configs(config_dir), n=3, cutoff=0.5, quote=False)
         raise TrainConfigError(f"unknown config {name!r} (no {path}){hint} "
@@ -244,13 +260,16 @@ def load_section(name: str, config_dir: Path = CONFIG_DIR) -> dict:
         document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise TrainConfigError(f"{path}: invalid YAML: {err}") from None
+    if isinstance(document, dict) and len(document) > 1:
+        raise TrainConfigError(f"{path}: holds {len(document)} sections ({', '.join(map(str, document))}); a YAML "
+                               "file holds one: put each in its own file and list the files in --configs")
     if not isinstance(document, dict) or len(document) != 1 or not isinstance(next(iter(document.values())), dict):
         raise TrainConfigError(f"{path}: expected exactly one section, {{{path.stem}: {{key: value, ...}}}}")
     section = next(iter(document.values()))
     for key in section:
         _check_key(key, where=str(path))
     values = {key: _coerce(key, value, where=f"{path}: {key}") for key, value in section.items()}
-    base = PACKAGE_DIR if path.resolve().parent == CONFIG_DIR.resolve() else path.resolve().parent
+    base = users_folder(path) or PACKAGE_DIR
     for key in INPUT_PATH_KEYS:
         if isinstance(values.get(key), str):
             values[key] = str(base / Path(values[key]).expanduser())
@@ -349,6 +368,25 @@ def _parse_overrides(tokens: list[str]) -> dict:
     return overrides
 
 
+def _input_paths_from(datasets: Any, folder: Path) -> Any:
+    """`datasets` with each relative input_file_path taken from `folder`: a user's YAML file that sets no
+    cache_dir names its data files relative to itself, as it does its tokenizer_path."""
+    if not isinstance(datasets, list):
+        return datasets  # a wrong shape is reported, with its dataset, where the datasets are read
+
+    def resolved(spec: Any) -> Any:
+        if isinstance(spec, list):
+            return [resolved(item) for item in spec]
+        if not isinstance(spec, str) or is_hub_path(spec):  # hf://datasets/... is not a local path
+            return spec
+        return str(folder / Path(spec).expanduser())
+
+    return [{name: {**options, "input_file_path": resolved(options["input_file_path"])}
+             if isinstance(options, dict) and "input_file_path" in options else options
+             for name, options in entry.items()} if isinstance(entry, dict) else entry
+            for entry in datasets]
+
+
 DESCRIPTION = ("Supervised fine-tuning of a GPT-NeoX model with an explicit DeepSpeed ZeRO-2 loop. The loop "
                "always drives DeepSpeed (deepspeed.initialize with ds_config.json, its 'auto' values resolved "
                "from the config); --deepspeed is accepted for compatibility with the reference command and "
@@ -405,9 +443,18 @@ def parse_train_config(argv: list[str] | None = None, prog: str | None = None) -
         build_parser(prog).parse_args(["--help"])  # prints the grouped keys and exits
     args, rest = _launch_parser(add_help=False).parse_known_args(argv)
     merged: dict = {"deepspeed_config": str(PACKAGE_DIR / _FIELDS["deepspeed_config"].default)}  # the bundled one
+    data_folder = None  # the folder of the user's YAML file whose datasets the run reads
     for name in args.configs:
-        merged.update(load_section(name))
-    merged.update(_parse_overrides(rest))
+        section = load_section(name)
+        if "datasets" in section:
+            data_folder = users_folder(section_path(name))
+        merged.update(section)
+    overrides = _parse_overrides(rest)
+    if "datasets" in overrides:
+        data_folder = None
+    merged.update(overrides)
+    if data_folder is not None and "cache_dir" not in merged:
+        merged["datasets"] = _input_paths_from(merged["datasets"], data_folder)
     try:
         return TrainConfig(**merged)
     except TypeError as err:

@@ -11,7 +11,9 @@ from gptneox.data import load_tokenizer
 from gptneox.data.datasets import input_files as dataset_input_files
 from gptneox.data.datasets import parse_entry
 from gptneox.hub import find_model, is_repo_id
-from gptneox.training.config import TrainConfig, TrainConfigError
+from gptneox.training.config import PACKAGE_DIR, TrainConfig, TrainConfigError, repo_path
+
+SAMPLE_TOKENIZER = "data/sample/tokenizer.json"  # bundled; configs/sample-tokenizer.yaml names it
 
 
 def find_model_dir(model_name: str, cache_dir: str) -> Path | None:
@@ -25,19 +27,33 @@ def find_model_dir(model_name: str, cache_dir: str) -> Path | None:
         return path
     fetch = f"fetch them into the Hugging Face cache beforehand (hf download {model_name}), " \
         if is_repo_id(model_name) else ""
+    # a bundled section's cache_dir (sample-mix's) is inside the installed package: no place for a user's files
+    bundled = any(path.is_relative_to(PACKAGE_DIR) for path in (Path(cache_dir).absolute(), Path(cache_dir).resolve()))
+    place = "" if bundled else \
+        f"put them in {Path(cache_dir) / model_name}, "
     raise TrainConfigError(
         f"model_name={model_name!r}: no model directory and not a preset ({', '.join(PRESETS)}). "
-        f"Looked at: {'; '.join(looked)}. Nothing is downloaded: put the Hugging Face files (config.json, "
-        f"*.safetensors or pytorch_model*.bin, tokenizer.json) in {Path(cache_dir) / model_name}, "
-        f"{fetch}or set model_name to the directory's path")
+        f"Looked at: {'; '.join(looked)}. Nothing is downloaded: the Hugging Face files (config.json, "
+        f"*.safetensors or pytorch_model*.bin, tokenizer.json) are needed; {place}{fetch}"
+        f"or set model_name to the directory's path")
+
+
+def run_tokenizer_source(cfg: TrainConfig) -> Path:
+    """Where the run's tokenizer is read from: `tokenizer_path`, else the model directory."""
+    source = cfg.tokenizer_path or find_model_dir(cfg.model_name, cfg.cache_dir)
+    if source is None:
+        raise TrainConfigError(
+            f"model_name={cfg.model_name!r} is a preset (random weights, no files), so it has no tokenizer: add the "
+            f"bundled section sample-tokenizer to --configs (the sample tokenizer, {repo_path(SAMPLE_TOKENIZER)}), "
+            "or set tokenizer_path to a tokenizer.json or a directory holding one, such as a Hugging Face GPT-NeoX "
+            "model directory (EleutherAI/pythia-70m ... pythia-12b, stabilityai/stablelm-base-alpha-3b/7b all carry "
+            "the GPT-NeoX-20B tokenizer.json)")
+    return Path(source)
 
 
 def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
     """The tokenizer a run trains with: `tokenizer_path`, else the model directory's (data tools use it too)."""
-    source = cfg.tokenizer_path or find_model_dir(cfg.model_name, cfg.cache_dir)
-    if source is None:
-        raise TrainConfigError(f"model_name={cfg.model_name!r} is a preset without files: set tokenizer_path")
-    return load_tokenizer(source)
+    return load_tokenizer(run_tokenizer_source(cfg))
 
 
 def input_directories(cfg: TrainConfig) -> dict[str, Path]:
