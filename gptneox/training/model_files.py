@@ -38,8 +38,8 @@ def find_model_dir(model_name: str, cache_dir: str) -> Path | None:
         f"or set model_name to the directory's path")
 
 
-def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
-    """The tokenizer a run trains with: `tokenizer_path`, else the model directory's (data tools use it too)."""
+def run_tokenizer_source(cfg: TrainConfig) -> Path:
+    """Where the run's tokenizer is read from: `tokenizer_path`, else the model directory."""
     source = cfg.tokenizer_path or find_model_dir(cfg.model_name, cfg.cache_dir)
     if source is None:
         raise TrainConfigError(
@@ -48,7 +48,12 @@ def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
             "or set tokenizer_path to a tokenizer.json or a directory holding one, such as a Hugging Face GPT-NeoX "
             "model directory (EleutherAI/pythia-70m ... pythia-12b, stabilityai/stablelm-base-alpha-3b/7b all carry "
             "the GPT-NeoX-20B tokenizer.json)")
-    return load_tokenizer(source)
+    return Path(source)
+
+
+def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The tokenizer a run trains with: `tokenizer_path`, else the model directory's (data tools use it too)."""
+    return load_tokenizer(run_tokenizer_source(cfg))
 
 
 def input_directories(cfg: TrainConfig) -> dict[str, Path]:
