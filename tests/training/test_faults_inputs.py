@@ -61,7 +61,7 @@ def test_one_more_epoch_is_refused_once_with_every_difference_then_accepted(work
     assert run_train(workspace, out, *common, "--num_train_epochs", "2", "--resume") == 2
     assert capsys.readouterr().err == (
         f"{invoked_name()}: error: resume: {out / 'checkpoints' / tag_for(2)} was written with total_steps=2, "
-        "num_train_epochs=1, this run has total_steps=4, num_train_epochs=2; pass --allow_changed "
+        "num_train_epochs=1.0, this run has total_steps=4, num_train_epochs=2.0; pass --allow_changed "
         "total_steps,num_train_epochs if that is intended\n")
     assert run_train(workspace, out, *common, "--num_train_epochs", "2", "--resume",
                      "--allow_changed", "total_steps,num_train_epochs") == 0
