@@ -18,7 +18,9 @@ import yaml
 
 from gptneox.config import did_you_mean
 from gptneox.dtypes import LONG_NAMES, TORCH_DTYPES
+from gptneox.data.hub_datasets import is_hub_path
 from gptneox.errors import UserError
+from gptneox.lora import LoraConfig, parse_target_modules
 from gptneox.training.reporting import requested_backends
 
 # The bundled files (package data in an installed package; in a checkout, symlinks to the top-level
@@ -42,9 +44,9 @@ class TrainConfigError(UserError, ValueError):
 
 
 # The groups of `--help`, in this order.
-MODEL, DATA, OPTIMISATION, CHECKPOINTING, LOGGING = (
-    "model", "data", "optimisation", "checkpointing", "logging and evaluation")
-GROUPS = (MODEL, DATA, OPTIMISATION, CHECKPOINTING, LOGGING)
+MODEL, LORA, DATA, OPTIMISATION, CHECKPOINTING, LOGGING = (
+    "model", "LoRA", "data", "optimisation", "checkpointing", "logging and evaluation")
+GROUPS = (MODEL, LORA, DATA, OPTIMISATION, CHECKPOINTING, LOGGING)
 
 
 def setting(default: Any, group: str, meaning: str) -> Any:
@@ -74,10 +76,23 @@ class TrainConfig:
                                           "compiler on CPU; off: no gain on CPU, docs/benchmarks.md)")
     deterministic: bool = setting(False, MODEL, "deterministic kernels (flash backward, cuBLAS): bitwise resume on GPU")
 
+    lora_r: int = setting(0, LORA, "LoRA rank: train low-rank adapters on a frozen base model; 0 trains every "
+                                   "weight (full fine-tuning)")
+    lora_alpha: float = setting(8.0, LORA, "LoRA scaling numerator: the update is (B @ A) * lora_alpha / lora_r")
+    lora_dropout: float = setting(0.0, LORA, "dropout on the adapters' input, in [0, 1)")
+    lora_target_modules: str | list[str] = setting(
+        "query_key_value", LORA, "projections that get adapters: query_key_value, dense, dense_h_to_4h, "
+                                 "dense_4h_to_h (a comma list or a YAML list), or all-linear for all four")
+    lora_train_new_tokens: bool = setting(True, LORA, "with LoRA, also train the embedding rows (input and output) "
+                                                      "of the chat tokens the tokenizer adds to the base vocabulary")
+
     datasets: list[str | dict] = setting([], DATA,
-                                         "dataset names or {name: options} mappings (YAML on the command line)")
+                                         "dataset names or {name: options} mappings (YAML on the command line); "
+                                         "input_file_path may be an hf://datasets/ORG/NAME[/PATH] in the "
+                                         "Hugging Face cache")
     cache_dir: str = setting(".cache", DATA, "where dataset files and model directories are looked for (a YAML "
-                                             "file that sets no cache_dir: its input_file_paths are relative to it)")
+                                             "file that sets no cache_dir: its input_file_paths are relative to it; "
+                                             "a stock dataset file missing: in its hub repo in the Hugging Face cache)")
     max_length: int = setting(512, DATA, "longest training sequence in tokens (a random window of longer ones)")
     val_max_length: int | None = setting(None, DATA, "longest evaluation sequence; null: max_length")
     random_offset_probability: float = setting(0.8, DATA, "chance that a too-long conversation gets a random window")
@@ -151,6 +166,10 @@ class TrainConfig:
         for name in POSITIVE:
             if getattr(self, name) == 0:
                 raise TrainConfigError(f"{name}={getattr(self, name)!r} must be positive")
+        try:
+            self.lora_target_modules = list(parse_target_modules(self.lora_target_modules))
+        except ValueError as err:
+            raise TrainConfigError(f"lora_target_modules={self.lora_target_modules!r}: {err}") from None
         for name in _FIELDS:
             if getattr(self, name) is None and name not in _NULLABLE:
                 raise TrainConfigError(_null_refused(name, name))
@@ -158,6 +177,14 @@ class TrainConfig:
     @property
     def allowed_changes(self) -> set[str]:
         return {name.strip() for name in (self.allow_changed or "").split(",") if name.strip()}
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        """The adapters' settings; None for full fine-tuning (lora_r 0)."""
+        if not self.lora_r:
+            return None
+        return LoraConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          target_modules=tuple(self.lora_target_modules))
 
     @property
     def eval_max_length(self) -> int:
@@ -180,7 +207,7 @@ def _value_type(hint: Any) -> tuple[type, tuple | None]:
     return get_origin(hint) or hint, None
 
 
-POSITIVE = ("learning_rate", "adam_epsilon", "peak_tflops", "num_train_epochs")  # floats that must not be 0
+POSITIVE = ("learning_rate", "adam_epsilon", "peak_tflops", "num_train_epochs", "lora_alpha")  # floats that must not be 0
 # Every numeric key's allowed range (low, high, as said in the error); null is always allowed where the
 # type has it. save_total_limit 0 would delete every checkpoint, the final one included.
 _AT_LEAST_1 = (1, math.inf, "at least 1")
@@ -193,6 +220,8 @@ _RANGES = {
     "warmup_steps": (0, math.inf, "0 or more"),
     "random_offset_probability": (0.0, 1.0, "in [0, 1]"),
     "adam_beta1": (0.0, 1.0 - 1e-12, "in [0, 1)"),
+    "lora_r": (0, math.inf, "0 (LoRA off) or more"),
+    "lora_dropout": (0.0, 1.0 - 1e-12, "in [0, 1)"),
     "adam_beta2": (0.0, 1.0 - 1e-12, "in [0, 1)"),
     **{name: (0.0, math.inf, "a finite number, 0 or more") for name in ("weight_decay", "max_grad_norm")},
     **{name: (0.0, math.inf, "a finite positive number") for name in POSITIVE},
@@ -391,7 +420,9 @@ def _input_paths_from(datasets: Any, folder: Path) -> Any:
     def resolved(spec: Any) -> Any:
         if isinstance(spec, list):
             return [resolved(item) for item in spec]
-        return str(folder / Path(spec).expanduser()) if isinstance(spec, str) else spec
+        if not isinstance(spec, str) or is_hub_path(spec):  # hf://datasets/... is not a local path
+            return spec
+        return str(folder / Path(spec).expanduser())
 
     return [{name: {**options, "input_file_path": resolved(options["input_file_path"])}
              if isinstance(options, dict) and "input_file_path" in options else options

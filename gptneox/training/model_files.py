@@ -10,6 +10,7 @@ from gptneox.config import PRESETS
 from gptneox.data import load_tokenizer
 from gptneox.data.datasets import input_files as dataset_input_files
 from gptneox.data.datasets import parse_entry
+from gptneox.data.tokenizer import added_token_ids
 from gptneox.hub import find_model, is_repo_id
 from gptneox.training.config import PACKAGE_DIR, TrainConfig, TrainConfigError, repo_path
 
@@ -38,8 +39,8 @@ def find_model_dir(model_name: str, cache_dir: str) -> Path | None:
         f"or set model_name to the directory's path")
 
 
-def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
-    """The tokenizer a run trains with: `tokenizer_path`, else the model directory's (data tools use it too)."""
+def run_tokenizer_source(cfg: TrainConfig) -> Path:
+    """Where the run's tokenizer is read from: `tokenizer_path`, else the model directory."""
     source = cfg.tokenizer_path or find_model_dir(cfg.model_name, cfg.cache_dir)
     if source is None:
         raise TrainConfigError(
@@ -48,7 +49,12 @@ def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
             "or set tokenizer_path to a tokenizer.json or a directory holding one, such as a Hugging Face GPT-NeoX "
             "model directory (EleutherAI/pythia-70m ... pythia-12b, stabilityai/stablelm-base-alpha-3b/7b all carry "
             "the GPT-NeoX-20B tokenizer.json)")
-    return load_tokenizer(source)
+    return Path(source)
+
+
+def load_run_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The tokenizer a run trains with: `tokenizer_path`, else the model directory's (data tools use it too)."""
+    return load_tokenizer(run_tokenizer_source(cfg))
 
 
 def input_directories(cfg: TrainConfig) -> dict[str, Path]:
@@ -66,3 +72,9 @@ def input_directories(cfg: TrainConfig) -> dict[str, Path]:
         for path in dataset_input_files(name, options, cfg.cache_dir):
             inputs.setdefault(f"dataset {name} ({path.name})", path.parent)
     return inputs
+
+
+def trained_token_ids(cfg: TrainConfig) -> list[int]:
+    """The tokens whose embedding rows a LoRA run trains: with lora_train_new_tokens, those the tokenizer
+    adds to the stored vocabulary (the chat tokens, on a base model); none otherwise."""
+    return added_token_ids(run_tokenizer_source(cfg)) if cfg.lora_r and cfg.lora_train_new_tokens else []
