@@ -55,9 +55,11 @@ def matmul_peak_tflops(device: str = "cpu", dtype: str = "fp32", sizes=(2048,), 
     device = torch.device(device)
     synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     best = 0.0
+    # its own generator: a resume measures after restoring the global RNG, which dropout then draws from
+    generator = torch.Generator(device=device).manual_seed(0)
     for n in sizes:
-        a = torch.randn(n, n, device=device).to(torch_dtype(dtype))
-        b = torch.randn(n, n, device=device).to(torch_dtype(dtype))
+        a = torch.randn(n, n, device=device, generator=generator).to(torch_dtype(dtype))
+        b = torch.randn(n, n, device=device, generator=generator).to(torch_dtype(dtype))
         a @ b  # warm-up: thread pool, kernel selection, caches
         for _ in range(repeats):
             synchronize()
