@@ -45,7 +45,9 @@ MIN_SCALE_MESSAGE = "loss scale already at minimum"
 
 
 class TrainingStopped(RuntimeError):
-    """Training cannot go on (fp16 overflow at the minimum loss scale); a checkpoint was saved first."""
+    """Training cannot go on: fp16 overflow past the loss scaler's budget (a checkpoint was saved first), or
+    a non-finite loss or gradient norm in another dtype (that step is not saved: the newest checkpoint is
+    from before it)."""
 
 
 @dataclass
@@ -79,9 +81,15 @@ class Run:
             self.metrics.write(f"saved {path}")
 
     def save_for_stop(self, stop: StopRequest) -> bool:
-        """Save the last finished step for a stop request and say so; False, for train's result."""
+        """Save the last finished step for a stop request and say so; False, for train's result. Stopped
+        inside the first step, there is no finished step to save: the directory keeps its set-up files only,
+        which the same command goes on into (gptneox.training.output_dir)."""
+        reason = stop.signal_name or "signal on another rank"
+        if self.engine.global_steps == 0:
+            self.metrics.write(f"{reason} in the first step: nothing to save, exiting (run the same command again)")
+            return False
         self.save()
-        self.metrics.write(f"{stop.signal_name or 'signal on another rank'}: saved, exiting (resume with --resume)")
+        self.metrics.write(f"{reason}: saved, exiting (resume with --resume)")
         return False
 
     def evaluate(self, stop: StopRequest) -> None:
@@ -129,6 +137,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, stop: StopRequest) -> bool:
                 return run.save_for_stop(stop)
             state.step_in_epoch += 1
             metrics.log_step(engine.global_steps, result, time.perf_counter() - started, state.progress)
+            problem = result.non_finite(cfg.dtype)
+            if problem:  # nothing of this step is saved or exported: the newest checkpoint is from before it
+                raise TrainingStopped(f"step {engine.global_steps}: {problem} in {cfg.dtype} training; nothing of "
+                                      f"this step was saved, {run.checkpoints.newest_line()} (lower learning_rate "
+                                      f"or check the data, then --resume)")
             consecutive_skips = consecutive_skips + 1 if result.skipped else 0
             if consecutive_skips >= cfg.max_consecutive_skipped_steps:
                 run.save()

@@ -16,7 +16,7 @@ import pytest
 from gptneox.training import loss as losses
 from gptneox.training.checkpoint import POINTER, CheckpointManager, tag_for
 from gptneox.training.distributed import free_port
-from gptneox.training.output_dir import LOCK_NAME, RunLock, previous_run
+from gptneox.training.output_dir import LOCK_NAME, previous_run
 from gptneox.training.stop import STOPPED_EXIT
 
 from tests.helpers import LAUNCH_VARIABLES, REPO
@@ -128,6 +128,25 @@ def test_sighup_in_the_middle_of_a_step_abandons_it_and_the_resume_is_exact(work
     assert run_train(workspace, out, *MID_STEP, "--resume") == 0
     resumed = [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in read_metrics(out) if "loss" in r]
     assert resumed == expected  # steps 1-2 of the first part, 3-4 of the resume: identical
+
+
+def test_a_stop_inside_the_first_step_saves_nothing_and_the_same_command_goes_on(workspace, tmp_path, monkeypatch,
+                                                                                 capsys):
+    real_loss, calls = losses.batch_loss, []
+
+    def hung_up_in_the_first_step(engine, batch):
+        calls.append(engine.global_steps)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real_loss(engine, batch)
+
+    monkeypatch.setattr(losses, "batch_loss", hung_up_in_the_first_step)
+    out = tmp_path / "run"
+    assert run_train(workspace, out, *MID_STEP) == STOPPED_EXIT
+    assert "SIGHUP in the first step: nothing to save, exiting (run the same command again)" in capsys.readouterr().out
+    assert calls == [0, 0] and not list(out.glob("checkpoints/step*")) and previous_run(out) == []
+    monkeypatch.setattr(losses, "batch_loss", real_loss)
+    assert run_train(workspace, out, *MID_STEP) == 0
 
 
 # A single process stopped by SIGTERM at its 3rd step boundary, then signalled again while it saves (SIGTERM,
