@@ -17,7 +17,8 @@ from gptneox.weights import CheckpointError, checkpoint_files
 
 
 def cache_dirs() -> list[Path]:
-    """Where huggingface_hub may have put models, in its own order of precedence (each place once)."""
+    """Where huggingface_hub may have put models and datasets, in its own order of precedence (each place
+    once)."""
     places = []
     for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(variable):

@@ -6,8 +6,9 @@
 
 Exit status: 0 done (the final model exported), 75 stopped early by a signal or the launcher's death (after
 saving a checkpoint: resume with --resume; before the first step: nothing to save, run the same command
-again), 2 a user error or a full disk (one line), 3 training could not go on (fp16 overflow; a checkpoint was
-saved). Anything else is a bug and keeps its traceback.
+again), 2 a user error or a full disk (one line), 3 training could not go on (fp16 overflow past the loss
+scaler's budget, a checkpoint saved; or a non-finite loss or gradient norm, that step not saved). Anything
+else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from gptneox.training.determinism import use_deterministic_algorithms
 from gptneox.training.distributed import init_distributed
 from gptneox.training.loop import TrainingStopped, train
 from gptneox.training.model_files import find_model_dir
-from gptneox.training.model_setup import choose_attention_backend
+from gptneox.training.model_setup import check_lora_base, choose_attention_backend
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +52,7 @@ def _run(prog: str, argv: list[str] | None, stop: StopRequest) -> int:
         check_torch_version()
         cfg = parse_train_config(argv, prog=prog)
         find_model_dir(cfg.model_name, cfg.cache_dir)  # a missing model fails before DeepSpeed starts
+        check_lora_base(cfg)  # so does LoRA on a model it cannot adapt
         choose_attention_backend(cfg, get_accelerator().device_name())  # so does an unusable attention backend
         use_deterministic_algorithms(cfg.deterministic)
         rank, world = init_distributed()

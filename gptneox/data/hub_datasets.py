@@ -56,7 +56,7 @@ def parse_hub_path(name: str, spec: str) -> HubPath:
         raise DataError(f"dataset {name!r}: {spec!r} does not name a repo; expected {PREFIX}ORG/NAME[/PATH]")
     name_part, _, revision = parts[1].partition("@")
     path = "/".join(parts[2:]).strip("/")
-    if not name_part or "@" in parts[1] and not revision or any(p in (".", "..") for p in path.split("/")):
+    if not name_part or ("@" in parts[1] and not revision) or any(p in (".", "..") for p in path.split("/")):
         raise DataError(f"dataset {name!r}: {spec!r} is not a valid hub dataset path")
     return HubPath(f"{parts[0]}/{name_part}", revision or "main", path)
 

@@ -20,6 +20,7 @@ from gptneox.config import did_you_mean
 from gptneox.dtypes import LONG_NAMES, TORCH_DTYPES
 from gptneox.data.hub_datasets import is_hub_path
 from gptneox.errors import UserError
+from gptneox.lora import LoraConfig, parse_target_modules
 from gptneox.training.reporting import requested_backends
 
 # The bundled files (package data in an installed package; in a checkout, symlinks to the top-level
@@ -43,9 +44,9 @@ class TrainConfigError(UserError, ValueError):
 
 
 # The groups of `--help`, in this order.
-MODEL, DATA, OPTIMISATION, CHECKPOINTING, LOGGING = (
-    "model", "data", "optimisation", "checkpointing", "logging and evaluation")
-GROUPS = (MODEL, DATA, OPTIMISATION, CHECKPOINTING, LOGGING)
+MODEL, LORA, DATA, OPTIMISATION, CHECKPOINTING, LOGGING = (
+    "model", "LoRA", "data", "optimisation", "checkpointing", "logging and evaluation")
+GROUPS = (MODEL, LORA, DATA, OPTIMISATION, CHECKPOINTING, LOGGING)
 
 
 def setting(default: Any, group: str, meaning: str) -> Any:
@@ -74,6 +75,16 @@ class TrainConfig:
     compile: bool = setting(False, MODEL, "torch.compile each block, attention kernels excluded (needs a C++ "
                                           "compiler on CPU; off: no gain on CPU, docs/benchmarks.md)")
     deterministic: bool = setting(False, MODEL, "deterministic kernels (flash backward, cuBLAS): bitwise resume on GPU")
+
+    lora_r: int = setting(0, LORA, "LoRA rank: train low-rank adapters on a frozen base model; 0 trains every "
+                                   "weight (full fine-tuning)")
+    lora_alpha: float = setting(8.0, LORA, "LoRA scaling numerator: the update is (B @ A) * lora_alpha / lora_r")
+    lora_dropout: float = setting(0.0, LORA, "dropout on the adapters' input, in [0, 1)")
+    lora_target_modules: str | list[str] = setting(
+        "query_key_value", LORA, "projections that get adapters: query_key_value, dense, dense_h_to_4h, "
+                                 "dense_4h_to_h (a comma list or a YAML list), or all-linear for all four")
+    lora_train_new_tokens: bool = setting(True, LORA, "with LoRA, also train the embedding rows (input and output) "
+                                                      "of the chat tokens the tokenizer adds to the base vocabulary")
 
     datasets: list[str | dict] = setting([], DATA,
                                          "dataset names or {name: options} mappings (YAML on the command line); "
@@ -155,6 +166,10 @@ class TrainConfig:
         for name in POSITIVE:
             if getattr(self, name) == 0:
                 raise TrainConfigError(f"{name}={getattr(self, name)!r} must be positive")
+        try:
+            self.lora_target_modules = list(parse_target_modules(self.lora_target_modules))
+        except ValueError as err:
+            raise TrainConfigError(f"lora_target_modules={self.lora_target_modules!r}: {err}") from None
         for name in _FIELDS:
             if getattr(self, name) is None and name not in _NULLABLE:
                 raise TrainConfigError(_null_refused(name, name))
@@ -162,6 +177,14 @@ class TrainConfig:
     @property
     def allowed_changes(self) -> set[str]:
         return {name.strip() for name in (self.allow_changed or "").split(",") if name.strip()}
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        """The adapters' settings; None for full fine-tuning (lora_r 0)."""
+        if not self.lora_r:
+            return None
+        return LoraConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          target_modules=tuple(self.lora_target_modules))
 
     @property
     def eval_max_length(self) -> int:
@@ -184,7 +207,7 @@ def _value_type(hint: Any) -> tuple[type, tuple | None]:
     return get_origin(hint) or hint, None
 
 
-POSITIVE = ("learning_rate", "adam_epsilon", "peak_tflops", "num_train_epochs")  # floats that must not be 0
+POSITIVE = ("learning_rate", "adam_epsilon", "peak_tflops", "num_train_epochs", "lora_alpha")  # floats that must not be 0
 # Every numeric key's allowed range (low, high, as said in the error); null is always allowed where the
 # type has it. save_total_limit 0 would delete every checkpoint, the final one included.
 _AT_LEAST_1 = (1, math.inf, "at least 1")
@@ -197,6 +220,8 @@ _RANGES = {
     "warmup_steps": (0, math.inf, "0 or more"),
     "random_offset_probability": (0.0, 1.0, "in [0, 1]"),
     "adam_beta1": (0.0, 1.0 - 1e-12, "in [0, 1)"),
+    "lora_r": (0, math.inf, "0 (LoRA off) or more"),
+    "lora_dropout": (0.0, 1.0 - 1e-12, "in [0, 1)"),
     "adam_beta2": (0.0, 1.0 - 1e-12, "in [0, 1)"),
     **{name: (0.0, math.inf, "a finite number, 0 or more") for name in ("weight_decay", "max_grad_norm")},
     **{name: (0.0, math.inf, "a finite positive number") for name in POSITIVE},
@@ -231,7 +256,24 @@ FOREIGN_KEYS = {
     "max_seq_length": "use --max_length", "sequence_len": "use --max_length",
     "micro_batch_size": "use --per_device_train_batch_size", "num_epochs": "use --num_train_epochs",
     "packing": "use --pack", "sample_packing": "use --pack", "torch_compile": "use --compile true",
+    "model": "use --model_name", "lr": "use --learning_rate", "epochs": "use --num_train_epochs",
+    "torch_dtype": "use --dtype fp32|fp16|bf16",
+    "eval_batch_size": "use --per_device_eval_batch_size",
+    "batch_size": "the batch is --per_device_train_batch_size conversations per rank, times "
+                  "--gradient_accumulation_steps",
+    "optim": "the optimizer is AdamW, the DeepSpeed config's 'optimizer' section, filled from --learning_rate, "
+             "--adam_beta1, --adam_beta2, --adam_epsilon and --weight_decay",
+    "logging_strategy": "metrics.jsonl records every step; --logging_steps only sets how often the progress "
+                        "bar refreshes",
+    "logging_first_step": "metrics.jsonl records every step, the first included",
+    "eval_accumulation_steps": "evaluation keeps running sums only, never a batch's logits: nothing to accumulate",
+    "val_set_size": "the evaluation split is set per dataset: val_split (a fraction) and max_val_set in its "
+                    "options (--datasets, or a YAML section)",
+    "group_by_length": "length grouping is not implemented (--sort_by_length accepts only false); --pack "
+                       "removes the padding instead",
+    "gradient_checkpointing_kwargs": "--gradient_checkpointing true takes no options (each block is recomputed)",
 }
+SUGGESTION_CUTOFF = 0.75  # below it, the nearest key was more often wrong (logging_strategy -> logging_steps)
 
 
 def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -277,10 +319,11 @@ def load_section(name: str, config_dir: Path = CONFIG_DIR) -> dict:
 
 
 def _check_key(key: str, where: str) -> None:
+    if key in _FIELDS:
+        return
     if key in FOREIGN_KEYS:
         raise TrainConfigError(f"{where}: {key!r} is not a key here; {FOREIGN_KEYS[key]}")
-    if key not in _FIELDS:
-        raise TrainConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, _FIELDS)}")
+    raise TrainConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, _FIELDS, cutoff=SUGGESTION_CUTOFF)}")
 
 
 def _null_refused(where: str, key: str) -> str:

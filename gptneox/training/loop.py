@@ -29,7 +29,8 @@ from gptneox.training.ds_config import load_ds_config, resolve_ds_config
 from gptneox.training.evaluation import Evaluator
 from gptneox.training.export import MODEL_SUBDIR, export_checkpoint, write_model_metadata
 from gptneox.training.metrics import MetricsLogger, peak_tflops
-from gptneox.training.model_files import input_directories, load_run_tokenizer, run_tokenizer_source
+from gptneox.training.model_files import (find_model_dir, input_directories, load_run_tokenizer,
+                                          run_tokenizer_source, trained_token_ids)
 from gptneox.training.model_setup import build_training_model, parameter_groups, training_model_config
 from gptneox.training.noise import SCHEDULER_NOT_STARTED, deepspeed_log_dropped
 from gptneox.training.partitioned import zero_stage
@@ -44,7 +45,9 @@ MIN_SCALE_MESSAGE = "loss scale already at minimum"
 
 
 class TrainingStopped(RuntimeError):
-    """Training cannot go on (fp16 overflow at the minimum loss scale); a checkpoint was saved first."""
+    """Training cannot go on: fp16 overflow past the loss scaler's budget (a checkpoint was saved first), or
+    a non-finite loss or gradient norm in another dtype (that step is not saved: the newest checkpoint is
+    from before it)."""
 
 
 @dataclass
@@ -78,9 +81,15 @@ class Run:
             self.metrics.write(f"saved {path}")
 
     def save_for_stop(self, stop: StopRequest) -> bool:
-        """Save the last finished step for a stop request and say so; False, for train's result."""
+        """Save the last finished step for a stop request and say so; False, for train's result. Stopped
+        inside the first step, there is no finished step to save: the directory keeps its set-up files only,
+        which the same command goes on into (gptneox.training.output_dir)."""
+        reason = stop.signal_name or "signal on another rank"
+        if self.engine.global_steps == 0:
+            self.metrics.write(f"{reason} in the first step: nothing to save, exiting (run the same command again)")
+            return False
         self.save()
-        self.metrics.write(f"{stop.signal_name or 'signal on another rank'}: saved, exiting (resume with --resume)")
+        self.metrics.write(f"{reason}: saved, exiting (resume with --resume)")
         return False
 
     def evaluate(self, stop: StopRequest) -> None:
@@ -128,6 +137,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, stop: StopRequest) -> bool:
                 return run.save_for_stop(stop)
             state.step_in_epoch += 1
             metrics.log_step(engine.global_steps, result, time.perf_counter() - started, state.progress)
+            problem = result.non_finite(cfg.dtype)
+            if problem:  # nothing of this step is saved or exported: the newest checkpoint is from before it
+                raise TrainingStopped(f"step {engine.global_steps}: {problem} in {cfg.dtype} training; nothing of "
+                                      f"this step was saved, {run.checkpoints.newest_line()} (lower learning_rate "
+                                      f"or check the data, then --resume)")
             consecutive_skips = consecutive_skips + 1 if result.skipped else 0
             if consecutive_skips >= cfg.max_consecutive_skipped_steps:
                 run.save()
@@ -176,14 +190,16 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
     for note in notes:
         say(note)
     torch.manual_seed(cfg.rng_seed)  # the same random init on every rank
-    model, model_line = build_training_model(cfg, model_config, ds_config)  # partitioned under ZeRO-3
+    token_ids = trained_token_ids(cfg)
+    model, model_line = build_training_model(cfg, model_config, ds_config, token_ids)  # partitioned under ZeRO-3
     say(model_line)
     settings = run_record(model=model.config.to_hf(), train_set=train_set,
                           tokenizer=tokenizer_fingerprint(tokenizer), dtype=cfg.dtype, world_size=world,
                           zero_stage=zero_stage(ds_config), learning_rate=cfg.learning_rate,
                           warmup_steps=cfg.warmup_steps, total_steps=total_steps,
                           num_train_epochs=cfg.num_train_epochs, max_length=cfg.max_length,
-                          global_batch_size=order.global_batch_size, rng_seed=cfg.rng_seed)
+                          global_batch_size=order.global_batch_size, rng_seed=cfg.rng_seed,
+                          lora=lora_settings(cfg, token_ids))
     checkpoints = CheckpointManager(checkpoint_dir, cfg.save_total_limit, rank, strategy=cfg.save_strategy,
                                     every=cfg.save_steps, last_step=total_steps, run=settings)
     # a resume checks everything against the checkpoint before anything is loaded or written
@@ -199,7 +215,9 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         (out / DS_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n")
         (out / TRAIN_CONFIG_FILE).write_text(cfg.to_yaml())
-        write_model_metadata(checkpoint_dir, model.config, tokenizer, cfg.dtype)
+        lora = settings["lora"] and {**settings["lora"], "base_model": cfg.model_name,  # what the export merges into
+                                     "base_directory": str(find_model_dir(cfg.model_name, cfg.cache_dir))}
+        write_model_metadata(checkpoint_dir, model.config, tokenizer, cfg.dtype, lora=lora)
 
     with deepspeed_log_dropped(SCHEDULER_NOT_STARTED):
         engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.weight_decay),
@@ -222,10 +240,15 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
     return Run(cfg, engine, train_set, order, collate, state, checkpoints, evaluator, metrics, total_steps, rank)
 
 
+def lora_settings(cfg: TrainConfig, token_ids: list[int]) -> dict | None:
+    """What run.json and the export record of a LoRA run's adapters; None for full fine-tuning."""
+    return None if cfg.lora is None else {**asdict(cfg.lora), "token_ids": list(token_ids)}
+
+
 def _saved_settings(checkpoint_dir: Path, tag: str) -> dict:
     """The settings `tag` was written with; for a tag from before run.json, the model's config.json."""
     saved = read_run_record(checkpoint_dir / tag)
     if saved is not None:
-        return saved
+        return {"lora": None, **saved}  # written before LoRA: a full run
     config = checkpoint_dir / MODEL_SUBDIR / "config.json"
     return {"model": model_settings(json.loads(config.read_text()))} if config.is_file() else {}

@@ -10,6 +10,7 @@ from gptneox.config import PRESETS
 from gptneox.data import load_tokenizer
 from gptneox.data.datasets import input_files as dataset_input_files
 from gptneox.data.datasets import parse_entry
+from gptneox.data.tokenizer import added_token_ids
 from gptneox.hub import find_model, is_repo_id
 from gptneox.training.config import PACKAGE_DIR, TrainConfig, TrainConfigError, repo_path
 
@@ -71,3 +72,9 @@ def input_directories(cfg: TrainConfig) -> dict[str, Path]:
         for path in dataset_input_files(name, options, cfg.cache_dir):
             inputs.setdefault(f"dataset {name} ({path.name})", path.parent)
     return inputs
+
+
+def trained_token_ids(cfg: TrainConfig) -> list[int]:
+    """The tokens whose embedding rows a LoRA run trains: with lora_train_new_tokens, those the tokenizer
+    adds to the stored vocabulary (the chat tokens, on a base model); none otherwise."""
+    return added_token_ids(run_tokenizer_source(cfg)) if cfg.lora_r and cfg.lora_train_new_tokens else []

@@ -37,6 +37,7 @@ CHECKPOINTS_DIR, METRICS_FILE, TENSORBOARD_DIR = "checkpoints", "metrics.jsonl",
 TRAIN_CONFIG_FILE, DS_CONFIG_FILE = "train_config.yaml", "ds_config.resolved.json"
 RUN_FILES = (CHECKPOINTS_DIR, METRICS_FILE, TENSORBOARD_DIR, TRAIN_CONFIG_FILE, DS_CONFIG_FILE)
 EXPORTED_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
+EXPORTED_ADAPTER = "adapter"  # a LoRA run's adapter in peft's format
 EXPORTED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json")
 MODEL_FILES_DIR = "model"  # checkpoints/model: config and tokenizer, written at start (gptneox.training.export)
@@ -118,6 +119,7 @@ def _remove_previous_run(directory: Path) -> None:
     for pattern in EXPORTED_WEIGHTS + EXPORTED_FILES:
         for path in directory.glob(pattern):
             path.unlink()
+    shutil.rmtree(directory / EXPORTED_ADAPTER, ignore_errors=True)
 
 
 class RunLock:

@@ -25,8 +25,9 @@ RUN_RECORD = "run.json"
 # The saved position (epoch, step in epoch) indexes a data order drawn from rng_seed, num_samples and the
 # global batch: with any of them changed it points nowhere (TrainState refuses it too, after the load).
 # Each embedding row was trained for one token id: another tokenizer (same size, other ids) pairs the
-# weights with the wrong tokens.
-FIXED = ("model", "tokenizer", "world_size", "zero_stage", "rng_seed", "global_batch_size", "num_samples")
+# weights with the wrong tokens. A LoRA checkpoint holds adapters, a full one every weight: neither loads as
+# the other, nor as adapters of another rank, targets or token rows.
+FIXED = ("model", "lora", "tokenizer", "world_size", "zero_stage", "rng_seed", "global_batch_size", "num_samples")
 # A change of any of these changes the run's numbers; --allow_changed says it is intended.
 WAIVABLE = ("dtype", "learning_rate", "warmup_steps", "total_steps", "num_train_epochs", "max_length", "dataset")
 
@@ -120,9 +121,17 @@ def check_resume(saved: dict, current: dict, where: str | Path, allowed: set[str
 def _difference(name: str, theirs: Any, ours: Any, sources: tuple[str, str] | None = None) -> tuple[str, str]:
     """Both sides as short text: for the model, only the fields that differ; each side followed by where it
     came from, given `sources`."""
+    if name == "lora":
+        return _lora_text(theirs), _lora_text(ours)
     if name == "model":
         keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         return (", ".join(f"{k}={theirs.get(k)!r}" for k in keys), ", ".join(f"{k}={ours.get(k)!r}" for k in keys))
     if sources:
         return f"{name}={theirs!r} ({sources[0]})", f"{name}={ours!r} ({sources[1]})"
     return f"{name}={theirs!r}", f"{name}={ours!r}"
+
+
+def _lora_text(lora: dict | None) -> str:
+    if lora is None:
+        return "full fine-tuning (lora_r=0)"
+    return "LoRA " + ", ".join(f"{key}={value!r}" for key, value in lora.items())

@@ -95,6 +95,20 @@ def test_a_missing_repo_is_one_line_naming_every_place_looked_and_the_download_c
         load_datasets([{"chat": {"input_file_path": "hf://datasets/me/my-chats@v2"}}], tmp_path)
 
 
+def test_the_data_report_stops_on_a_missing_repo_with_that_one_line(hub, tmp_path, capsys):
+    from gptneox.cli import data_report
+
+    mix = tmp_path / "mix.yaml"
+    chats = {"chat": {"input_file_path": "hf://datasets/me/my-chats"}}
+    mix.write_text(yaml.safe_dump({"mix": {"datasets": [chats]}}))
+    status = data_report.main(["--configs", "defaults", "tiny", str(mix), "--tokenizer_path",
+                               str(SAMPLE / "tokenizer.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err[-1].split(": error: ")[1].startswith(
+        "dataset 'chat': hf://datasets/me/my-chats is not in the Hugging Face cache (looked at: ")
+    assert err[-1].endswith("`hf download me/my-chats --repo-type dataset`")
+
+
 @pytest.mark.parametrize("spec, problem", [
     ("hf://stabilityai/stablelm-base-alpha-7b/config.json", "is not a hub dataset path"),
     ("hf://datasets/onlyorg", "does not name a repo"),

@@ -61,9 +61,33 @@ def test_one_more_epoch_is_refused_once_with_every_difference_then_accepted(work
     assert run_train(workspace, out, *common, "--num_train_epochs", "2", "--resume") == 2
     assert capsys.readouterr().err == (
         f"{invoked_name()}: error: resume: {out / 'checkpoints' / tag_for(2)} was written with total_steps=2, "
-        "num_train_epochs=1, this run has total_steps=4, num_train_epochs=2; pass --allow_changed "
+        "num_train_epochs=1.0, this run has total_steps=4, num_train_epochs=2.0; pass --allow_changed "
         "total_steps,num_train_epochs if that is intended\n")
     assert run_train(workspace, out, *common, "--num_train_epochs", "2", "--resume",
                      "--allow_changed", "total_steps,num_train_epochs") == 0
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4]
     assert json.loads((out / "checkpoints" / POINTER).read_text())["latest"] == tag_for(4)
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_non_finite_fp32_step_stops_with_exit_3_keeping_the_last_good_checkpoint(workspace, tmp_path, capsys):
+    out = tmp_path / "run"
+    # a learning rate no one should use: the first update sends the weights far out, the next loss overflows
+    status = run_train(workspace, out, "--max_steps", "6", "--save_steps", "1", "--warmup_steps", "1",
+                       "--learning_rate", "1e30")
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert status == 3, error
+    records = [_strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # strict JSON
+    bad = records[-1]["step"]
+    assert bad < 6 and records[-1]["loss"] is None  # null, not NaN
+    assert error.startswith(f"{invoked_name()}: stopped: step {bad}: loss ") and " in fp32 training; nothing of " \
+        "this step was saved, the newest checkpoint is " in error and "fp16" not in error
+    assert error.endswith(f"{out / 'checkpoints' / tag_for(bad - 1)} (lower learning_rate or check the data, "
+                          "then --resume)")
+    assert json.loads((out / "checkpoints" / POINTER).read_text())["latest"] == tag_for(bad - 1)
+    assert not (out / "checkpoints" / tag_for(bad)).exists() and not list(out.glob("*.safetensors"))

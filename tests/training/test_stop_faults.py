@@ -16,25 +16,30 @@ import pytest
 from gptneox.training import loss as losses
 from gptneox.training.checkpoint import POINTER, CheckpointManager, tag_for
 from gptneox.training.distributed import free_port
-from gptneox.training.output_dir import LOCK_NAME, RunLock, previous_run
+from gptneox.training.output_dir import LOCK_NAME, previous_run
 from gptneox.training.stop import STOPPED_EXIT
 
 from tests.helpers import LAUNCH_VARIABLES, REPO
 from tests.training.test_loop import _script_argv, read_metrics, run_train, workspace  # noqa: F401
 
 # Each rank runs train.py through this: at MOMENT (a function of the start-up: reading the data, or
-# deepspeed.initialize) it leaves a marker and waits, so that the test can act while every rank is there;
-# its exit status goes to its own file, not into interleaved output.
+# deepspeed.initialize) it leaves a marker and waits, so that the test can act while every rank is there.
+# With RANK0_ONLY, rank 1 goes on into the function and waits in its collectives for rank 0, and checks its
+# launcher only every 10 minutes: it learns of the stop from its collective failing when rank 0 leaves. Each
+# rank's exit status goes to its own file, not into interleaved output.
 RANK = """
 import os, runpy, sys, time
 import deepspeed
-from gptneox.training import loop
+from gptneox.training import loop, stop
 status_dir, moment = os.environ["STATUS_DIR"], os.environ["MOMENT"]
+if os.environ["RANK"] == "1" and os.environ.get("RANK0_ONLY"):
+    stop.WATCH_INTERVAL_S = 600
 module = deepspeed if moment == "initialize" else loop
 real = getattr(module, moment)
 def waiting(*args, **kwargs):
     open(os.path.join(status_dir, f"rank{os.environ['RANK']}.waiting"), "w").close()
-    time.sleep(600)
+    if os.environ["RANK"] == "0" or not os.environ.get("RANK0_ONLY"):
+        time.sleep(600)
     return real(*args, **kwargs)
 setattr(module, moment, waiting)
 code = 1
@@ -58,17 +63,20 @@ def _wait_for(paths, process, seconds: float, what: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment, killed", [("load_run_datasets", "deepspeed command"),
-                                            ("initialize", "per-node launcher")])
-def test_a_launcher_gone_while_the_ranks_start_ends_them_without_a_checkpoint(workspace, tmp_path, moment, killed):
+@pytest.mark.parametrize("moment, killed, rank0_only", [("load_run_datasets", "deepspeed command", ""),
+                                                       ("initialize", "per-node launcher", ""),
+                                                       ("initialize", "deepspeed command", "1")])
+def test_a_launcher_gone_while_the_ranks_start_ends_them_without_a_checkpoint(workspace, tmp_path, moment, killed,
+                                                                             rank0_only):
     """SIGTERM to the `deepspeed` command (which dies at once, forwarding nothing) or to the per-node launcher
-    (which forwards it to the ranks) while both ranks are still reading data or inside deepspeed.initialize:
-    both exit 75 at once, nothing saved, the lock released, and the same command can go on in the directory."""
+    (which forwards it to the ranks) while both ranks are still reading data or inside deepspeed.initialize
+    (or one waits there in a collective for the other, which leaves first): both exit 75 at once, nothing
+    saved, the lock released, and the same command can go on in the directory."""
     out = tmp_path / "run"
     wrapper = tmp_path / "rank.py"
     wrapper.write_text(RANK)
     environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
-    environment.update(STATUS_DIR=str(tmp_path), MOMENT=moment)
+    environment.update(STATUS_DIR=str(tmp_path), MOMENT=moment, RANK0_ONLY=rank0_only)
     argv = _script_argv(workspace, out, "--max_steps", "4", "--save_steps", "2", "--eval_steps", "100",
                         "--per_device_train_batch_size", "1")[1:]
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
@@ -120,6 +128,25 @@ def test_sighup_in_the_middle_of_a_step_abandons_it_and_the_resume_is_exact(work
     assert run_train(workspace, out, *MID_STEP, "--resume") == 0
     resumed = [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in read_metrics(out) if "loss" in r]
     assert resumed == expected  # steps 1-2 of the first part, 3-4 of the resume: identical
+
+
+def test_a_stop_inside_the_first_step_saves_nothing_and_the_same_command_goes_on(workspace, tmp_path, monkeypatch,
+                                                                                 capsys):
+    real_loss, calls = losses.batch_loss, []
+
+    def hung_up_in_the_first_step(engine, batch):
+        calls.append(engine.global_steps)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real_loss(engine, batch)
+
+    monkeypatch.setattr(losses, "batch_loss", hung_up_in_the_first_step)
+    out = tmp_path / "run"
+    assert run_train(workspace, out, *MID_STEP) == STOPPED_EXIT
+    assert "SIGHUP in the first step: nothing to save, exiting (run the same command again)" in capsys.readouterr().out
+    assert calls == [0, 0] and not list(out.glob("checkpoints/step*")) and previous_run(out) == []
+    monkeypatch.setattr(losses, "batch_loss", real_loss)
+    assert run_train(workspace, out, *MID_STEP) == 0
 
 
 # A single process stopped by SIGTERM at its 3rd step boundary, then signalled again while it saves (SIGTERM,
