@@ -5,8 +5,8 @@
     gptneox-plan-memory --model stablelm-7b --gpus 1 --gpu_memory_gb 24 --max_length 2048 --micro_batch 1 --lora_r 16
 
 --configs takes train.py's sections and overrides (as gptneox-data-report does): the model, max_length,
-per_device_train_batch_size and dtype come from the run's config; --model, --max_length, --micro_batch and
---dtype, where given, take their place. --model is a preset (gpt-neox-20b, pythia-12b, ...), a Hugging Face
+per_device_train_batch_size, dtype and LoRA keys come from the run's config; --model, --max_length,
+--micro_batch, --dtype and the --lora_* flags, where given, take their place. --model is a preset (gpt-neox-20b, pythia-12b, ...), a Hugging Face
 model directory, or a config section (configs/NAME.yaml) whose model_name is one of those. The ZeRO settings
 come from the DeepSpeed config files, with "auto" resolved as train.py resolves them. The terms are explained
 in gptneox/memory_plan.py. The table fits 100 columns; --json prints the same figures as JSON.
@@ -170,9 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_settings(args: argparse.Namespace, train_args: list[str]) -> tuple[GPTNeoXConfig, str, Batch]:
+def lora_defaults(cfg: TrainConfig) -> dict:
+    """The LoRA flags' values that a run's config implies (its lora_* keys), for the flags not given."""
+    return {"lora_r": cfg.lora_r, "lora_target_modules": ",".join(cfg.lora_target_modules),
+            "lora_dropout": cfg.lora_dropout, "lora_trained_tokens": len(CHAT_TOKENS) if cfg.lora_train_new_tokens else 0}
+
+
+def run_settings(args: argparse.Namespace, cfg: TrainConfig | None) -> tuple[GPTNeoXConfig, str, Batch]:
     """(model config, where it came from, batch) from the flags, and from the run's config for what they leave out."""
-    cfg = parse_train_config(["--configs", *args.configs, *train_args]) if args.configs else None
     if args.model:
         config, origin = model_config(args.model)
     else:
@@ -194,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.configs and None in (args.model, args.max_length, args.micro_batch):
         parser.error("without --configs, --model, --max_length and --micro_batch are required")
     try:
-        config, origin, batch = run_settings(args, train_args)
+        cfg = parse_train_config(["--configs", *args.configs, *train_args]) if args.configs else None
+        if cfg is not None:  # the run's LoRA keys, unless a flag says otherwise
+            parser.set_defaults(**lora_defaults(cfg))
+            args, _ = parser.parse_known_args(argv)
+        config, origin, batch = run_settings(args, cfg)
         hardware = Hardware(args.gpus, args.gpus_per_node or min(args.gpus, 8), args.gpu_memory_gb, args.host_memory_gb)
         lora_plan = lora_settings(args)
         plans = zero_plans(config, hardware, batch, zero_sections(args.deepspeed_configs, batch, config.hidden_size,
