@@ -128,6 +128,9 @@ class TrainConfig:
     resume: bool = setting(False, CHECKPOINTING, "continue from the newest complete checkpoint in output_dir")
     overwrite_output_dir: bool = setting(False, CHECKPOINTING,
                                          "delete another run's checkpoints, metrics and model in output_dir first")
+    trust_checkpoint_code: bool = setting(False, CHECKPOINTING,
+                                          "load the resumed checkpoint's .pt files unchecked: code in them runs "
+                                          "(only for checkpoints you trust; see README, Faults)")
     allow_changed: str | None = setting(None, CHECKPOINTING,
                                         "resume checks to waive, comma-separated (e.g. learning_rate,total_steps)")
 
