@@ -95,8 +95,9 @@ def saved_activation_bytes_per_token(config: GPTNeoXConfig, dtype: str, checkpoi
     With LoRA (frozen base) a Linear's input is kept only where an adapter reads it: the LayerNorm outputs
     and the GELU output go unless their Linear is a target. Each target keeps its adapter's [tokens, r]
     down-projection and, with dropout, the dropped-out copy of its input and the dropout mask (a bool on
-    CUDA; torch's CPU kernel keeps it in the input dtype, hence `dropout_mask_bytes`). This assumes the
-    graph starts at the embedding (trained token rows); without them the first block keeps a little less.
+    CUDA; torch's CPU kernel keeps it in the input dtype, hence `dropout_mask_bytes`). This is exact with
+    trained token rows, where the graph starts at the embedding; without them it is an upper bound (the
+    first block then keeps less).
     """
     s, h, inner = BYTES[dtype], config.hidden_size, config.intermediate_size
     if checkpointing:
@@ -114,8 +115,11 @@ def saved_activation_bytes_per_token(config: GPTNeoXConfig, dtype: str, checkpoi
             masks = dropout_mask_bytes * sum(dropped)
         block = s * kept + masks + layer_norm_stats_bytes * 2 * 2 + FP32 * config.num_attention_heads
     rotary = 2 * s * (config.rotary_ndims // 2)  # cos and sin of half the rotary dims, shared by all blocks
+    # the embedding's backward keeps the token ids (int64); with LoRA's trained rows, each token's row in
+    # the trained rows (int64) and whether it is one of them (bool)
+    ids = 8 if lora is None else 8 + 1
     return {"blocks": config.num_hidden_layers * block,
-            "embedding and final LayerNorm": 8 + rotary + s * h + layer_norm_stats_bytes * 2}
+            "embedding and final LayerNorm": ids + rotary + s * h + layer_norm_stats_bytes * 2}
 
 
 def block_recompute_bytes_per_token(config: GPTNeoXConfig, dtype: str, lora: LoraPlan | None = None) -> float:
@@ -133,14 +137,19 @@ def loss_buffer_bytes(config: GPTNeoXConfig, dtype: str, trained_tokens: int,
     fp32/bf16: the hidden-state gradient of the trained rows and the fp32 head-weight gradient, both made in
     forward, and the cast of the latter to the weight dtype. fp16 recomputes in backward: it keeps the trained
     rows' hidden states (a gathered copy) and then builds the same gradients. Plus one chunk of fp32 logits
-    and its gradient in the training dtype. With LoRA the head is frozen but for the trained token rows, and
-    only their gradient is formed.
+    and its gradient in the training dtype.
+    With LoRA the head weight is frozen: no weight gradient, unless token rows are trained. The head is then
+    the frozen weight with the trained rows copied in (gptneox.lora.TokenAdapter), whose full gradient the
+    loss forms before autograd keeps the rows' part.
     """
     s, h, v = BYTES[dtype], config.hidden_size, config.vocab_size
     rows = min(chunk_rows, trained_tokens)
-    head_rows = v if lora is None else lora.trained_token_rows
+    head_gradient = lora is None or lora.trained_token_rows > 0
+    merged_head = {} if lora is None or not lora.trained_token_rows else {
+        "head weight with the trained rows in place": v * h * s}
     return {"trained hidden rows and their gradient": (2 if dtype == "fp16" else 1) * trained_tokens * h * s,
-            "head weight gradient (fp32 + cast)": head_rows * h * (FP32 + (s if s != FP32 else 0)),
+            **merged_head,
+            "head weight gradient (fp32 + cast)": head_gradient * v * h * (FP32 + (s if s != FP32 else 0)),
             "one chunk of logits": rows * v * (FP32 + (s if s != FP32 else 0))}
 
 
