@@ -24,7 +24,7 @@ test: $(STAMP)
 
 # The CUDA-only tests (real flash-attn, FlexAttention and torch varlen kernels in fp16/bf16); -rs lists why
 # any was skipped (no GPU, flash-attn not installed). .venv holds the CPU torch, so on a GPU machine name its
-# own CUDA python instead: make test-gpu GPU_PYTHON=python3 (bench/gpu_check.sh does).
+# own CUDA python instead: make test-gpu GPU_PYTHON=python3 (bench/gpu_check.sh runs the same pytest command).
 GPU_PYTHON ?=
 test-gpu: $(if $(GPU_PYTHON),,$(STAMP))
 	$(or $(GPU_PYTHON),$(PY)) -m pytest -q -rs -m cuda tests

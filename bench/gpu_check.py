@@ -306,7 +306,9 @@ def run_decode(out: Path, cpu: bool) -> dict:
         model.attention_backend = backend
         row = dict(backend=backend, status="PASS")
         for name, mask in (("unpadded", unpadded), ("padded", padded)):
-            generate(model, ids, mask, max_new_tokens=2, stop_token_ids=())  # warm-up
+            # warm-up over the whole length: each new key length is a new shape for the kernels (on the H200 a
+            # 2-token warm-up left the first backend measured at 61 ms/token, the next one, same kernels, at 3)
+            generate(model, ids, mask, max_new_tokens=new, stop_token_ids=())
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()

@@ -6,8 +6,9 @@ Writes (once; reused if present) a synthetic ShareGPT V3 file of --records conve
 one (pretty-printed JSON array, 2-12 turns of a few hundred to a few thousand characters, some odd speakers and
 empty conversations), then reads it in a fresh process with the vicuna source, keeping the conversations as
 training does, and prints wall time, peak RSS and peak RSS / file size. --whole_file measures, for
-comparison, parsing the file with one json.load (what the reader did before it streamed).
-Never commit the generated file.
+comparison, parsing the file with one json.load (what the reader did before it streamed). --arrow writes the
+same records once more as a folder like `datasets`' save_to_disk (Arrow IPC stream shards, 1,000 rows a
+batch) and reads that instead. Never commit the generated files.
 """
 from __future__ import annotations
 
@@ -46,6 +47,28 @@ def write_file(path: Path, records: int, seed: int = 0) -> None:
         stream.write("\n]\n")
 
 
+def write_saved_dataset(source: Path, folder: Path, rows_per_shard: int = 20000) -> None:
+    """The records of `source` as `Dataset.save_to_disk` lays them out (shards, dataset_info.json, state.json),
+    written 1,000 rows at a time."""
+    import pyarrow as pa
+
+    from gptneox.data.readers import BadRecords, read_records
+    turn = pa.struct([("from", pa.string()), ("value", pa.string())])
+    schema = pa.schema([("id", pa.string()), ("conversations", pa.list_(turn))])
+    total = sum(1 for _ in read_records(source, BadRecords(False)))
+    names = [f"data-{i:05d}-of-{-(-total // rows_per_shard):05d}.arrow" for i in range(-(-total // rows_per_shard))]
+    folder.mkdir(parents=True)
+    records = (record for _, record in read_records(source, BadRecords(False)))
+    for name in names:
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for _ in range(rows_per_shard // 1000):
+                rows = [record for _, record in zip(range(1000), records)]  # range first: no record lost
+                if rows:
+                    writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=schema))
+    (folder / "dataset_info.json").write_text("{}")
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in names]}))
+
+
 def measure(path: Path, whole_file: bool) -> dict:
     """Runs in the child process: read, keep the result, report time and peak RSS."""
     start = time.perf_counter()
@@ -59,7 +82,8 @@ def measure(path: Path, whole_file: bool) -> dict:
         conversations = sum(len(u) for u in units)
     else:
         from gptneox.data.datasets import read_units
-        read = read_units("vicuna", path)
+        from gptneox.data.files import dataset_files
+        read = read_units("vicuna", dataset_files("vicuna", str(path), "."))
         conversations = sum(len(u) for u in read.units)
     seconds = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -71,6 +95,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=60000)
     parser.add_argument("--file", type=Path, default=Path("/tmp/sharegpt_bench.json"))
     parser.add_argument("--whole_file", action="store_true", help="json.load the whole file instead of streaming")
+    parser.add_argument("--arrow", action="store_true", help="read a save_to_disk folder of the same records")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -79,14 +104,21 @@ def main() -> None:
     if not args.file.exists():
         print(f"writing {args.records} records to {args.file} ...", flush=True)
         write_file(args.file, args.records)
-    size_mib = args.file.stat().st_size / 2**20
-    command = [sys.executable, __file__, "--child", "--file", str(args.file)] + (["--whole_file"] if args.whole_file else [])
+    read_path = args.file
+    if args.arrow:
+        read_path = args.file.with_name(args.file.stem + "_saved")
+        if not read_path.exists():
+            print(f"writing the records as a save_to_disk folder {read_path} ...", flush=True)
+            write_saved_dataset(args.file, read_path)
+    size_mib = sum(p.stat().st_size for p in ([read_path] if read_path.is_file() else read_path.iterdir())) / 2**20
+    command = [sys.executable, __file__, "--child", "--file", str(read_path)]
+    command += ["--whole_file"] if args.whole_file else []
     result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
     baseline = json.loads(subprocess.run([sys.executable, "-c", "import resource, gptneox.data.datasets; "
                                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
                                          capture_output=True, text=True, check=True,
                                          cwd=Path(__file__).resolve().parents[1]).stdout)
-    print(f"file {args.file}: {size_mib:.0f} MiB; {'json.load' if args.whole_file else 'streaming reader'}: "
+    print(f"file {read_path}: {size_mib:.0f} MiB; {'json.load' if args.whole_file else 'streaming reader'}: "
           f"{result['seconds']} s, peak RSS {result['peak_rss_mib']} MiB "
           f"({result['peak_rss_mib'] / size_mib:.2f} x the file; the interpreter and imports alone: "
           f"{baseline / 1024:.0f} MiB), {result['conversations']} conversations kept")

@@ -341,7 +341,8 @@ def flash_kernels() -> FlashKernels:
     first import this is a sys.modules lookup, and a cache would outlive a reinstall in the same process."""
     if _find_spec("flash_attn") is None:
         raise AttentionBackendError(
-            "attention_backend='flash' needs flash-attn, which is not installed (README, 'GPU install': a prebuilt "
+            "attention_backend='flash' needs flash-attn, which is not installed (gptneox's extra 'flash'; README, "
+            "'GPU install': a prebuilt "
             f"wheel for torch {torch.__version__} / CUDA {torch.version.cuda}, or flash-attn-4 on Hopper); "
             "use 'flex' or 'sdpa' otherwise")
     module = _import_flash("flash_attn")

@@ -12,12 +12,14 @@ from typing import TextIO
 
 import torch
 
+from gptneox.adapter import apply_adapter
 from gptneox.data import EOS_TOKEN, PAD_TOKEN, format_prompt, load_tokenizer
 from gptneox.data.formatting import ROLE_TOKENS
 from gptneox.errors import MissingFileError, UserError
 from gptneox.generate import generate
 from gptneox.hub import find_model
 from gptneox.model import GPTNeoX
+from gptneox.sizes import VOCAB_MULTIPLE
 
 
 # The chat's sampling defaults; an exported model carries them in generation_config.json, so transformers'
@@ -31,10 +33,13 @@ class ChatError(UserError):
 
 
 def load_model_and_tokenizer(model_dir: str | Path, tokenizer_path: str | Path | None = None,
-                             device: str = "cpu", dtype: str | None = None):
+                             device: str = "cpu", dtype: str | None = None, adapter: str | Path | None = None):
     """An exported model directory and its chat tokenizer (model_dir/tokenizer.json unless tokenizer_path
     is given), for inference; an `org/name` model is looked up in the Hugging Face cache. Training builds
-    its model from the training config instead (gptneox.training.model_setup.build_training_model)."""
+    its model from the training config instead (gptneox.training.model_setup.build_training_model).
+
+    `adapter`: a LoRA adapter directory in peft's format, folded into the model's weights; its tokenizer
+    is used when it has one, and the vocabulary grows to fit it as training grew it."""
     try:  # an unusable device (cuda without CUDA, a typo) is named before any weights are read
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as err:
@@ -44,12 +49,18 @@ def load_model_and_tokenizer(model_dir: str | Path, tokenizer_path: str | Path |
         raise MissingFileError(f"model directory {model_dir}: not found (looked at: {'; '.join(looked)}); "
                                "nothing is downloaded")
     model_dir = found
-    tokenizer_file = Path(tokenizer_path) if tokenizer_path else model_dir / "tokenizer.json"
+    adapter_tokenizer = Path(adapter) / "tokenizer.json" if adapter else None
+    tokenizer_file = (Path(tokenizer_path) if tokenizer_path else adapter_tokenizer
+                      if adapter_tokenizer and adapter_tokenizer.is_file() else model_dir / "tokenizer.json")
     if not tokenizer_file.exists():
         raise MissingFileError(f"{tokenizer_file}: tokenizer not found; a model directory needs its "
                                "tokenizer.json (exported checkpoints have one), or give another tokenizer file")
     tokenizer = load_tokenizer(tokenizer_file)
     model = GPTNeoX.from_pretrained(model_dir, dtype=dtype, device=device)
+    if adapter:
+        if tokenizer.get_vocab_size() > model.config.vocab_size:  # the chat tokens' rows, as in training
+            model.resize_token_embeddings(tokenizer.get_vocab_size(), pad_to_multiple_of=VOCAB_MULTIPLE)
+        apply_adapter(model, adapter)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise ChatError(f"{tokenizer_file} has {tokenizer.get_vocab_size()} tokens but the model in {model_dir} "
                         f"only {model.config.vocab_size} embedding rows; they do not belong together")

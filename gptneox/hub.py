@@ -1,8 +1,9 @@
 """Where a model named on a command line is on disk: a local directory, or a snapshot in the Hugging Face
-cache, found offline.
+cache, found offline (dataset repos are found the same way: gptneox.data.hub_datasets).
 
-huggingface_hub keeps each model as `models--org--name/` with `refs/main` (the commit of the main
-branch), `snapshots/<commit>/` (the files, symlinks into `blobs/`) and `blobs/`. A download that was cut
+huggingface_hub keeps each model as `models--org--name/` (each dataset as `datasets--org--name/`) with
+`refs/main` (the commit of the main branch), `snapshots/<commit>/` (the files, symlinks into `blobs/`) and
+`blobs/`. A download that was cut
 short leaves a snapshot without some of its files, so only a complete one is used: the one `refs/main`
 names, else the newest complete one. Nothing is ever downloaded.
 """
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from gptneox.weights import CheckpointError, checkpoint_files
 
 
 def cache_dirs() -> list[Path]:
-    """Where huggingface_hub may have put models, in its own order of precedence (each place once)."""
+    """Where huggingface_hub may have put models and datasets, in its own order of precedence (each place
+    once)."""
     places = []
     for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(variable):
@@ -45,26 +48,36 @@ def snapshot_problem(snapshot: Path) -> str | None:
     return None
 
 
-def find_snapshot(repo_id: str) -> tuple[Path | None, list[str]]:
-    """(the snapshot to load, or None; what was looked at, for an error message)."""
+def repo_folder(cache: Path, repo_id: str, repo_type: str = "model") -> Path:
+    """huggingface_hub's folder of a repo in a cache: `models--org--name`, `datasets--org--name`."""
+    return cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+
+
+def find_snapshot(repo_id: str, problem: Callable[[Path], str | None] = snapshot_problem,
+                  repo_type: str = "model", revision: str = "main") -> tuple[Path | None, list[str]]:
+    """(the snapshot to use, or None; what was looked at, for an error message). The snapshot `revision`
+    names (a branch in `refs/`, or a commit), else, for `main` only, the newest other one; the first
+    for which `problem` finds nothing wrong."""
     looked = []
     for cache in cache_dirs():
-        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        repo = repo_folder(cache, repo_id, repo_type)
         snapshots = repo / "snapshots"
         if not snapshots.is_dir():
             looked.append(f"{repo} (not there)")
             continue
-        main = repo / "refs" / "main"
-        first = snapshots / main.read_text().strip() if main.is_file() else None
-        newest = sorted((p for p in snapshots.iterdir() if p.is_dir() and p != first),
-                        key=lambda p: p.stat().st_mtime, reverse=True)
-        for snapshot in ([first] if first else []) + newest:
-            problem = snapshot_problem(snapshot) if snapshot.is_dir() else "not there"
-            if problem is None:
+        ref = repo / "refs" / revision
+        named = snapshots / (ref.read_text().strip() if ref.is_file() else revision)
+        first = [named] if ref.is_file() or named.is_dir() else []
+        newest = [] if revision != "main" else sorted(
+            (p for p in snapshots.iterdir() if p.is_dir() and p not in first), key=lambda p: p.stat().st_mtime,
+            reverse=True)
+        for snapshot in first + newest:
+            why = problem(snapshot) if snapshot.is_dir() else "not there"
+            if why is None:
                 return snapshot, looked
-            looked.append(f"{snapshot} ({problem})")
+            looked.append(f"{snapshot} ({why})")
         if not first and not newest:
-            looked.append(f"{snapshots} (empty)")
+            looked.append(f"{snapshots} ({'empty' if revision == 'main' else f'no revision {revision}'})")
     return None, looked
 
 

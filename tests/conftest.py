@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -17,6 +18,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (make test-gpu); skipped without one")
     config.addinivalue_line("markers", "slow: end-to-end runs of train.py, the launcher or a tool (seconds to a "
                                        "minute each); `make test` runs them, `pytest -m 'not slow'` skips them")
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """A run stopped in-process keeps its stop handlers, as a real command does up to its exit; the next test
+    gets the handlers back that it would have had."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture

@@ -37,8 +37,10 @@ def test_every_domain_error_is_a_user_error(error):
     assert issubclass(error, UserError)
 
 
-# Not user mistakes: training that cannot go on (exit status 3), and a stop request ending an evaluation.
-NOT_USER_ERRORS = {"gptneox.training.loop.TrainingStopped", "gptneox.training.evaluation.EvaluationStopped"}
+# Not user mistakes: training that cannot go on (exit status 3), a stop request ending an evaluation, and one
+# ending the command before its first step (exit status 75).
+NOT_USER_ERRORS = {"gptneox.training.loop.TrainingStopped", "gptneox.training.evaluation.EvaluationStopped",
+                   "gptneox.training.stop.StoppedBeforeTraining"}
 
 
 def test_every_error_type_the_package_defines_is_a_user_error_or_named_as_not_one():

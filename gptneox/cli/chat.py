@@ -7,6 +7,7 @@ for a reply within the model's context. Type /help for the commands: /reset forg
 
     gptneox-chat --model out/sft-7b                       # interactive
     gptneox-chat --model out/sft-7b --prompt "What is a meme?" --greedy
+    gptneox-chat --model stabilityai/stablelm-base-alpha-7b --adapter out/lora-7b/adapter   # a LoRA adapter
 """
 from __future__ import annotations
 
@@ -68,7 +69,10 @@ def run_interactive(session: ChatSession, lines: TextIO) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory (config.json, weights, tokenizer.json)")
-    parser.add_argument("--tokenizer", help="tokenizer.json to use instead of the model directory's")
+    parser.add_argument("--adapter", help="a LoRA adapter directory in peft's format (OUT/adapter of a LoRA run, "
+                                          "or one peft saved) to apply over --model, the base model")
+    parser.add_argument("--tokenizer", help="tokenizer.json to use instead of the model directory's "
+                                            "(or the adapter's)")
     parser.add_argument("--prompt", help="answer this one message and exit")
     parser.add_argument("--system", help="system text put before the conversation")
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
@@ -93,7 +97,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype)
+        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.device, args.dtype,
+                                                    adapter=args.adapter)
         generator = None if args.seed is None else torch.Generator(device=args.device).manual_seed(args.seed)
         session = ChatSession(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
                               do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k,

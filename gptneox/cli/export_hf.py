@@ -2,7 +2,9 @@
 
 The weights are the fp32 master copy gathered from the ZeRO partitions, written in the training dtype
 (or --dtype); config.json and the tokenizer files come from the checkpoint directory. The result loads
-with GPTNeoX.from_pretrained and transformers.GPTNeoXForCausalLM.from_pretrained.
+with GPTNeoX.from_pretrained and transformers.GPTNeoXForCausalLM.from_pretrained. A LoRA run's checkpoint
+is exported both ways: the adapters merged into its base model (read from the base's directory), and the
+adapter alone in peft's format in OUTPUT_DIR/adapter.
 """
 from __future__ import annotations
 

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 from gptneox.errors import UserError, report_user_error
+from gptneox.extras import require
 from gptneox.training.metrics import MetricsError, eval_dataset, eval_loss_keys, last_per_step, read_metrics  # noqa: E501
 from gptneox.training.output_dir import METRICS_FILE
 
 
 def plot(records: list[dict], output: Path) -> Path:
+    require("matplotlib", "gptneox-plot")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -6,8 +6,10 @@ A config is a list like the reference's ``oasst-mix``::
     - vicuna: {val_split: 0.05, max_val_set: 800}
 
 Options every dataset takes:
-  ``input_file_path`` (a file, a glob, a directory or a list of them, relative to ``cache_dir``; a
-  per-dataset default file name otherwise), ``val_split`` (default 0.2, the reference's),
+  ``input_file_path`` (a file, a glob, a directory, a ``save_to_disk`` folder, an ``hf://datasets/``
+  path into the Hugging Face cache, or a list of them, relative to ``cache_dir``; a per-dataset default
+  file name otherwise, looked up in the reference's hub repo when cache_dir lacks it),
+  ``val_split`` (default 0.2, the reference's),
   ``max_val_set`` (evaluation set capped by sampling without replacement), ``fraction`` (keep this
   share of the training conversations, sampled once here; the reference applied it only with its
   custom sampler), ``skip_bad_records`` (count and log bad records instead of stopping).
@@ -21,6 +23,7 @@ threads on both sides. ``train.py`` and the tools that report on a run's data (`
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -57,9 +60,13 @@ class LoadedDataset:
         dropped = ", ".join(f"{reason} {count}" for reason, count in sorted(self.drops.items())) or "nothing"
         left_out = self.conversations - len(self.train) - len(self.eval)
         cut = f", {left_out} left out by max_val_set/fraction" if left_out else ""
-        files = self.files[0] if len(self.files) == 1 else f"{len(self.files)} files"
+        files = self.files[0] if len(self.files) == 1 else f"{len(self.files)} files in {_common_folder(self.files)}"
         return (f"{self.name}: {self.records} records read from {files}, {self.conversations} conversations made "
                 f"({len(self.train)} train, {len(self.eval)} eval{cut}); dropped: {dropped}")
+
+
+def _common_folder(files: list[Path]) -> Path:
+    return Path(os.path.commonpath([str(f.parent) for f in files]))
 
 
 def load_run_datasets(cfg: Any) -> list[LoadedDataset]:
@@ -150,12 +157,17 @@ def read_dataset(name: str, options: dict[str, Any], cache_dir: str | Path) -> U
     if "lang" in converter_options and not isinstance(options["lang"], (str, list)):
         lang = options["lang"]
         raise DataError(f"dataset {name!r}: option lang must be a comma-separated string or a list, got {lang!r}")
-    default_file = SOURCES[name].default_file
-    spec = options.get("input_file_path", default_file)
+    return read_units(name, input_files(name, options, cache_dir), skip, converter_options)
+
+
+def input_files(name: str, options: dict[str, Any], cache_dir: str | Path) -> list[Path]:
+    """The files dataset ``name`` reads (its input_file_path, or the source's default file)."""
+    spec = options.get("input_file_path", SOURCES[name].default_file)
     if spec is None:
         raise DataError(f"dataset {name!r} needs the option input_file_path")
-    files = dataset_files(name, spec, cache_dir, default_used="input_file_path" not in options)
-    return read_units(name, files, skip, converter_options)
+    source = SOURCES[name]
+    return dataset_files(name, spec, cache_dir, default_used="input_file_path" not in options,
+                         hub_repo=source.hub_repo, stock_files=source.stock_files)
 
 
 def _flag(name: str, options: dict, key: str) -> bool:

@@ -1,4 +1,4 @@
-"""Read records from local dataset files: JSON arrays, JSON Lines, parquet and csv (each optionally .gz).
+"""Read records from local dataset files: JSON arrays, JSON Lines, parquet, csv and Arrow (each optionally .gz).
 
 Every record comes with a location (``line 12``, ``record 3 (line 40)``, ``row 7``) so that a bad record
 can be reported by file and place. Bad input stops with a ``DataError`` unless the caller skips bad
@@ -6,7 +6,8 @@ records, in which case ``BadRecords`` counts them and keeps the first message fo
 
 Files are streamed: a JSON Lines file is read line by line as bytes and each line is decoded on its own
 (a bad byte spoils that record only), a JSON array is parsed one element at a time from a bounded
-buffer, and parquet is read in record batches. So reading holds one record at a time, not the file.
+buffer, and parquet and Arrow are read in record batches. So reading holds one record at a time, not the
+file. ``.arrow`` is the Arrow IPC stream format that ``datasets`` writes (``save_to_disk`` shards, its cache).
 Whether a ``.json`` file is a JSON array or JSON Lines (what pandas and ``datasets`` write under that
 name) is decided from its first character.
 """
@@ -24,8 +25,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from gptneox.errors import UserError
+from gptneox.extras import install_hint, installed
 
-FORMATS = (".json", ".jsonl", ".parquet", ".csv")
+FORMATS = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
 CHUNK_CHARS = 1 << 20  # a JSON array is parsed from a buffer of about this many characters
 PARQUET_BATCH_ROWS = 1024
 BOM = "\ufeff"
@@ -77,8 +79,8 @@ def read_records(path: Path, bad: BadRecords) -> Iterator[tuple[str, Any]]:
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
     kind = file_format(path)
-    if kind == ".parquet":
-        yield from _read_parquet(path)
+    if kind in (".parquet", ".arrow"):
+        yield from _read_arrow_batches(path, kind)
         return
     last = "the start"
     try:
@@ -218,18 +220,26 @@ def _read_csv(stream: io.TextIOBase) -> Iterator[tuple[str, Any]]:
         yield f"row {index} (ending on line {reader.line_num})", row
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        import pyarrow.parquet as parquet
-    except ImportError:
-        raise DataError(f"{path}: reading .parquet files needs pyarrow (pip install 'gptneox[data]')") from None
+def _read_arrow_batches(path: Path, kind: str) -> Iterator[tuple[str, Any]]:
+    """Rows of a parquet file or an Arrow IPC stream, one record batch in memory at a time."""
+    name = kind.lstrip(".")
+    if not installed("pyarrow.parquet"):
+        raise DataError(f"{path}: reading .{name} files needs pyarrow, which is not installed: "
+                        f"{install_hint('pyarrow')}")
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
     index = 0
     compressed = path.suffix == ".gz"  # a plain file is given by path, so that pyarrow reads it natively
     try:
         with _open_binary(path) if compressed else contextlib.nullcontext(path) as source:
-            for batch in parquet.ParquetFile(source).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            if kind == ".parquet":
+                batches = parquet.ParquetFile(source).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+            else:
+                batches = pa.ipc.open_stream(source if compressed else pa.OSFile(str(source)))  # read, not mapped
+            for batch in batches:
                 for row in batch.to_pylist():
                     yield f"row {index}", row
                     index += 1
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-        raise DataError(f"{path}: cannot read parquet file after row {index}: {error}") from error
+        hint = " (expected the Arrow IPC stream format that datasets writes)" if kind == ".arrow" and not index else ""
+        raise DataError(f"{path}: cannot read {name} file after row {index}: {error}{hint}") from error

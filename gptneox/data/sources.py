@@ -35,8 +35,10 @@ BANNED_WORD = "banned word"
 BAD_RECORD = "bad record"
 
 
-def _get(record: Any, field: str, kind: type = str, path: str | None = None, default: Any = ...) -> Any:
-    """``record[field]`` checked to be of ``kind``; ``default`` (if given) when absent or null."""
+def _get(record: Any, field: str, kind: type | tuple[type, ...] = str, path: str | None = None,
+         default: Any = ...) -> Any:
+    """``record[field]`` checked to be of ``kind`` (a type or a tuple of them); ``default`` (if given) when
+    absent or null."""
     name = path or field
     if not isinstance(record, dict):
         raise RecordError(name, f"cannot be read: its container is a {type(record).__name__}, not an object")
@@ -46,7 +48,8 @@ def _get(record: Any, field: str, kind: type = str, path: str | None = None, def
             return default
         raise RecordError(name, "missing")
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise RecordError(name, f"expected {kind.__name__}, got {type(value).__name__}")
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise RecordError(name, f"expected {expected}, got {type(value).__name__}")
     return value
 
 
@@ -136,38 +139,62 @@ def vicuna(record: Any, drops: Counter) -> list[Conversation]:
     ``human``/``user`` are the prompter, ``gpt``/``chatgpt``/``bing``/``bard``/``assistant``/``model`` the
     assistant. As in the reference, a conversation that is empty or does not start with a human turn
     (``system``, ``gpt``, ...) is dropped, turns of one speaker join with a newline, the dump's markdown
-    escapes are undone and each message is cut to 2,048 characters.
+    escapes are undone and each message is cut to 2,048 characters. A top-level ``system`` string (files
+    written for FastChat and LLaMA-Factory) becomes the ``<|system|>`` turn, as in ``chat``.
     """
     turns = _get(record, "conversations", list)
+    system = _get(record, "system", default="") or None  # an empty one is no system prompt
     dialogue = []
     for index, turn in enumerate(turns):
         speaker = _get(turn, "from", path=f"conversations[{index}].from")
         value = _get(turn, "value", path=f"conversations[{index}].value")
         text = value.replace("\\_", "_").replace("\\*", "*")  # undo the dump's markdown escaping
         dialogue.append((SHAREGPT_ROLES.get(speaker.lower()), text))
-    conversations = _dialogue(dialogue, drops)
+    conversations = _with_system(system, _dialogue(dialogue, drops))
     return [[{"role": m["role"], "text": m["text"][:MAX_MESSAGE_CHARS]} for m in c] for c in conversations]
 
 
 def chat(record: Any, drops: Counter) -> list[Conversation]:
     """``messages: [{role: system|user|assistant, content}]`` (TRL, axolotl, OpenAI fine-tuning files).
 
-    A leading system message becomes the ``<|system|>`` turn; then the same rules as ShareGPT: it must
-    start with a user turn, turns of one role join with a newline, a trailing user turn is dropped.
+    ``content`` is a string or a list of parts; text parts are joined (see ``_content``). A leading system
+    message becomes the ``<|system|>`` turn; then the same rules as ShareGPT: it must start with a user
+    turn, turns of one role join with a newline, a trailing user turn is dropped.
     """
     messages = _get(record, "messages", list)
     dialogue = []
     for index, message in enumerate(messages):
         role = _get(message, "role", path=f"messages[{index}].role")
-        content = _get(message, "content", path=f"messages[{index}].content")
         if role not in CHAT_ROLES:
             raise RecordError(f"messages[{index}].role", f"unknown role {role!r}; expected {', '.join(CHAT_ROLES)}")
-        dialogue.append((CHAT_ROLES[role], content))
+        dialogue.append((CHAT_ROLES[role], _content(message, f"messages[{index}].content")))
     system = dialogue.pop(0)[1] if dialogue and dialogue[0][0] == "system" else None
     conversations = _dialogue([(None if role == "system" else role, text) for role, text in dialogue], drops)
-    if system is not None:
-        conversations = [[{"role": "system", "text": system}] + c for c in conversations]
-    return conversations
+    return _with_system(system, conversations)
+
+
+def _content(message: Any, where: str) -> str:
+    """A message's text: a string, or a list of parts whose text parts are concatenated as chat templates
+    render them. A text part holds ``text`` (OpenAI, TRL) or ``value`` (LLaMA-Factory); any other part
+    (image, audio, ...) cannot be trained here, so its record is a bad record."""
+    content = _get(message, "content", (str, list), path=where)
+    if isinstance(content, str):
+        return content
+    texts = []
+    for index, part in enumerate(content):
+        kind = _get(part, "type", path=f"{where}[{index}].type")
+        if kind != "text":
+            raise RecordError(f"{where}[{index}].type", f"a {kind!r} part; only text parts can be trained")
+        key = "value" if part.get("text") is None and part.get("value") is not None else "text"  # parquet has both
+        texts.append(_get(part, key, path=f"{where}[{index}].{key}"))
+    return "".join(texts)
+
+
+def _with_system(system: str | None, conversations: list[Conversation]) -> list[Conversation]:
+    """The system text as each conversation's first turn (none when there is no system text)."""
+    if system is None:
+        return conversations
+    return [[{"role": "system", "text": system}] + c for c in conversations]
 
 
 def _dialogue(turns: list[tuple[str | None, str]], drops: Counter) -> list[Conversation]:
@@ -285,23 +312,37 @@ def alpaca(record: Any, drops: Counter) -> list[Conversation]:
 
 @dataclass(frozen=True)
 class Source:
-    """A named dataset: its converter, its own options, the file name used when none is given, and for
-    sources whose units span records, the class that gathers such records into units."""
+    """A named dataset: its converter, its own options, the file name used when none is given, for sources
+    whose units span records the class that gathers such records into units, and for the reference's
+    sources the hub dataset it loaded (``hub_repo``) with the file names looked up there when they are not
+    in cache_dir (``stock_files``: the default file, or the export oasst-mix names)."""
 
     convert: Callable[..., list[Conversation]]
     options: tuple[str, ...] = ()
     default_file: str | None = None
     gather: type | None = None
+    hub_repo: str | None = None
+    stock_files: tuple[str, ...] = ()
 
 
+def _stock(convert: Callable, default_file: str, hub_repo: str, **fields: Any) -> Source:
+    """A reference source whose default file is looked up in its hub repo when cache_dir lacks it."""
+    return Source(convert, default_file=default_file, hub_repo=hub_repo, stock_files=(default_file,), **fields)
+
+
+# The hub repos of the reference's loaders (Open-Assistant model/model_training/custom_datasets at the
+# stable_lm_training branch; oasst_export's is the one its later `hf_dataset_name` default names).
 SOURCES = {
-    "oasst_export": Source(oasst_export, options=("lang", "top_k"), gather=MessageRows),
-    "vicuna": Source(vicuna, default_file="ShareGPT_V3_unfiltered_cleaned_split_no_imsorry.json"),
-    "dolly15k": Source(dolly15k, default_file="databricks-dolly-15k.jsonl"),
-    "grade_school_math_instructions": Source(
-        grade_school_math_instructions, options=("keep_final_answer",),
-        default_file="grade-school-math-instructions.csv"),
-    "code_alpaca": Source(code_alpaca, default_file="code_alpaca_20k.json"),
+    "oasst_export": Source(oasst_export, options=("lang", "top_k"), gather=MessageRows,
+                           hub_repo="OpenAssistant/oasst1",
+                           stock_files=("2023-04-12_oasst_release_ready_synth.jsonl.gz",)),
+    "vicuna": _stock(vicuna, "ShareGPT_V3_unfiltered_cleaned_split_no_imsorry.json",
+                     "anon8231489123/ShareGPT_Vicuna_unfiltered"),
+    "dolly15k": _stock(dolly15k, "databricks-dolly-15k.jsonl", "OllieStanley/oa_dolly_15k"),
+    "grade_school_math_instructions": _stock(
+        grade_school_math_instructions, "grade-school-math-instructions.csv",
+        "qwedsacf/grade-school-math-instructions", options=("keep_final_answer",)),
+    "code_alpaca": _stock(code_alpaca, "code_alpaca_20k.json", "sahil2801/CodeAlpaca-20k"),
     "chat": Source(chat),
     "alpaca": Source(alpaca),
 }

@@ -74,6 +74,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tokenizer
 
 
+def added_token_ids(path: str | Path) -> list[int]:
+    """The ids of the special tokens that load_tokenizer(path) appends because the file lacks them: on a
+    base model's tokenizer the chat tokens, whose embedding rows the base never trained."""
+    stored = Tokenizer.from_file(str(_tokenizer_file(path)))
+    tokenizer = load_tokenizer(path)
+    return [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS if stored.token_to_id(token) is None]
+
+
 def _is_registered_special(tokenizer: Tokenizer, token: str) -> bool:
     """True when ``token`` is an added special token, so it is matched atomically and never split."""
     return any(t.content == token and t.special for t in tokenizer.get_added_tokens_decoder().values())

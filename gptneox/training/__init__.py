@@ -8,7 +8,7 @@
     Evaluator                         evaluation sets, their collator, ranks' shares, when (evaluation)
     CheckpointManager, TrainState     save policy, atomic saves, resume state (checkpoint)
     MetricsLogger                     a step's figures and where they go (metrics)
-    StopRequest                       SIGTERM/SIGINT at a step boundary (stop)
+    StopRequest                       SIGTERM/SIGHUP/SIGINT or the launcher's death: stop (stop)
     train, prepare                    the loop (loop)
 
 Names are imported on first use, so reading a config does not import DeepSpeed.

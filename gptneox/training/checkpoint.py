@@ -196,6 +196,12 @@ class CheckpointManager:
         """Make `tags` (oldest first) the pointer's complete ones, atomically."""
         write_atomically(self.directory / POINTER, json.dumps({"latest": tags[-1], "complete": tags}))
 
+    def newest_line(self) -> str:
+        """Which checkpoint is the newest complete one, for a message."""
+        tag = self.latest_tag()
+        return (f"the newest checkpoint is {self.directory / tag}" if tag else
+                f"there is no checkpoint in {self.directory}")
+
     def latest_tag(self) -> str | None:
         tags = self.complete_tags()
         return tags[-1] if tags else None
@@ -205,7 +211,9 @@ class CheckpointManager:
         tag_dir = self.directory / tag
         failure, failed, saved = None, 0.0, False
         try:
-            engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False)
+            # a LoRA run's frozen base is not saved: its tags hold the adapters and their optimizer state
+            engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=False,
+                                   exclude_frozen_parameters=True)
             saved = True
             if self.rank == 0:  # DeepSpeed ends its save with a barrier: every rank's files are written
                 write_run_record(tag_dir, {**self.run, "files": _file_sizes(tag_dir)})
@@ -242,7 +250,8 @@ class CheckpointManager:
 
     def load(self, engine: Any, tag: str) -> dict:
         """Load `tag` into the engine; returns its client state."""
-        path, client_state = engine.load_checkpoint(str(self.directory), tag=tag)
+        frozen = any(not p.requires_grad for p in engine.module.parameters())  # LoRA: only adapters are saved
+        path, client_state = engine.load_checkpoint(str(self.directory), tag=tag, load_module_strict=not frozen)
         if path is None:
             raise CheckpointStateError(f"{self.directory / tag}: listed in {POINTER} but DeepSpeed could not "
                                        "load it")

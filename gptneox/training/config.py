@@ -18,7 +18,9 @@ import yaml
 
 from gptneox.config import did_you_mean
 from gptneox.dtypes import LONG_NAMES, TORCH_DTYPES
+from gptneox.data.hub_datasets import is_hub_path
 from gptneox.errors import UserError
+from gptneox.lora import LoraConfig, parse_target_modules
 from gptneox.training.reporting import requested_backends
 
 # The bundled files (package data in an installed package; in a checkout, symlinks to the top-level
@@ -42,9 +44,9 @@ class TrainConfigError(UserError, ValueError):
 
 
 # The groups of `--help`, in this order.
-MODEL, DATA, OPTIMISATION, CHECKPOINTING, LOGGING = (
-    "model", "data", "optimisation", "checkpointing", "logging and evaluation")
-GROUPS = (MODEL, DATA, OPTIMISATION, CHECKPOINTING, LOGGING)
+MODEL, LORA, DATA, OPTIMISATION, CHECKPOINTING, LOGGING = (
+    "model", "LoRA", "data", "optimisation", "checkpointing", "logging and evaluation")
+GROUPS = (MODEL, LORA, DATA, OPTIMISATION, CHECKPOINTING, LOGGING)
 
 
 def setting(default: Any, group: str, meaning: str) -> Any:
@@ -74,9 +76,23 @@ class TrainConfig:
                                           "compiler on CPU; off: no gain on CPU, docs/benchmarks.md)")
     deterministic: bool = setting(False, MODEL, "deterministic kernels (flash backward, cuBLAS): bitwise resume on GPU")
 
+    lora_r: int = setting(0, LORA, "LoRA rank: train low-rank adapters on a frozen base model; 0 trains every "
+                                   "weight (full fine-tuning)")
+    lora_alpha: float = setting(8.0, LORA, "LoRA scaling numerator: the update is (B @ A) * lora_alpha / lora_r")
+    lora_dropout: float = setting(0.0, LORA, "dropout on the adapters' input, in [0, 1)")
+    lora_target_modules: str | list[str] = setting(
+        "query_key_value", LORA, "projections that get adapters: query_key_value, dense, dense_h_to_4h, "
+                                 "dense_4h_to_h (a comma list or a YAML list), or all-linear for all four")
+    lora_train_new_tokens: bool = setting(True, LORA, "with LoRA, also train the embedding rows (input and output) "
+                                                      "of the chat tokens the tokenizer adds to the base vocabulary")
+
     datasets: list[str | dict] = setting([], DATA,
-                                         "dataset names or {name: options} mappings (YAML on the command line)")
-    cache_dir: str = setting(".cache", DATA, "where dataset files and model directories are looked for")
+                                         "dataset names or {name: options} mappings (YAML on the command line); "
+                                         "input_file_path may be an hf://datasets/ORG/NAME[/PATH] in the "
+                                         "Hugging Face cache")
+    cache_dir: str = setting(".cache", DATA, "where dataset files and model directories are looked for (a YAML "
+                                             "file that sets no cache_dir: its input_file_paths are relative to it; "
+                                             "a stock dataset file missing: in its hub repo in the Hugging Face cache)")
     max_length: int = setting(512, DATA, "longest training sequence in tokens (a random window of longer ones)")
     val_max_length: int | None = setting(None, DATA, "longest evaluation sequence; null: max_length")
     random_offset_probability: float = setting(0.8, DATA, "chance that a too-long conversation gets a random window")
@@ -150,6 +166,10 @@ class TrainConfig:
         for name in POSITIVE:
             if getattr(self, name) == 0:
                 raise TrainConfigError(f"{name}={getattr(self, name)!r} must be positive")
+        try:
+            self.lora_target_modules = list(parse_target_modules(self.lora_target_modules))
+        except ValueError as err:
+            raise TrainConfigError(f"lora_target_modules={self.lora_target_modules!r}: {err}") from None
         for name in _FIELDS:
             if getattr(self, name) is None and name not in _NULLABLE:
                 raise TrainConfigError(_null_refused(name, name))
@@ -157,6 +177,14 @@ class TrainConfig:
     @property
     def allowed_changes(self) -> set[str]:
         return {name.strip() for name in (self.allow_changed or "").split(",") if name.strip()}
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        """The adapters' settings; None for full fine-tuning (lora_r 0)."""
+        if not self.lora_r:
+            return None
+        return LoraConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          target_modules=tuple(self.lora_target_modules))
 
     @property
     def eval_max_length(self) -> int:
@@ -179,7 +207,7 @@ def _value_type(hint: Any) -> tuple[type, tuple | None]:
     return get_origin(hint) or hint, None
 
 
-POSITIVE = ("learning_rate", "adam_epsilon", "peak_tflops", "num_train_epochs")  # floats that must not be 0
+POSITIVE = ("learning_rate", "adam_epsilon", "peak_tflops", "num_train_epochs", "lora_alpha")  # floats that must not be 0
 # Every numeric key's allowed range (low, high, as said in the error); null is always allowed where the
 # type has it. save_total_limit 0 would delete every checkpoint, the final one included.
 _AT_LEAST_1 = (1, math.inf, "at least 1")
@@ -192,6 +220,8 @@ _RANGES = {
     "warmup_steps": (0, math.inf, "0 or more"),
     "random_offset_probability": (0.0, 1.0, "in [0, 1]"),
     "adam_beta1": (0.0, 1.0 - 1e-12, "in [0, 1)"),
+    "lora_r": (0, math.inf, "0 (LoRA off) or more"),
+    "lora_dropout": (0.0, 1.0 - 1e-12, "in [0, 1)"),
     "adam_beta2": (0.0, 1.0 - 1e-12, "in [0, 1)"),
     **{name: (0.0, math.inf, "a finite number, 0 or more") for name in ("weight_decay", "max_grad_norm")},
     **{name: (0.0, math.inf, "a finite positive number") for name in POSITIVE},
@@ -226,16 +256,44 @@ FOREIGN_KEYS = {
     "max_seq_length": "use --max_length", "sequence_len": "use --max_length",
     "micro_batch_size": "use --per_device_train_batch_size", "num_epochs": "use --num_train_epochs",
     "packing": "use --pack", "sample_packing": "use --pack", "torch_compile": "use --compile true",
+    "model": "use --model_name", "lr": "use --learning_rate", "epochs": "use --num_train_epochs",
+    "torch_dtype": "use --dtype fp32|fp16|bf16",
+    "eval_batch_size": "use --per_device_eval_batch_size",
+    "batch_size": "the batch is --per_device_train_batch_size conversations per rank, times "
+                  "--gradient_accumulation_steps",
+    "optim": "the optimizer is AdamW, the DeepSpeed config's 'optimizer' section, filled from --learning_rate, "
+             "--adam_beta1, --adam_beta2, --adam_epsilon and --weight_decay",
+    "logging_strategy": "metrics.jsonl records every step; --logging_steps only sets how often the progress "
+                        "bar refreshes",
+    "logging_first_step": "metrics.jsonl records every step, the first included",
+    "eval_accumulation_steps": "evaluation keeps running sums only, never a batch's logits: nothing to accumulate",
+    "val_set_size": "the evaluation split is set per dataset: val_split (a fraction) and max_val_set in its "
+                    "options (--datasets, or a YAML section)",
+    "group_by_length": "length grouping is not implemented (--sort_by_length accepts only false); --pack "
+                       "removes the padding instead",
+    "gradient_checkpointing_kwargs": "--gradient_checkpointing true takes no options (each block is recomputed)",
 }
+SUGGESTION_CUTOFF = 0.75  # below it, the nearest key was more often wrong (logging_strategy -> logging_steps)
 
 
 def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
     return sorted(p.stem for p in config_dir.glob("*.yaml"))
 
 
+def section_path(name: str, config_dir: Path = CONFIG_DIR) -> Path:
+    """The YAML file of a section: a path ending in .yaml/.yml, else the bundled `configs/NAME.yaml`."""
+    return Path(name) if name.endswith((".yaml", ".yml")) else config_dir / f"{name}.yaml"
+
+
+def users_folder(path: Path) -> Path | None:
+    """The folder of a user's YAML file; None for a bundled section."""
+    folder = path.resolve().parent
+    return None if folder == CONFIG_DIR.resolve() else folder
+
+
 def load_section(name: str, config_dir: Path = CONFIG_DIR) -> dict:
     """One config section: `configs/NAME.yaml` holding `{NAME: {...}}` (or a path to such a file)."""
-    path = Path(name) if name.endswith((".yaml", ".yml")) else config_dir / f"{name}.yaml"
+    path = section_path(name, config_dir)
     if not path.is_file():
         hint = did_you_mean(name, available_configs(config_dir), n=3, cutoff=0.5, quote=False)
         raise TrainConfigError(f"unknown config {name!r} (no {path}){hint} "
@@ -244,13 +302,16 @@ def load_section(name: str, config_dir: Path = CONFIG_DIR) -> dict:
         document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise TrainConfigError(f"{path}: invalid YAML: {err}") from None
+    if isinstance(document, dict) and len(document) > 1:
+        raise TrainConfigError(f"{path}: holds {len(document)} sections ({', '.join(map(str, document))}); a YAML "
+                               "file holds one: put each in its own file and list the files in --configs")
     if not isinstance(document, dict) or len(document) != 1 or not isinstance(next(iter(document.values())), dict):
         raise TrainConfigError(f"{path}: expected exactly one section, {{{path.stem}: {{key: value, ...}}}}")
     section = next(iter(document.values()))
     for key in section:
         _check_key(key, where=str(path))
     values = {key: _coerce(key, value, where=f"{path}: {key}") for key, value in section.items()}
-    base = PACKAGE_DIR if path.resolve().parent == CONFIG_DIR.resolve() else path.resolve().parent
+    base = users_folder(path) or PACKAGE_DIR
     for key in INPUT_PATH_KEYS:
         if isinstance(values.get(key), str):
             values[key] = str(base / Path(values[key]).expanduser())
@@ -258,10 +319,11 @@ def load_section(name: str, config_dir: Path = CONFIG_DIR) -> dict:
 
 
 def _check_key(key: str, where: str) -> None:
+    if key in _FIELDS:
+        return
     if key in FOREIGN_KEYS:
         raise TrainConfigError(f"{where}: {key!r} is not a key here; {FOREIGN_KEYS[key]}")
-    if key not in _FIELDS:
-        raise TrainConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, _FIELDS)}")
+    raise TrainConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, _FIELDS, cutoff=SUGGESTION_CUTOFF)}")
 
 
 def _null_refused(where: str, key: str) -> str:
@@ -349,6 +411,25 @@ def _parse_overrides(tokens: list[str]) -> dict:
     return overrides
 
 
+def _input_paths_from(datasets: Any, folder: Path) -> Any:
+    """`datasets` with each relative input_file_path taken from `folder`: a user's YAML file that sets no
+    cache_dir names its data files relative to itself, as it does its tokenizer_path."""
+    if not isinstance(datasets, list):
+        return datasets  # a wrong shape is reported, with its dataset, where the datasets are read
+
+    def resolved(spec: Any) -> Any:
+        if isinstance(spec, list):
+            return [resolved(item) for item in spec]
+        if not isinstance(spec, str) or is_hub_path(spec):  # hf://datasets/... is not a local path
+            return spec
+        return str(folder / Path(spec).expanduser())
+
+    return [{name: {**options, "input_file_path": resolved(options["input_file_path"])}
+             if isinstance(options, dict) and "input_file_path" in options else options
+             for name, options in entry.items()} if isinstance(entry, dict) else entry
+            for entry in datasets]
+
+
 DESCRIPTION = ("Supervised fine-tuning of a GPT-NeoX model with an explicit DeepSpeed ZeRO-2 loop. The loop "
                "always drives DeepSpeed (deepspeed.initialize with ds_config.json, its 'auto' values resolved "
                "from the config); --deepspeed is accepted for compatibility with the reference command and "
@@ -405,9 +486,18 @@ def parse_train_config(argv: list[str] | None = None, prog: str | None = None) -
         build_parser(prog).parse_args(["--help"])  # prints the grouped keys and exits
     args, rest = _launch_parser(add_help=False).parse_known_args(argv)
     merged: dict = {"deepspeed_config": str(PACKAGE_DIR / _FIELDS["deepspeed_config"].default)}  # the bundled one
+    data_folder = None  # the folder of the user's YAML file whose datasets the run reads
     for name in args.configs:
-        merged.update(load_section(name))
-    merged.update(_parse_overrides(rest))
+        section = load_section(name)
+        if "datasets" in section:
+            data_folder = users_folder(section_path(name))
+        merged.update(section)
+    overrides = _parse_overrides(rest)
+    if "datasets" in overrides:
+        data_folder = None
+    merged.update(overrides)
+    if data_folder is not None and "cache_dir" not in merged:
+        merged["datasets"] = _input_paths_from(merged["datasets"], data_folder)
     try:
         return TrainConfig(**merged)
     except TypeError as err:

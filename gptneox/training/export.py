@@ -24,23 +24,26 @@ from gptneox.chat import save_generation_config
 from gptneox.data import EOS_TOKEN, PAD_TOKEN, load_tokenizer, save_tokenizer
 from gptneox.dtypes import dtype_name, torch_dtype
 from gptneox.errors import MissingFileError
-from gptneox.model import state_dict_shapes
+from gptneox.adapter import save_adapter
+from gptneox.lora import LoraConfig, adapter_shapes, merged_weight
+from gptneox.model import copy_rows, state_dict_shapes
 from gptneox.training.checkpoint import CheckpointManager
-from gptneox.training.output_dir import EXPORTED_WEIGHTS
+from gptneox.training.output_dir import EXPORTED_ADAPTER, EXPORTED_WEIGHTS
 from gptneox.training.storage import DiskFullError, fsync_path, fsync_tree, out_of_space, remove_partial
-from gptneox.weights import DEFAULT_SHARD_SIZE, save_weights
+from gptneox.weights import DEFAULT_SHARD_SIZE, CheckpointReader, save_weights
 
 MODEL_SUBDIR = "model"
 
 
 def write_model_metadata(checkpoint_dir: str | Path, config: GPTNeoXConfig, tokenizer: Tokenizer,
-                         dtype: str) -> None:
-    """Called once by rank 0 at the start of training."""
+                         dtype: str, lora: dict | None = None) -> None:
+    """Called once by rank 0 at the start of training. A LoRA run's `lora` names the adapters' settings,
+    the trained token ids and the base model (base_model as configured, base_directory on disk)."""
     directory = Path(checkpoint_dir) / MODEL_SUBDIR
     directory.mkdir(parents=True, exist_ok=True)
     config.save(directory)
     save_tokenizer(tokenizer, directory, model_max_length=config.max_position_embeddings)
-    (directory / "training.json").write_text(json.dumps({"dtype": dtype}) + "\n")
+    (directory / "training.json").write_text(json.dumps({"dtype": dtype, "lora": lora}) + "\n")
 
 
 def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: str | None = None,
@@ -54,11 +57,14 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     tag = tag or CheckpointManager(checkpoint_dir, keep=None, rank=0).latest_tag()
     if tag is None or not (checkpoint_dir / tag).is_dir():
         raise MissingFileError(f"{checkpoint_dir}: no complete checkpoint {tag or ''} to export")
-    dtype = dtype_name(dtype or json.loads((metadata / "training.json").read_text())["dtype"])
+    training = json.loads((metadata / "training.json").read_text())
+    lora = training.get("lora")
+    dtype = dtype_name(dtype or training["dtype"])
     # lazily: under ZeRO-3 each weight is gathered from the ranks' partitions only when its shard is written
     state = _quietly(get_fp32_state_dict_from_zero_checkpoint, str(checkpoint_dir), tag=tag, lazy_mode=True)
     config = GPTNeoXConfig.from_hf(metadata)
-    expected = state_dict_shapes(config)
+    expected = (state_dict_shapes(config) if lora is None else  # a LoRA checkpoint holds the adapters only
+                adapter_shapes(config, _lora_config(lora), lora["token_ids"]))
     found = {k: tuple(v.shape) for k, v in state.items()}
     if found != expected:
         reshaped = sorted(k for k in found.keys() & expected.keys() if found[k] != expected[k])
@@ -68,8 +74,16 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     # written aside, then moved in: a full disk leaves the directory as it was, not half a model
     staging = output_dir / ".export.partial"
     remove_partial(staging)
+    tokenizer = load_tokenizer(metadata)
     try:
-        save_chat_model(config, state, load_tokenizer(metadata), staging, max_shard_size, torch_dtype(dtype))
+        if lora is None:
+            save_chat_model(config, state, tokenizer, staging, max_shard_size, torch_dtype(dtype))
+        else:
+            adapters = {name: tensor.contiguous() for name, tensor in state.items()}
+            save_chat_model(config, _merged(config, adapters, lora, training["dtype"]), tokenizer, staging,
+                            max_shard_size, torch_dtype(dtype))
+            save_adapter(staging / EXPORTED_ADAPTER, _lora_config(lora), adapters, lora["token_ids"], lora["base_model"])
+            save_tokenizer(tokenizer, staging / EXPORTED_ADAPTER, model_max_length=config.max_position_embeddings)
         fsync_tree(staging)
     except Exception as err:
         full = out_of_space(err, output_dir)
@@ -81,11 +95,38 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
         raise
     for stale in [path for pattern in EXPORTED_WEIGHTS for path in output_dir.glob(pattern)]:
         stale.unlink()  # left over from an earlier export with a different shard count
+    remove_partial(output_dir / EXPORTED_ADAPTER)  # a directory is not replaced by a rename
     for path in staging.iterdir():
         path.replace(output_dir / path.name)
     staging.rmdir()
     fsync_path(output_dir)
     return output_dir
+
+
+def _lora_config(lora: dict) -> LoraConfig:
+    return LoraConfig(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+                      target_modules=tuple(lora["target_modules"]))
+
+
+def _merged(config: GPTNeoXConfig, adapters: dict, lora: dict, training_dtype: str) -> dict:
+    """The merged model's weights: the base as training saw it (its directory's weights in the training
+    dtype, the vocabulary grown as gptneox.model.copy_rows grows it), with the adapters folded in (fp32)."""
+    base_dir = Path(lora["base_directory"])
+    if not base_dir.is_dir():
+        raise MissingFileError(f"{base_dir}: the base model of this LoRA checkpoint ({lora['base_model']}) is not "
+                               "there; the export merges the adapters into it")
+    base_config = GPTNeoXConfig.from_hf(base_dir)
+    reader = CheckpointReader(base_dir, state_dict_shapes(base_config), base_config.tie_word_embeddings)
+    shapes = state_dict_shapes(config)
+    scaling = _lora_config(lora).scaling
+    merged = {}
+    for name, tensor in reader.tensors(torch_dtype(training_dtype)):
+        if tuple(tensor.shape) != shapes[name]:
+            grown = tensor.new_empty(shapes[name])
+            copy_rows(grown, tensor)
+            tensor = grown
+        merged[name] = merged_weight(name, tensor, adapters, scaling, lora["token_ids"])
+    return merged
 
 
 def _quietly(function, *args, **kwargs):

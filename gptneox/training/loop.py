@@ -21,7 +21,7 @@ from deepspeed.accelerator import get_accelerator
 
 from gptneox.data import DialogueCollator
 from gptneox.data.datasets import load_run_datasets, merge_datasets
-from gptneox.training.checkpoint import CheckpointManager, TrainState
+from gptneox.training.checkpoint import CheckpointManager, TrainState, restore_rng_states, rng_states
 from gptneox.training.config import TrainConfig
 from gptneox.training.data_order import DataOrder
 from gptneox.training.distributed import barrier, on_rank_zero
@@ -29,13 +29,15 @@ from gptneox.training.ds_config import load_ds_config, resolve_ds_config
 from gptneox.training.evaluation import Evaluator
 from gptneox.training.export import MODEL_SUBDIR, export_checkpoint, write_model_metadata
 from gptneox.training.metrics import MetricsLogger, peak_tflops
-from gptneox.training.model_files import load_run_tokenizer
+from gptneox.training.model_files import (find_model_dir, input_directories, load_run_tokenizer,
+                                          run_tokenizer_source, trained_token_ids)
 from gptneox.training.model_setup import build_training_model, parameter_groups, training_model_config
 from gptneox.training.noise import SCHEDULER_NOT_STARTED, deepspeed_log_dropped
 from gptneox.training.partitioned import zero_stage
 from gptneox.training.output_dir import (CHECKPOINTS_DIR, DS_CONFIG_FILE, TENSORBOARD_DIR, TRAIN_CONFIG_FILE,
                                          check_writable, claim_output_dir, removed_if_failed_empty)
-from gptneox.training.resume_check import check_resume, model_settings, read_run_record, run_record
+from gptneox.training.resume_check import (check_resume, model_settings, read_run_record, run_record,
+                                           tokenizer_fingerprint)
 from gptneox.training.step import train_step
 from gptneox.training.stop import StopRequest
 
@@ -43,7 +45,9 @@ MIN_SCALE_MESSAGE = "loss scale already at minimum"
 
 
 class TrainingStopped(RuntimeError):
-    """Training cannot go on (fp16 overflow at the minimum loss scale); a checkpoint was saved first."""
+    """Training cannot go on: fp16 overflow past the loss scaler's budget (a checkpoint was saved first), or
+    a non-finite loss or gradient norm in another dtype (that step is not saved: the newest checkpoint is
+    from before it)."""
 
 
 @dataclass
@@ -76,48 +80,62 @@ class Run:
         if path is not None:
             self.metrics.write(f"saved {path}")
 
+    def save_for_stop(self, stop: StopRequest) -> bool:
+        """Save the last finished step for a stop request and say so; False, for train's result."""
+        self.save()
+        self.metrics.write(f"{stop.signal_name or 'signal on another rank'}: saved, exiting (resume with --resume)")
+        return False
+
     def evaluate(self, stop: StopRequest) -> None:
         self.metrics.log_eval(self.engine.global_steps, self.evaluator.run(self.engine, stop))
 
 
-def train(cfg: TrainConfig, rank: int, world: int) -> bool:
+def train(cfg: TrainConfig, rank: int, world: int, stop: StopRequest) -> bool:
     """True when the run reached its last step and exported; False when it stopped early on a signal (or
-    its launcher's death) after saving."""
+    its launcher's death) after saving. A stop requested before the first step raises StoppedBeforeTraining
+    (gptneox.training.stop) out of here, the lock released."""
     with removed_if_failed_empty(cfg.output_dir, cfg.log_dir) if rank == 0 else contextlib.nullcontext():
         lock = on_rank_zero(lambda: claim_output_dir(cfg.output_dir, resume=cfg.resume,
-                                                      overwrite=cfg.overwrite_output_dir))
+                                                      overwrite=cfg.overwrite_output_dir,
+                                                      inputs=input_directories(cfg)))
         try:
-            return _train(cfg, rank, world)
+            return _train(cfg, rank, world, stop)
         finally:
             if lock is not None:
                 lock.release()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int) -> bool:
+def _train(cfg: TrainConfig, rank: int, world: int, stop: StopRequest) -> bool:
     run = prepare(cfg, rank, world)
     engine, state, metrics = run.engine, run.state, run.metrics
-    stop = StopRequest()
     consecutive_skips = 0
     try:
+        stop.at_step_boundaries()
         while engine.global_steps < run.total_steps:
             state.advance()
             if stop.agreed(engine.device):
-                run.save()
-                metrics.write(f"{stop.signal_name or 'signal on another rank'}: saved, exiting "
-                              f"(resume with --resume)")
-                return False
+                return run.save_for_stop(stop)
             started = time.perf_counter()
+            generators = rng_states()  # as a stop between micro-batches saves them: as at the step's start
             micro_batches = run.micro_batches()
             try:
-                result = train_step(engine, micro_batches)
+                result = train_step(engine, micro_batches, stopped=lambda: stop.agreed(engine.device))
             except Exception as err:
                 if MIN_SCALE_MESSAGE not in str(err):
                     raise
                 run.save()
                 raise TrainingStopped(f"fp16 overflow at the minimum loss scale at step {engine.global_steps + 1} "
                                       f"(DeepSpeed: {err}); checkpoint saved in {run.checkpoints.directory}") from err
+            if result is None:  # stopped between two micro-batches: the step is abandoned, see train_step
+                restore_rng_states(generators)
+                return run.save_for_stop(stop)
             state.step_in_epoch += 1
             metrics.log_step(engine.global_steps, result, time.perf_counter() - started, state.progress)
+            problem = result.non_finite(cfg.dtype)
+            if problem:  # nothing of this step is saved or exported: the newest checkpoint is from before it
+                raise TrainingStopped(f"step {engine.global_steps}: {problem} in {cfg.dtype} training; nothing of "
+                                      f"this step was saved, {run.checkpoints.newest_line()} (lower learning_rate "
+                                      f"or check the data, then --resume)")
             consecutive_skips = consecutive_skips + 1 if result.skipped else 0
             if consecutive_skips >= cfg.max_consecutive_skipped_steps:
                 run.save()
@@ -135,7 +153,6 @@ def _train(cfg: TrainConfig, rank: int, world: int) -> bool:
             metrics.write(f"exported the final model to {cfg.output_dir}")
         return True
     finally:
-        stop.restore()
         metrics.close()
 
 
@@ -167,20 +184,24 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
     for note in notes:
         say(note)
     torch.manual_seed(cfg.rng_seed)  # the same random init on every rank
-    model, model_line = build_training_model(cfg, model_config, ds_config)  # partitioned under ZeRO-3
+    token_ids = trained_token_ids(cfg)
+    model, model_line = build_training_model(cfg, model_config, ds_config, token_ids)  # partitioned under ZeRO-3
     say(model_line)
-    settings = run_record(model=model.config.to_hf(), dtype=cfg.dtype, world_size=world,
-                          zero_stage=zero_stage(ds_config),
-                          learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
+    settings = run_record(model=model.config.to_hf(), train_set=train_set,
+                          tokenizer=tokenizer_fingerprint(tokenizer), dtype=cfg.dtype, world_size=world,
+                          zero_stage=zero_stage(ds_config), learning_rate=cfg.learning_rate,
+                          warmup_steps=cfg.warmup_steps, total_steps=total_steps,
                           num_train_epochs=cfg.num_train_epochs, max_length=cfg.max_length,
-                          global_batch_size=order.global_batch_size, rng_seed=cfg.rng_seed, train_set=train_set)
+                          global_batch_size=order.global_batch_size, rng_seed=cfg.rng_seed,
+                          lora=lora_settings(cfg, token_ids))
     checkpoints = CheckpointManager(checkpoint_dir, cfg.save_total_limit, rank, strategy=cfg.save_strategy,
                                     every=cfg.save_steps, last_step=total_steps, run=settings)
     # a resume checks everything against the checkpoint before anything is loaded or written
     resume_tag = checkpoints.usable_tag() if cfg.resume else None
     if resume_tag is not None:
-        for note in check_resume(_saved_settings(checkpoint_dir, resume_tag), settings,
-                                 checkpoint_dir / resume_tag, allowed=cfg.allowed_changes):
+        tokenizers = (str(checkpoint_dir / MODEL_SUBDIR / "tokenizer.json"), str(run_tokenizer_source(cfg)))
+        for note in check_resume(_saved_settings(checkpoint_dir, resume_tag), settings, checkpoint_dir / resume_tag,
+                                 allowed=cfg.allowed_changes, sources={"tokenizer": tokenizers}):
             say(note)
     if cfg.log_dir:
         on_rank_zero(lambda: check_writable(cfg.log_dir, key="log_dir"))
@@ -188,7 +209,9 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         (out / DS_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n")
         (out / TRAIN_CONFIG_FILE).write_text(cfg.to_yaml())
-        write_model_metadata(checkpoint_dir, model.config, tokenizer, cfg.dtype)
+        lora = settings["lora"] and {**settings["lora"], "base_model": cfg.model_name,  # what the export merges into
+                                     "base_directory": str(find_model_dir(cfg.model_name, cfg.cache_dir))}
+        write_model_metadata(checkpoint_dir, model.config, tokenizer, cfg.dtype, lora=lora)
 
     with deepspeed_log_dropped(SCHEDULER_NOT_STARTED):
         engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.weight_decay),
@@ -211,10 +234,15 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
     return Run(cfg, engine, train_set, order, collate, state, checkpoints, evaluator, metrics, total_steps, rank)
 
 
+def lora_settings(cfg: TrainConfig, token_ids: list[int]) -> dict | None:
+    """What run.json and the export record of a LoRA run's adapters; None for full fine-tuning."""
+    return None if cfg.lora is None else {**asdict(cfg.lora), "token_ids": list(token_ids)}
+
+
 def _saved_settings(checkpoint_dir: Path, tag: str) -> dict:
     """The settings `tag` was written with; for a tag from before run.json, the model's config.json."""
     saved = read_run_record(checkpoint_dir / tag)
     if saved is not None:
-        return saved
+        return {"lora": None, **saved}  # written before LoRA: a full run
     config = checkpoint_dir / MODEL_SUBDIR / "config.json"
     return {"model": model_settings(json.loads(config.read_text()))} if config.is_file() else {}

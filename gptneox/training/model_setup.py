@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 from tokenizers import Tokenizer
@@ -13,12 +14,11 @@ from tokenizers import Tokenizer
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.attention import AttentionBackendError, check_backend
 from gptneox.dtypes import torch_dtype
-from gptneox.sizes import round_up
+from gptneox.lora import add_lora
+from gptneox.sizes import VOCAB_MULTIPLE, round_up
 from gptneox.training.config import TrainConfig, TrainConfigError
 from gptneox.training.model_files import find_model_dir
 from gptneox.training.partitioned import build_partitioned, load_partitioned, parameter_shape, zero_stage
-
-VOCAB_MULTIPLE = 16
 
 
 def training_model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> GPTNeoXConfig:
@@ -30,7 +30,22 @@ def training_model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> GPTNeoXConf
     return dataclasses.replace(config, vocab_size=max(rows, config.vocab_size))
 
 
-def build_training_model(cfg: TrainConfig, config: GPTNeoXConfig, ds_config: dict) -> tuple[GPTNeoX, str]:
+def check_lora_base(cfg: TrainConfig) -> None:
+    """LoRA adapts pretrained weights: a preset's random ones, or trained token rows on a model whose head
+    is its input embedding, are refused before anything is read or written."""
+    if not cfg.lora_r:
+        return
+    model_dir = find_model_dir(cfg.model_name, cfg.cache_dir)
+    if model_dir is None:
+        raise TrainConfigError(f"lora_r={cfg.lora_r} with model_name={cfg.model_name!r}, a preset with random "
+                               "weights: LoRA adapts a pretrained model, give its directory")
+    if cfg.lora_train_new_tokens and GPTNeoXConfig.from_hf(model_dir).tie_word_embeddings:
+        raise TrainConfigError(f"lora_train_new_tokens=true needs separate input and output embeddings, and "
+                               f"{model_dir} ties them: set lora_train_new_tokens false")
+
+
+def build_training_model(cfg: TrainConfig, config: GPTNeoXConfig, ds_config: dict,
+                         token_ids: list[int] = ()) -> tuple[GPTNeoX, str]:
     """The model to train (of training_model_config's `config`) and a line for the log. (Chat and the
     reports load an exported directory with gptneox.chat.load_model_and_tokenizer instead.)
 
@@ -38,7 +53,10 @@ def build_training_model(cfg: TrainConfig, config: GPTNeoXConfig, ds_config: dic
     (gptneox.training.partitioned). Otherwise pretrained weights load straight in the training dtype and
     onto this rank's device, so a 7B model costs each rank one 16-bit copy rather than an fp32 one in host
     memory (DeepSpeed keeps its own fp32 master copy in the optimizer). A model from a preset is
-    initialised at its full vocabulary; a pretrained one gets its new rows at the mean of the stored ones."""
+    initialised at its full vocabulary; a pretrained one gets its new rows at the mean of the stored ones.
+
+    With LoRA (cfg.lora) the model is frozen in the training dtype and gets adapters, and trained rows for
+    `token_ids` (gptneox.lora.add_lora); DeepSpeed then holds optimizer state for those alone."""
     model_dir = find_model_dir(cfg.model_name, cfg.cache_dir)
     partitioned = zero_stage(ds_config) == 3
     if model_dir is None:
@@ -53,6 +71,14 @@ def build_training_model(cfg: TrainConfig, config: GPTNeoXConfig, ds_config: dic
         model = GPTNeoX.from_pretrained(model_dir, dtype=torch_dtype(cfg.dtype), device=device)
         model.resize_token_embeddings(config.vocab_size)
         origin = str(model_dir)
+    lora = ""
+    if cfg.lora:
+        embeddings = [model.gpt_neox.embed_in.weight, model.embed_out.weight]
+        with deepspeed.zero.GatheredParameters(embeddings):  # ZeRO-3: the rows are copied from the whole weights
+            add_lora(model, cfg.lora, token_ids)
+        trained = sum(parameter_shape(p).numel() for p in model.parameters() if p.requires_grad)
+        lora = (f", LoRA r {cfg.lora.r} on {','.join(cfg.lora.target_modules)}"
+                f"{f' + {len(token_ids)} token rows' if token_ids else ''} ({trained:,} trained parameters)")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.compile:
         model.compile_blocks()
@@ -60,7 +86,7 @@ def build_training_model(cfg: TrainConfig, config: GPTNeoXConfig, ds_config: dic
     layout = ", ZeRO-3 partitions" if partitioned else ""
     compiled = ", blocks compiled" if cfg.compile else ""
     return model, f"model from {origin}{layout}, vocab {model.config.vocab_size}, " \
-                  f"attention {model.attention_backend} ({kernels}){compiled}"
+                  f"attention {model.attention_backend} ({kernels}){compiled}{lora}"
 
 
 def choose_attention_backend(cfg: TrainConfig, device_type: str) -> tuple[str, str]:

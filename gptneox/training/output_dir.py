@@ -3,7 +3,13 @@
 A directory that holds another run's records (checkpoints, metrics, an exported model) is refused unless the
 command line says what to do with them: --resume continues that run, --overwrite_output_dir deletes them
 first. Without the rule a rerun appended to the old metrics and, when its last step number matched the old
-run's, skipped its final save and exported the old weights.
+run's, skipped its final save and exported the old weights. A run that failed before its first save leaves
+set-up files only (its configs, the model files under checkpoints/model, an empty metrics.jsonl): nothing of
+it would be lost, so the same command goes on into them.
+
+The run's input is never at risk: a directory the run reads its model, tokenizer or data from is refused as
+output_dir, and a model that no run wrote (weights without any run file) is refused even with
+--overwrite_output_dir, which deletes a run's own files and nothing else; the final export would replace it.
 
 A lock file keeps a second run out while the first one lives. It is held with flock, which the kernel drops
 when its holder dies however it dies, so the lock of a killed run is taken over (with a note naming it);
@@ -31,8 +37,11 @@ CHECKPOINTS_DIR, METRICS_FILE, TENSORBOARD_DIR = "checkpoints", "metrics.jsonl",
 TRAIN_CONFIG_FILE, DS_CONFIG_FILE = "train_config.yaml", "ds_config.resolved.json"
 RUN_FILES = (CHECKPOINTS_DIR, METRICS_FILE, TENSORBOARD_DIR, TRAIN_CONFIG_FILE, DS_CONFIG_FILE)
 EXPORTED_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors")
+EXPORTED_ADAPTER = "adapter"  # a LoRA run's adapter in peft's format
 EXPORTED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json")
+MODEL_FILES_DIR = "model"  # checkpoints/model: config and tokenizer, written at start (gptneox.training.export)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class OutputDirError(UserError):
@@ -72,15 +81,32 @@ def removed_if_failed_empty(*directories: str | Path | None):
 
 
 def previous_run(directory: str | Path) -> list[str]:
-    """The records of an earlier run in `directory`: the names a run writes that are present."""
+    """The files of an earlier run in `directory` when it trained (a checkpoint, a metrics line, an exported
+    model beside run files); [] for nothing of a run, or for the set-up files of one that never saved."""
     directory = Path(directory)
-    found = []
-    for name in RUN_FILES:
-        path = directory / name
-        if path.is_file() or (path.is_dir() and any(path.iterdir())):
-            found.append(name)
-    found += sorted({p.name for pattern in EXPORTED_WEIGHTS for p in directory.glob(pattern)})
-    return found
+    present = [name for name in RUN_FILES if (directory / name).is_file() or _non_empty_dir(directory / name)]
+    weights = _exported_weights(directory)
+    checkpoints, metrics = directory / CHECKPOINTS_DIR, directory / METRICS_FILE
+    saved = checkpoints.is_dir() and any(path.name != MODEL_FILES_DIR for path in checkpoints.iterdir())
+    logged = metrics.is_file() and metrics.stat().st_size > 0
+    return present + weights if saved or logged or (weights and present) else []
+
+
+def foreign_model(directory: str | Path) -> list[str]:
+    """The model files in `directory` when no run wrote them (weights, and not one run file beside them)."""
+    directory = Path(directory)
+    weights = _exported_weights(directory)
+    if not weights or any((directory / name).exists() for name in RUN_FILES):
+        return []
+    return ["config.json"] * (directory / "config.json").is_file() + weights
+
+
+def _non_empty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _exported_weights(directory: Path) -> list[str]:
+    return sorted({p.name for pattern in EXPORTED_WEIGHTS for p in directory.glob(pattern)})
 
 
 def _remove_previous_run(directory: Path) -> None:
@@ -93,6 +119,7 @@ def _remove_previous_run(directory: Path) -> None:
     for pattern in EXPORTED_WEIGHTS + EXPORTED_FILES:
         for path in directory.glob(pattern):
             path.unlink()
+    shutil.rmtree(directory / EXPORTED_ADAPTER, ignore_errors=True)
 
 
 class RunLock:
@@ -127,28 +154,50 @@ class RunLock:
             handle.close()
         handle.seek(0)
         previous = handle.read().strip()
-        handle.seek(0)
-        handle.truncate()
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                   "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-        return cls(path, handle, _describe(previous) if previous else None)
+        lock = cls(path, handle, _describe(previous) if previous else None)
+        try:
+            handle.seek(0)
+            handle.truncate()
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+                      handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except OSError as err:
+            lock.release()
+            if err.errno in NO_SPACE:
+                raise OutputDirError(f"no space left on device while writing the lock file {path}: free some "
+                                     "space in output_dir, then run the same command again") from None
+            raise
+        return lock
 
     def release(self) -> None:
         """Delete the lock file (still ours: nobody else can lock it while we hold it) and drop the lock."""
         if self._handle.closed:
             return
         self.path.unlink(missing_ok=True)
-        self._handle.close()
+        try:
+            self._handle.close()  # flushes what is buffered: on a full disk that fails, and nothing is lost
+        except OSError:
+            pass
 
 
-def claim_output_dir(directory: str | Path, *, resume: bool, overwrite: bool) -> RunLock:
-    """Lock `directory` for this run after checking the rules; the caller releases the lock at the end."""
+def claim_output_dir(directory: str | Path, *, resume: bool, overwrite: bool,
+                     inputs: dict[str, Path] | None = None) -> RunLock:
+    """Lock `directory` for this run after checking the rules; the caller releases the lock at the end.
+    `inputs` names the directories the run reads (gptneox.training.model_files.input_directories)."""
     directory = Path(directory)
     if resume and overwrite:
         raise OutputDirError("--resume continues the run in output_dir and --overwrite_output_dir deletes it: "
                              "choose one")
+    for key, source in (inputs or {}).items():
+        if directory.resolve() == Path(source).resolve():
+            raise OutputDirError(f"output_dir {directory} is the directory that {key} is read from: the run would "
+                                 "write over its input; choose another output_dir (one beside or below it is fine)")
+    model = foreign_model(directory)
+    if model:
+        raise OutputDirError(f"output_dir {directory} holds a model that no run wrote ({', '.join(model)}): the "
+                             "final export would replace it; choose another output_dir")
     check_writable(directory)
     lock = RunLock.acquire(directory)  # before looking, so two new runs cannot both find the directory empty
     try:

@@ -7,20 +7,20 @@ step, the tags already grouped (train/loss, eval/NAME/loss: metrics.py decides t
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
+from gptneox import extras
 from gptneox.config import did_you_mean
+from gptneox.extras import install_hint
 
-# backend name -> (the module it needs, the pip extra that installs it)
-BACKENDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+# backend name -> the module it needs (gptneox.extras names the pip extra that installs it)
+BACKENDS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 WANDB_DEFAULT_PROJECT = "gptneox"  # WANDB_PROJECT overrides it
 
 
 def installed(backend: str) -> bool:
-    module, _ = BACKENDS[backend]
-    return importlib.util.find_spec(module) is not None
+    return extras.installed(BACKENDS[backend])
 
 
 def requested_backends(report_to: str | list[str] | None) -> list[str]:
@@ -37,9 +37,7 @@ def requested_backends(report_to: str | list[str] | None) -> list[str]:
                              f"(choose from {', '.join(BACKENDS)}, all, none)")
     for name in names:
         if name in BACKENDS and not installed(name):
-            module, extra = BACKENDS[name]
-            raise ValueError(f"{name} is not installed: install gptneox's extra {extra!r} (pip install "
-                             f"'.[{extra}]' in a checkout) or pip install {module}; or leave it out of report_to")
+            raise ValueError(f"{name} is not installed: {install_hint(BACKENDS[name])}; or leave it out of report_to")
     return [backend for backend in BACKENDS if backend in names]
 
 

@@ -5,11 +5,19 @@ when micro-batches hold different numbers of trained tokens. DeepSpeed divides e
 the accumulation steps (GAS) and averages gradients over ranks, so micro-batch i is given the loss
 `sum_i * GAS * world / N`, where N is the step's trained-token count all-reduced up front: after
 DeepSpeed's two divisions the gradient is exactly `d(sum over all tokens) / N`.
+
+A stop requested during a step is honoured after the micro-batch in progress: the step is abandoned, not
+finished. DeepSpeed changes the weights and the optimizer state only at the step's last micro-batch, so until
+then they are those of the last finished step, whose checkpoint the loop then saves, and a resume replays the
+abandoned step from its first micro-batch: the run goes on exactly as if never stopped. Finishing the step
+instead would take the very time (a long accumulation) that the launcher's 30 s grace may not leave, and
+saving half-accumulated gradients would need DeepSpeed to restore them mid-step, which it cannot.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -31,6 +39,18 @@ class StepResult:
     loss_scale: float          # the fp16 loss scale after the step; 1.0 without fp16
     skipped_steps: int         # steps skipped for overflow since the start of training
 
+    def non_finite(self, dtype: str) -> str | None:
+        """What is not finite in this step ("loss nan, gradient norm inf"), or None. Under fp16 a step that
+        DeepSpeed's dynamic loss scaling skipped is not a failure (the loop counts those in a row); in other
+        dtypes there is no loss scale to lower, and DeepSpeed's skip of a non-finite fp32 step is one too."""
+        if dtype == "fp16" and self.skipped:
+            return None
+        figures = {"loss": self.loss, "gradient norm": self.grad_norm}
+        bad = [f"{name} {value}" for name, value in figures.items() if value is not None and not math.isfinite(value)]
+        if self.skipped and not bad:
+            bad = ["gradient norm not finite (DeepSpeed skipped the update)"]
+        return ", ".join(bad) or None
+
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
@@ -42,8 +62,11 @@ def zero_loss(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
     return hidden.float().sum() * 0.0 + head_weight.float().sum() * 0.0
 
 
-def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
-    """Forward, backward and `engine.step()` for each of this rank's micro-batches of one optimizer step."""
+def train_step(engine: Any, micro_batches: list[dict],
+               stopped: Callable[[], bool] = lambda: False) -> StepResult | None:
+    """Forward, backward and `engine.step()` for each of this rank's micro-batches of one optimizer step;
+    None when `stopped` (asked between two micro-batches, a collective like StopRequest.agreed) says to
+    abandon the step."""
     if len(micro_batches) != engine.gradient_accumulation_steps():
         raise ValueError(f"{len(micro_batches)} micro-batches for gradient_accumulation_steps="
                          f"{engine.gradient_accumulation_steps()}")
@@ -59,7 +82,9 @@ def train_step(engine: Any, micro_batches: list[dict]) -> StepResult:
     scale = len(micro_batches) * world / max(trained, 1.0)
     skipped_before = engine.skipped_steps
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in micro_batches:
+    for index, batch in enumerate(micro_batches):
+        if index and stopped():
+            return None
         if batch["input_ids"].numel() == 0:
             # Every sample of this micro-batch was dropped by the collator: a zero loss over a one-token
             # forward, so every parameter gets a (zero) gradient and ZeRO-2 reduces the same gradients as

@@ -1,4 +1,4 @@
-"""Graceful stop: on SIGTERM, Ctrl-C, or the death of the launcher, every rank saves at the next step
+"""Graceful stop: on SIGTERM, SIGHUP, Ctrl-C, or the death of the launcher, every rank saves at the next step
 boundary and exits with STOPPED_EXIT.
 
 Whatever is signalled, the ranks agree on the stop through a collective, so one signalled rank stops them all.
@@ -6,6 +6,14 @@ DeepSpeed's per-node launcher forwards SIGTERM and SIGINT to the ranks, then kil
 single-node `deepspeed` command above it forwards nothing and just dies. So each rank also watches its
 launcher processes (the per-node launcher, and the `deepspeed` command above it) and stops as if signalled
 when one of them is gone: otherwise killing the command would leave the ranks training with nobody waiting.
+
+The request is made first thing in the command, before the data, the model and DeepSpeed are set up. Until
+the loop's first step there is nothing to save, so a request then ends the rank at once (StoppedBeforeTraining,
+unwinding through the lock's release); from the first step on it is honoured at the next step boundary, or
+between two micro-batches of a step (gptneox.training.step). Once a stop is under way, further signals are
+recorded and change nothing, up to the exit: a Ctrl-C at a terminal already reaches a rank twice (directly,
+and forwarded by the launcher), and the launcher sends SIGTERM to the last ranks when the first exits 75.
+Only SIGKILL ends a rank sooner; the checkpoint it was writing is then incomplete and a resume passes it over.
 """
 from __future__ import annotations
 
@@ -14,48 +22,97 @@ import signal
 import threading
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-from gptneox.training.distributed import all_reduce
-
 # EX_TEMPFAIL of sysexits.h ("temporary failure, the user is invited to retry"): stopped early on request,
 # with a checkpoint of the last finished step; rerun the command with --resume to continue.
 STOPPED_EXIT = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 WATCH_INTERVAL_S = 1.0
+# A rank whose launcher died before its first step and that has not unwound this long after (stuck in a C
+# call that never returns to Python, such as a rendezvous with a peer that is gone) leaves with os._exit.
+START_STOP_GRACE_S = 60.0
 _LAUNCHERS = ("deepspeed.launcher.launch", "torch.distributed.run", "torch.distributed.launch", "torchrun")
 
 
+class StoppedBeforeTraining(BaseException):
+    """A stop requested before the first step: nothing to save yet. A BaseException, like KeyboardInterrupt,
+    so that no `except Exception` on the way out (the lock's release, on_rank_zero) takes it for an error."""
+
+
 class StopRequest:
-    """Installs handlers for SIGTERM and SIGINT that only raise a flag (a second signal is not special),
-    and starts the launcher watch."""
+    """Installs handlers for SIGTERM, SIGHUP and SIGINT and starts the launcher watch. Before
+    `at_step_boundaries` a request raises StoppedBeforeTraining in the main thread; after it, it only raises
+    a flag that the loop reads (`agreed`). A request after the first is recorded in `repeated`, nothing else."""
 
     def __init__(self, watch: bool = True) -> None:
         self.signal_name: str | None = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.repeated: list[str] = []
+        self._before_training = True
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         self._done = threading.Event()
-        watched = launcher_processes() if watch else []
-        if watched:
-            threading.Thread(target=self._watch, args=(watched,), name="launcher-watch", daemon=True).start()
+        self._watched = LAUNCHER_LINKS_AT_IMPORT if watch else []
+        if self._watched:
+            threading.Thread(target=self._watch, name="launcher-watch", daemon=True).start()
 
     def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.signal_name is None:
+            self.signal_name = name
+        elif not self._before_training:
+            self.repeated.append(name)
+            return
+        if self._before_training:  # the first request, or the launcher watch interrupting the main thread
+            self._before_training = False
+            raise StoppedBeforeTraining(self.signal_name)
 
-    def _watch(self, watched: list[tuple[int, int]]) -> None:
+    def _watch(self) -> None:
         """Polls, every second, that each watched process still has the parent it had at start: a process
         that died has its children re-parented, and unlike a pid check this cannot be fooled by pid reuse."""
         while not self._done.wait(WATCH_INTERVAL_S):
-            for pid, parent in watched:
-                if _parent_of(pid) != parent:
-                    self.signal_name = self.signal_name or f"launcher (pid {parent}) gone"
-                    return
+            gone = self.launcher_gone()
+            if gone is None:
+                continue
+            if self.signal_name is None:
+                self.signal_name = gone
+            if self._before_training:  # interrupt whatever the main thread waits in (a sleep, a socket read)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+                if not self._done.wait(START_STOP_GRACE_S):
+                    os._exit(STOPPED_EXIT)
+            return
 
-    def agreed(self, device: torch.device) -> bool:
+    def launcher_gone(self) -> str | None:
+        """"launcher (pid N) gone" when a watched launcher process has died, else None."""
+        for pid, parent in self._watched:
+            if _parent_of(pid) != parent:
+                return f"launcher (pid {parent}) gone"
+        return None
+
+    def at_step_boundaries(self) -> None:
+        """From now on (the loop's first step) a request is honoured at the next step boundary."""
+        self._before_training = False
+
+    def explain_failure_before_training(self) -> str | None:
+        """The signal or launcher death that an error raised before the first step comes from, else None.
+        Both ranks stop at once when their launcher dies, and the one that leaves first breaks the collective
+        that the other waits in: its error is the stop, not a bug. No later request raises anything."""
+        if not self._before_training:
+            return None
+        reason = self.signal_name or self.launcher_gone()
+        if reason is not None:
+            self._before_training = False
+        return reason
+
+    def agreed(self, device) -> bool:
         """True on every rank when any rank was signalled (a collective: call it on all ranks together)."""
+        import torch  # here, so that importing this module (first thing in the command) does not import torch
+        import torch.distributed as dist
+
+        from gptneox.training.distributed import all_reduce
+
         flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
         return bool(all_reduce(flag, op=dist.ReduceOp.MAX).item())
 
     def restore(self) -> None:
+        """End the watch and put the signal handlers found at start back."""
         self._done.set()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -94,3 +151,9 @@ def _is_deepspeed_command(pid: int) -> bool:
     """The `deepspeed` console script (python .../bin/deepspeed ...) or `python -m deepspeed.launcher.runner`."""
     words = _command(pid).split()
     return any(Path(word).name == "deepspeed" or word == "deepspeed.launcher.runner" for word in words[:3])
+
+
+# Read when the command imports this module, first thing (gptneox/train.py), before the seconds that importing
+# torch and DeepSpeed take: a launcher that dies during them has re-parented this rank by the time the
+# StopRequest starts, and a link read then would no longer lead to it.
+LAUNCHER_LINKS_AT_IMPORT = launcher_processes()

@@ -104,5 +104,6 @@ def test_oasst_mix_is_valid_and_names_missing_files(tmp_path):
         "oasst_export", "vicuna", "dolly15k", "grade_school_math_instructions", "code_alpaca"]
     with pytest.raises(DataError, match="2023-04-12_oasst_release_ready_synth.jsonl.gz"):
         build_datasets(config["datasets"], cache_dir=tmp_path)
-    with pytest.raises(DataError, match=r"ShareGPT_V3_unfiltered_cleaned_split_no_imsorry.json \(default file name"):
+    with pytest.raises(DataError, match=r"ShareGPT_V3_unfiltered_cleaned_split_no_imsorry.json \(default file name.*"
+                                        r"hf download anon8231489123/ShareGPT_Vicuna_unfiltered --repo-type dataset"):
         build_datasets(config["datasets"][1:], cache_dir=tmp_path)

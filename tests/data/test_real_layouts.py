@@ -9,6 +9,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -164,6 +166,60 @@ def test_chat_source_system_turn_and_drops(tmp_path):
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]}))
     with pytest.raises(DataError, match=r"line 1: field 'messages\[1\].role': unknown role 'tool'"):
         read_units("chat", path)
+
+
+def test_chat_content_parts_in_both_spellings_are_joined_and_other_parts_are_bad_records(tmp_path):
+    openai = {"messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Describe "}, {"type": "text", "text": "a cat."}]},
+        {"role": "assistant", "content": "Small, furry."}]}
+    llama_factory = {"messages": [{"role": "user", "content": [{"type": "text", "value": "Hi?"}]},
+                                  {"role": "assistant", "content": [{"type": "text", "value": "Hello."}]}]}
+    picture = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}]},
+        {"role": "assistant", "content": "A cat."}]}
+    path = tmp_path / "parts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (openai, llama_factory, picture)) + "\n")
+    with pytest.raises(DataError, match=r"parts.jsonl: line 3: field 'messages\[0\].content\[1\].type': a 'image_url' "
+                                        r"part; only text parts can be trained \(set skip_bad_records"):
+        read_units("chat", path)
+    read = read_units("chat", path, skip=True)
+    assert texts(read.units) == [
+        [("system", "Be brief."), ("prompter", "Describe a cat."), ("assistant", "Small, furry.")],
+        [("prompter", "Hi?"), ("assistant", "Hello.")]]
+    assert read.drops == {"bad record": 1} and read.records == 3
+
+
+def test_chat_content_parts_from_parquet_carry_both_keys_with_nulls(tmp_path):
+    part = pa.struct([("type", pa.string()), ("text", pa.string()), ("value", pa.string())])
+    schema = pa.schema([("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.list_(part))])))])
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": None, "value": "Hi?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "Yes.", "value": None}]}]},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": None, "value": None}]}]}]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "parts.parquet")
+    with pytest.raises(DataError, match=r"row 1: field 'messages\[0\].content\[0\].text': missing"):
+        read_units("chat", tmp_path / "parts.parquet")
+    assert texts(read_units("chat", tmp_path / "parts.parquet", skip=True).units) == [
+        [("prompter", "Hi?"), ("assistant", "Yes.")]]
+
+
+def test_fastchat_top_level_system_becomes_the_system_turn(tmp_path):
+    records = [{"id": "a", "system": "You are a pirate.", "conversations": [
+                   {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Arr."}]},
+               {"id": "b", "system": "", "conversations": [
+                   {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+               {"id": "c", "system": "Ignored with its conversation.",
+                "conversations": [{"from": "gpt", "value": "x"}]},
+               {"id": "d", "system": ["not", "text"], "conversations": []}]
+    path = tmp_path / "fastchat.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"record 3 \(line 1\): field 'system': expected str, got list"):
+        read_units("vicuna", path)
+    read = read_units("vicuna", path, skip=True)
+    assert texts(read.units) == [[("system", "You are a pirate."), ("prompter", "Hi"), ("assistant", "Arr.")],
+                                 [("prompter", "Hi"), ("assistant", "Hello.")]]
+    assert read.drops == {"not starting with a human turn": 1, "bad record": 1}
 
 
 def test_alpaca_source_reads_the_stanford_json_array():

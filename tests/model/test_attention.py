@@ -47,7 +47,7 @@ def test_flash_needs_cuda_and_half_precision(tiny_model, fake_flash_modules):
 def test_flash_missing_package_is_a_clear_error(tiny_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # makes the import fail
     model = tiny_model()
-    with pytest.raises(attention_module.AttentionBackendError, match="needs flash-attn, which is not installed"):
+    with pytest.raises(attention_module.AttentionBackendError, match="needs flash-attn, which is not installed \\(gptneox's extra 'flash'"):
         model.attention_backend = "flash"  # fails when chosen, before any forward
     assert model.attention_backend == "sdpa"
 

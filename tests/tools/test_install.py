@@ -59,7 +59,8 @@ def installed(tmp_path_factory) -> Path:
 
 
 def run(command: list, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    # PYTHONPATH (a worktree's test command sets it) would put the checkout before the installed package
+    environment = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_VARIABLES, "PYTHONPATH")}
     # the op this environment already built; a fresh environment would build its own (about a minute)
     environment["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR") or str(environment_extensions_dir())
     return subprocess.run(list(map(str, command)), cwd=cwd, env=environment, capture_output=True, text=True,
@@ -111,3 +112,29 @@ def test_train_export_and_chat_from_an_empty_directory(installed, tmp_path):
     chat = run([installed / "gptneox-chat", "--model", "again", "--prompt", "What is a meme?", "--greedy",
                 "--max_new_tokens", "5"], cwd=work)
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+
+
+def readme_block(heading: str) -> str:
+    """The first ```sh block after `heading` in README.md."""
+    text = (REPO / "README.md").read_text()
+    after = text[text.index(heading):]
+    return after[after.index("```sh\n") + len("```sh\n"):].split("\n```\n", 1)[0] + "\n"
+
+
+def test_the_readmes_own_chats_walk_through_runs_as_written(installed, tmp_path):
+    """README's "Train on your own chats", run by bash in an empty directory with the installed commands first on
+    PATH, as a user pastes it."""
+    script = readme_block("## Train on your own chats")
+    assert "gptneox-train --configs defaults tiny sample-tokenizer my-chats.yaml" in script
+    environment = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_VARIABLES, "PYTHONPATH")}
+    environment["PATH"] = f"{installed}:{os.environ['PATH']}"
+    environment["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR") or str(environment_extensions_dir())
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=environment,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert "6 records read" in output and "5 train, 1 eval" in output  # the data report, then the run
+    assert "20 steps" in output and "eval_loss" in output
+    assert (tmp_path / "my-run" / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chats.jsonl", "my-chats.yaml", "my-run"]
+    assert done.stdout.strip().splitlines()[-1].strip()  # the chat answered (gibberish, as the README says)

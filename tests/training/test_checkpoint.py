@@ -23,8 +23,8 @@ class _FakeEngine:
     def __init__(self, fail: Exception | None = None):
         self.fail = fail
 
-    def save_checkpoint(self, directory, tag, client_state, save_latest):
-        assert save_latest is False
+    def save_checkpoint(self, directory, tag, client_state, save_latest, exclude_frozen_parameters):
+        assert save_latest is False and exclude_frozen_parameters is True
         (Path(directory) / tag).mkdir(parents=True)
         torch.save({"module": {}}, Path(directory) / tag / "mp_rank_00_model_states.pt")
         if self.fail:

@@ -203,8 +203,21 @@ def test_suggestions_name_an_existing_key():
     keys = {f.name for f in fields(TrainConfig)}
     for name, pointer in FOREIGN_KEYS.items():
         named = re.findall(r"--(\w+)", pointer)
-        assert named and set(named) <= keys | {"deepspeed_config"}, (name, named)
+        assert set(named) <= keys, (name, named)
     assert parse_train_config(["--eval_strategy", "epoch"]).eval_strategy == "epoch"
+    assert not keys & FOREIGN_KEYS.keys()  # a pointer never hides a key
+
+
+@pytest.mark.parametrize("flag, wrong", [
+    ("--logging_strategy", "logging_steps"), ("--eval_batch_size", "eval_size"), ("--batch_size", "eval_size"),
+    ("--eval_accumulation_steps", "gradient_accumulation_steps"), ("--val_set_size", "eval_size"),
+    ("--save_safetensors", "save_steps"), ("--half_precision_backend", "attention_backend"),
+    ("--use_fast_tokenizer", "use_flash_attention"), ("--lora_target", "log_dir")])
+def test_other_tools_arguments_never_get_a_wrong_suggestion(flag, wrong):
+    with pytest.raises(TrainConfigError) as refused:
+        parse_train_config([flag, "1"])
+    assert f"did you mean '{wrong}'" not in str(refused.value)
+    assert str(refused.value).startswith(f"{flag}: ")
 
 
 def test_fractional_epochs_are_accepted_as_the_trainer_does():
@@ -214,3 +227,34 @@ def test_fractional_epochs_are_accepted_as_the_trainer_does():
         parse_train_config(["--num_train_epochs", "0"])
     with pytest.raises(TrainConfigError, match="num_train_epochs=-1.0 must be a finite positive number"):
         parse_train_config(["--num_train_epochs", "-1"])
+
+
+# ------------------------------------------------------------------ a user's own data section
+def test_a_users_data_files_are_taken_from_its_yaml_file_when_no_cache_dir_is_set(tmp_path, monkeypatch):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text(
+        "mine:\n  datasets:\n    - chat:\n        input_file_path: chats.jsonl\n"
+        "    - alpaca:\n        input_file_path: [a/one.json, /abs/two.json, 'parts/*.jsonl']\n    - vicuna\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_train_config(["--configs", "defaults", "tiny", "mine/mine.yaml"])
+    assert cfg.datasets == [{"chat": {"input_file_path": str(folder / "chats.jsonl")}},
+                            {"alpaca": {"input_file_path": [str(folder / "a/one.json"), "/abs/two.json",
+                                                            str(folder / "parts/*.jsonl")]}},
+                            "vicuna"]  # a default file name stays cache_dir's
+    assert cfg.cache_dir == ".cache"
+    # a cache_dir set anywhere (the file, a later section, the command line) keeps them relative to it
+    for argv in (["--configs", "defaults", "tiny", "mine/mine.yaml", "--cache_dir", "DATA"],
+                 ["--configs", "defaults", "tiny", "sample-mix", "mine/mine.yaml"]):
+        assert parse_train_config(argv).datasets[0] == {"chat": {"input_file_path": "chats.jsonl"}}
+    # datasets from the command line are the working directory's business (relative to cache_dir)
+    cfg = parse_train_config(["--configs", "defaults", "mine/mine.yaml", "--datasets", "[{chat: {input_file_path: x.jsonl}}]"])
+    assert cfg.datasets == [{"chat": {"input_file_path": "x.jsonl"}}]
+
+
+def test_a_yaml_file_with_several_sections_says_to_split_it(tmp_path):
+    both = tmp_path / "both.yaml"
+    both.write_text("model:\n  model_name: tiny\ndata:\n  datasets: []\n")
+    with pytest.raises(TrainConfigError, match=r"both.yaml: holds 2 sections \(model, data\); a YAML file holds one: "
+                                               r"put each in its own file and list the files in --configs"):
+        parse_train_config(["--configs", "defaults", str(both)])

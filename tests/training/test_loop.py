@@ -165,7 +165,8 @@ def test_resume_reproduces_the_uninterrupted_run_and_export_loads_in_transformer
     fewer = json.dumps([{"vicuna": {"input_file_path": str(SAMPLE / "vicuna_sample.json"), "val_split": 0.2}}])
     assert run_train(workspace, resumed, "--max_steps", "8", "--resume", "--datasets", fewer) == 2
     refused = capsys.readouterr().err  # checked before anything is loaded
-    assert "was written with num_samples=221, this run has num_samples=32; num_samples cannot change across a resume" in refused
+    assert "was written with num_samples=221, dataset=" in refused and "this run has num_samples=32, dataset=" in refused
+    assert "num_samples cannot change across a resume; --allow_changed dataset would accept the other" in refused
 
     # The final export: our loader and transformers agree on the logits.
     ours = GPTNeoX.from_pretrained(straight).eval()
@@ -233,8 +234,8 @@ def test_a_stop_skips_evaluation_and_saves_each_step_once(workspace, tmp_path, m
     the epoch ends (every 2 steps of these 8 conversations) are not saved."""
     real_step, saved = loop.train_step, []
 
-    def signalled_at_step_3(engine, micro_batches):
-        result = real_step(engine, micro_batches)
+    def signalled_at_step_3(engine, micro_batches, **options):
+        result = real_step(engine, micro_batches, **options)
         if engine.global_steps == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return result

@@ -18,8 +18,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_hub_id_without_local_files_says_where_to_put_them(tmp_path):
-    with pytest.raises(TrainConfigError, match=r"Nothing is downloaded: put the Hugging Face files .* in "):
+    with pytest.raises(TrainConfigError, match=r"Nothing is downloaded: the Hugging Face files .* are needed; put "
+                                               rf"them in {tmp_path}/stabilityai/stablelm-base-alpha-7b, fetch them "
+                                               r"into the Hugging Face cache beforehand \(hf download "):
         find_model_dir("stabilityai/stablelm-base-alpha-7b", str(tmp_path))
+    # the bundled sample's cache_dir is inside the installed package: never a place to suggest
+    cfg = parse_train_config(["--configs", "defaults", "tiny", "sample-mix", "--model_name", "org/name"])
+    with pytest.raises(TrainConfigError) as refused:
+        find_model_dir(cfg.model_name, cfg.cache_dir)
+    advice = str(refused.value).partition("Nothing is downloaded")[2]
+    assert "put them in" not in advice and "data/sample" not in advice and "hf download org/name" in advice
     assert find_model_dir("tiny", str(tmp_path)) is None
     (tmp_path / "org" / "m").mkdir(parents=True)
     (tmp_path / "org" / "m" / "config.json").write_text("{}")
@@ -70,3 +78,15 @@ def test_attention_backend_is_checked_from_the_config_alone(monkeypatch):
         choose_attention_backend(cfg, "cpu")
     with pytest.raises(TrainConfigError, match="attention_backend='xformers' is not supported"):
         parse_train_config(["--configs", "defaults", "tiny", "--attention_backend", "xformers"])
+
+
+def test_a_preset_without_tokenizer_names_the_bundled_one_and_model_directories():
+    cfg = parse_train_config(["--configs", "defaults", "tiny"])
+    with pytest.raises(TrainConfigError, match=r"model_name='tiny' is a preset \(random weights, no files\), so it has "
+                                               r"no tokenizer: add the bundled section sample-tokenizer to --configs "
+                                               r"\(the sample tokenizer, .*data/sample/tokenizer.json\), or set "
+                                               r"tokenizer_path .*\(EleutherAI/pythia-70m"):
+        load_run_tokenizer(cfg)
+    named = parse_train_config(["--configs", "defaults", "tiny", "sample-tokenizer"])
+    assert Path(named.tokenizer_path).read_bytes() == (REPO / "data" / "sample" / "tokenizer.json").read_bytes()
+    assert load_run_tokenizer(named).token_to_id("<|assistant|>") is not None

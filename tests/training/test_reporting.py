@@ -110,7 +110,8 @@ def test_a_backend_asked_for_and_not_installed_stops_the_run_before_anything_is_
                                                                                     tmp_path):
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(TrainConfigError, match=r"report_to='tensorboard,wandb': wandb is not installed: "
-                                               r"install gptneox's extra 'wandb' \(pip install '\.\[wandb\]' in a checkout\) or pip install wandb"):
+                                               r"install gptneox's extra 'wandb' \(pip install 'gptneox\[wandb\]'; in a checkout pip install -e "
+                                               r"'\.\[wandb\]'\); or leave it out of report_to"):
         parse_train_config(["--configs", "defaults", "tiny", "--report_to", "tensorboard,wandb"])
     status = train_main(["--configs", "defaults", "tiny", "sample-mix", "--output_dir", str(tmp_path / "run"),
                          "--report_to", "wandb"])

@@ -1,0 +1,61 @@
+"""gptneox-plan-memory takes train.py's --configs (the model, max_length, micro-batch and dtype of the run), fits
+100 columns, and prints JSON with --json."""
+from __future__ import annotations
+
+import json
+import os
+
+from tests.helpers import LAUNCH_VARIABLES, REPO, run_python
+
+SFT7 = ["--configs", "defaults", "stablelm-7b", "oasst-mix", "--gpus", "8", "--gpu_memory_gb", "80"]
+
+
+def plan(*argv, plain_cpu: bool = False):
+    if plain_cpu:  # a CPU machine as users have it: DeepSpeed finds no accelerator and would say so on stdout
+        import subprocess
+        import sys
+        environment = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_VARIABLES, "DS_ACCELERATOR")}
+        return subprocess.run([sys.executable, str(REPO / "tools/plan_memory.py"), *argv], cwd=REPO, env=environment,
+                              capture_output=True, text=True, timeout=300)
+    return run_python(REPO / "tools/plan_memory.py", *argv)
+
+
+def test_the_sft7_configs_need_no_flag_the_config_holds_and_the_table_fits_100_columns():
+    done = plan(*SFT7)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert max(map(len, lines)) <= 100, max(lines, key=len)
+    assert "micro-batch 4 x 4096 tokens, fp16" in " ".join(lines)  # stablelm-7b's per_device_train_batch_size, max_length
+    assert "ds_config: fits with gradient checkpointing only" in lines
+
+
+def test_json_holds_the_figures_of_the_explicit_flags(tmp_path):
+    from_configs = json.loads(plan(*SFT7, "--json", plain_cpu=True).stdout)
+    explicit = plan("--model", "stablelm-7b", "--gpus", "8", "--gpu_memory_gb", "80", "--max_length", "4096",
+                    "--micro_batch", "4", "--json")
+    assert explicit.returncode == 0, explicit.stderr
+    explicit = json.loads(explicit.stdout)
+    assert [p["peak_gb"] for p in from_configs["plans"]] == [p["peak_gb"] for p in explicit["plans"]]
+    assert [p["deepspeed_config"] for p in explicit["plans"]] == ["ds_config", "ds_config_zero3",
+                                                                   "ds_config_zero3_offload"]
+    zero2 = explicit["plans"][0]
+    assert zero2["fits"] == {"with_checkpointing": True, "without_checkpointing": False}
+    # the peak is the states plus the larger of the activations and the optimizer step's extra
+    peak = sum(zero2["gpu_gb"].values()) + max(sum(explicit["activations_gb"]["with_checkpointing"].values()),
+                                               sum(zero2["gpu_at_optimizer_step_gb"].values()))
+    assert abs(zero2["peak_gb"]["with_checkpointing"] - peak) < 0.01
+
+
+def test_flags_and_train_keys_override_the_configs():
+    done = plan(*SFT7, "--max_length", "2048", "--per_device_train_batch_size", "2", "--dtype", "bf16", "--json")
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)
+    assert (figures["max_length"], figures["micro_batch"], figures["dtype"]) == (2048, 2, "bf16")
+
+
+def test_without_configs_the_model_and_batch_are_required_and_train_keys_are_refused():
+    done = plan("--gpus", "8", "--gpu_memory_gb", "80")
+    assert done.returncode == 2 and "without --configs, --model, --max_length and --micro_batch are required" in done.stderr
+    done = plan("--model", "tiny", "--gpus", "1", "--gpu_memory_gb", "8", "--max_length", "64", "--micro_batch", "1",
+                "--cache_dir", "DATA")
+    assert done.returncode == 2 and "train.py's keys need --configs" in done.stderr

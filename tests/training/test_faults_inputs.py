@@ -1,0 +1,93 @@
+"""Faults that come with the inputs, each on a real run of the tiny config: a resume with another tokenizer
+or other settings, a checkpoint that carries code, a run whose numbers go non-finite, and a model directory
+whose config.json does not fit its weights."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from gptneox.errors import invoked_name
+from gptneox.training.checkpoint import POINTER, tag_for
+
+from tests.training.test_loop import SAMPLE, read_metrics, run_train, workspace  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> str:
+    """--datasets for 10 alpaca records: 8 train (2 steps of 4 per epoch), 2 evaluate."""
+    path = tmp_path_factory.mktemp("data") / "alpaca.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Count to {n}.", "input": "",
+                                        "output": " ".join(map(str, range(1, n + 2)))}) + "\n" for n in range(10)))
+    return json.dumps([{"alpaca": {"input_file_path": str(path), "val_split": 0.2}}])
+
+
+def snapshot(directory: Path) -> dict:
+    """Every file's bytes and modification time, and every directory's listing."""
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else sorted(os.listdir(p))
+            for p in [directory, *directory.rglob("*")]}
+
+
+def test_a_resume_with_another_tokenizer_is_refused_and_rewrites_nothing(workspace, small_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_train(workspace, out, "--datasets", small_data, "--max_steps", "2", "--save_steps", "1") == 0
+    data = json.loads((SAMPLE / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]  # the same size, two ids swapped
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    before = snapshot(out / "checkpoints")
+    capsys.readouterr()
+    assert run_train(workspace, out, "--datasets", small_data, "--max_steps", "2", "--save_steps", "1",
+                     "--resume", "--tokenizer_path", str(other)) == 2
+    error = capsys.readouterr().err
+    saved = out / "checkpoints" / "model" / "tokenizer.json"
+    assert error.count("\n") == 1 and error.startswith(
+        f"{invoked_name()}: error: resume: {out / 'checkpoints' / tag_for(2)} was written with tokenizer=")
+    assert f"({saved}), this run has tokenizer=" in error and f"({other}); tokenizer cannot change" in error
+    assert snapshot(out / "checkpoints") == before  # not a byte, not a timestamp
+    assert json.loads(saved.read_text())["model"]["vocab"][a] != vocab[a]  # still the checkpoint's own
+
+
+def test_one_more_epoch_is_refused_once_with_every_difference_then_accepted(workspace, small_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ("--datasets", small_data, "--save_steps", "100")
+    assert run_train(workspace, out, *common, "--num_train_epochs", "1") == 0
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
+    capsys.readouterr()
+    assert run_train(workspace, out, *common, "--num_train_epochs", "2", "--resume") == 2
+    assert capsys.readouterr().err == (
+        f"{invoked_name()}: error: resume: {out / 'checkpoints' / tag_for(2)} was written with total_steps=2, "
+        "num_train_epochs=1.0, this run has total_steps=4, num_train_epochs=2.0; pass --allow_changed "
+        "total_steps,num_train_epochs if that is intended\n")
+    assert run_train(workspace, out, *common, "--num_train_epochs", "2", "--resume",
+                     "--allow_changed", "total_steps,num_train_epochs") == 0
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4]
+    assert json.loads((out / "checkpoints" / POINTER).read_text())["latest"] == tag_for(4)
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_non_finite_fp32_step_stops_with_exit_3_keeping_the_last_good_checkpoint(workspace, tmp_path, capsys):
+    out = tmp_path / "run"
+    # a learning rate no one should use: the first update sends the weights far out, the next loss overflows
+    status = run_train(workspace, out, "--max_steps", "6", "--save_steps", "1", "--warmup_steps", "1",
+                       "--learning_rate", "1e30")
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert status == 3, error
+    records = [_strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # strict JSON
+    bad = records[-1]["step"]
+    assert bad < 6 and records[-1]["loss"] is None  # null, not NaN
+    assert error.startswith(f"{invoked_name()}: stopped: step {bad}: loss ") and " in fp32 training; nothing of " \
+        "this step was saved, the newest checkpoint is " in error and "fp16" not in error
+    assert error.endswith(f"{out / 'checkpoints' / tag_for(bad - 1)} (lower learning_rate or check the data, "
+                          "then --resume)")
+    assert json.loads((out / "checkpoints" / POINTER).read_text())["latest"] == tag_for(bad - 1)
+    assert not (out / "checkpoints" / tag_for(bad)).exists() and not list(out.glob("*.safetensors"))

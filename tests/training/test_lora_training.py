@@ -1,0 +1,131 @@
+"""LoRA through the training loop on CPU (one process, fp32): it trains only adapters and the chat tokens'
+rows, checkpoints only those, resumes exactly, and exports a merged model plus a peft adapter that peft
+loads with the merged model's logits."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from gptneox import GPTNeoX, GPTNeoXConfig
+from gptneox.cli.chat import main as chat_main
+from gptneox.cli.export_hf import main as export_main
+from gptneox.data import load_tokenizer
+from gptneox.train import main as train_main
+from gptneox.training.checkpoint import POINTER, tag_for
+from gptneox.training.distributed import init_distributed
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "data" / "sample"
+DATASETS = [{"vicuna": {"input_file_path": str(SAMPLE / "vicuna_sample.json"), "val_split": 0.2}},
+            {"oasst_export": {"input_file_path": str(SAMPLE / "oasst_sample.jsonl.gz"), "lang": "en,de"}}]
+CHAT_TOKEN_IDS = [1536, 1537, 1538, 1539, 1540]  # appended to the sample tokenizer's 1536 tokens
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A 'pretrained' base: tiny weights with a 1552-row vocabulary (room for the chat tokens, as Pythia's
+    and StableLM's have) and the sample tokenizer as stored, without the chat tokens; plus a data section."""
+    root = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(0)
+    GPTNeoX(GPTNeoXConfig.from_name("tiny", vocab_size=1552)).save_pretrained(root / "base")
+    shutil.copy(SAMPLE / "tokenizer.json", root / "base" / "tokenizer.json")
+    (root / "mix.yaml").write_text(json.dumps({"mix": {"datasets": DATASETS}}))
+    init_distributed()
+    return root
+
+
+def run_train(base, output_dir, *extra) -> int:
+    argv = ["--configs", "defaults", "tiny", str(base / "mix.yaml"), "--model_name", str(base / "base"),
+            "--output_dir", str(output_dir), "--max_length", "64", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--eval_size", "4", "--warmup_steps", "1",
+            "--learning_rate", "1e-2", "--lora_r", "4", "--lora_alpha", "8", *extra]
+    return train_main(argv)
+
+
+def losses(output_dir) -> list[tuple]:
+    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in records if "loss" in r]
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_only_resumes_exactly_and_exports_both_ways(base, tmp_path):
+    common = ["--max_steps", "8", "--save_steps", "4", "--eval_steps", "100", "--lora_target_modules",
+              "all-linear", "--lora_dropout", "0.1", "--gradient_checkpointing", "--pack"]
+    straight = tmp_path / "straight"
+    assert run_train(base, straight, *common) == 0
+    curve = losses(straight)
+    assert [step for step, *_ in curve] == list(range(1, 9))
+    assert curve[-1][1] < curve[0][1] - 0.05  # it learns (the first loss is about 7.35)
+
+    # the checkpoint holds adapters and the chat tokens' rows only, and their optimizer state only
+    tag = straight / "checkpoints" / tag_for(8)
+    module = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert all(".lora_" in name or "token_adapter" in name for name in module), sorted(module)
+    assert len(module) == 2 * 4 * 2 + 2
+    optimizer = torch.load(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    flat = sum(group.numel() for group in optimizer["optimizer_state_dict"]["single_partition_of_fp32_groups"])
+    assert flat == sum(tensor.numel() for tensor in module.values())
+    record = json.loads((tag / "run.json").read_text())["lora"]
+    assert record == {"r": 4, "alpha": 8.0, "dropout": 0.1, "target_modules": [
+        "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"], "token_ids": CHAT_TOKEN_IDS}
+
+    # resume from step 4: steps 5..8 as in the straight run, dropout masks and all
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints", resumed / "checkpoints")
+    (resumed / "checkpoints" / POINTER).write_text(json.dumps({"latest": tag_for(4), "complete": [tag_for(4)]}))
+    assert run_train(base, resumed, *common, "--resume") == 0
+    assert losses(resumed) == curve[4:]
+
+    # the merged export: the base's untargeted weights bit for bit, the adapters folded into the rest
+    base_weights = load_file(base / "base" / "model.safetensors")
+    merged = load_file(straight / "model.safetensors")
+    adapter = {k.removeprefix("base_model.model."): v
+               for k, v in load_file(straight / "adapter" / "adapter_model.safetensors").items()}
+    for name in ("gpt_neox.layers.0.input_layernorm.weight", "gpt_neox.layers.1.mlp.dense_4h_to_h.bias"):
+        assert torch.equal(merged[name], base_weights[name]), name
+    qkv = "gpt_neox.layers.1.attention.query_key_value"
+    torch.testing.assert_close(merged[f"{qkv}.weight"], base_weights[f"{qkv}.weight"] + 2.0 * (
+        adapter[f"{qkv}.lora_B.weight"] @ adapter[f"{qkv}.lora_A.weight"]))
+    rows = adapter["gpt_neox.embed_in.token_adapter.trainable_tokens_delta"]
+    assert torch.equal(merged["gpt_neox.embed_in.weight"][CHAT_TOKEN_IDS], rows)
+    assert not torch.equal(rows, base_weights["gpt_neox.embed_in.weight"][CHAT_TOKEN_IDS])  # they trained
+    assert torch.equal(merged["embed_out.weight"][:1536], base_weights["embed_out.weight"][:1536])
+    config = json.loads((straight / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"embed_in": CHAT_TOKEN_IDS, "lm_head": CHAT_TOKEN_IDS}
+
+    # peft over the base model gives the merged model's logits
+    theirs = PeftModel.from_pretrained(transformers.GPTNeoXForCausalLM.from_pretrained(base / "base"),
+                                       straight / "adapter").eval()
+    exported = transformers.GPTNeoXForCausalLM.from_pretrained(straight).eval()
+    tokenizer = load_tokenizer(straight)
+    ids = torch.tensor([tokenizer.encode("<|prompter|>What is 2+2?<|endoftext|><|assistant|>").ids])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, exported(ids).logits, rtol=1e-5, atol=1e-5)
+
+    # tools/export_hf.py exports the checkpoint both ways; chat over the base with the adapter answers
+    # as the merged model does
+    assert export_main([str(straight / "checkpoints"), str(tmp_path / "again"), "--tag", tag_for(8)]) == 0
+    assert torch.equal(load_file(tmp_path / "again" / "model.safetensors")["embed_out.weight"], merged["embed_out.weight"])
+    assert (tmp_path / "again" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_r", "-1"], "lora_r=-1 must be 0 (LoRA off) or more"),
+    (["--lora_alpha", "0"], "lora_alpha=0.0 must be"),
+    (["--lora_dropout", "1"], "lora_dropout=1.0 must be in [0, 1)"),
+    (["--lora_target_modules", "query_key_value,attention"], "'attention': GPT-NeoX's targets are query_key_value, "
+                                                             "dense, dense_h_to_4h, dense_4h_to_h or all-linear"),
+    (["--model_name", "tiny"], "lora_r=4 with model_name='tiny', a preset with random weights"),
+])
+def test_bad_lora_settings_fail_in_one_line_and_write_nothing(base, tmp_path, capsys, flags, message):
+    assert run_train(base, tmp_path / "out", *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

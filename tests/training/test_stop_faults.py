@@ -1,0 +1,178 @@
+"""Stop requests at other moments than a step boundary, on real runs of the tiny config: the launcher dying
+while two ranks are still starting, SIGHUP in the middle of an accumulated step, and more signals while a
+stop is being honoured."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from gptneox.training import loss as losses
+from gptneox.training.checkpoint import POINTER, CheckpointManager, tag_for
+from gptneox.training.distributed import free_port
+from gptneox.training.output_dir import LOCK_NAME, RunLock, previous_run
+from gptneox.training.stop import STOPPED_EXIT
+
+from tests.helpers import LAUNCH_VARIABLES, REPO
+from tests.training.test_loop import _script_argv, read_metrics, run_train, workspace  # noqa: F401
+
+# Each rank runs train.py through this: at MOMENT (a function of the start-up: reading the data, or
+# deepspeed.initialize) it leaves a marker and waits, so that the test can act while every rank is there.
+# With RANK0_ONLY, rank 1 goes on into the function and waits in its collectives for rank 0, and checks its
+# launcher only every 10 minutes: it learns of the stop from its collective failing when rank 0 leaves. Each
+# rank's exit status goes to its own file, not into interleaved output.
+RANK = """
+import os, runpy, sys, time
+import deepspeed
+from gptneox.training import loop, stop
+status_dir, moment = os.environ["STATUS_DIR"], os.environ["MOMENT"]
+if os.environ["RANK"] == "1" and os.environ.get("RANK0_ONLY"):
+    stop.WATCH_INTERVAL_S = 600
+module = deepspeed if moment == "initialize" else loop
+real = getattr(module, moment)
+def waiting(*args, **kwargs):
+    open(os.path.join(status_dir, f"rank{os.environ['RANK']}.waiting"), "w").close()
+    if os.environ["RANK"] == "0" or not os.environ.get("RANK0_ONLY"):
+        time.sleep(600)
+    return real(*args, **kwargs)
+setattr(module, moment, waiting)
+code = 1
+try:
+    runpy.run_path("train.py", run_name="__main__")
+except SystemExit as stop:
+    code = stop.code
+finally:
+    open(os.path.join(status_dir, f"rank{os.environ['RANK']}.status"), "w").write(str(code))
+sys.exit(code)
+"""
+
+
+def _wait_for(paths, process, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not all(p.exists() for p in paths):
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(what)
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment, killed, rank0_only", [("load_run_datasets", "deepspeed command", ""),
+                                                       ("initialize", "per-node launcher", ""),
+                                                       ("initialize", "deepspeed command", "1")])
+def test_a_launcher_gone_while_the_ranks_start_ends_them_without_a_checkpoint(workspace, tmp_path, moment, killed,
+                                                                             rank0_only):
+    """SIGTERM to the `deepspeed` command (which dies at once, forwarding nothing) or to the per-node launcher
+    (which forwards it to the ranks) while both ranks are still reading data or inside deepspeed.initialize
+    (or one waits there in a collective for the other, which leaves first): both exit 75 at once, nothing
+    saved, the lock released, and the same command can go on in the directory."""
+    out = tmp_path / "run"
+    wrapper = tmp_path / "rank.py"
+    wrapper.write_text(RANK)
+    environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    environment.update(STATUS_DIR=str(tmp_path), MOMENT=moment, RANK0_ONLY=rank0_only)
+    argv = _script_argv(workspace, out, "--max_steps", "4", "--save_steps", "2", "--eval_steps", "100",
+                        "--per_device_train_batch_size", "1")[1:]
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+               str(wrapper), *argv]
+    runner = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for([tmp_path / f"rank{r}.waiting" for r in range(2)], runner, 400, "the ranks did not start")
+    target = runner if killed == "deepspeed command" else psutil.Process(runner.pid).children()[0]
+    target.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    _wait_for([tmp_path / f"rank{r}.status" for r in range(2)], runner, 120,
+              "the ranks went on after their launcher was gone")
+    stopped_within = time.monotonic() - signalled
+    runner.wait(timeout=60)
+    assert [(tmp_path / f"rank{r}.status").read_text() for r in range(2)] == [str(STOPPED_EXIT)] * 2
+    assert stopped_within < 30, stopped_within  # inside the per-node launcher's grace, not killed by it
+    assert not (out / LOCK_NAME).exists()
+    assert not list(out.glob("checkpoints/step*")) and previous_run(out) == []
+    assert run_train(workspace, out, "--max_steps", "2", "--save_steps", "2", "--eval_steps", "100") == 0
+
+
+SIGNAL_AT_MICRO_BATCH = 10  # the 2nd of step 3's 4 micro-batches
+MID_STEP = ("--max_steps", "4", "--gradient_accumulation_steps", "4", "--save_steps", "100", "--eval_steps", "100")
+
+
+def test_sighup_in_the_middle_of_a_step_abandons_it_and_the_resume_is_exact(workspace, tmp_path, monkeypatch,
+                                                                              capsys):
+    straight = tmp_path / "straight"
+    assert run_train(workspace, straight, *MID_STEP) == 0
+    expected = [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in read_metrics(straight) if "loss" in r]
+
+    real_loss, calls = losses.batch_loss, []
+
+    def hung_up_at_a_micro_batch(engine, batch):
+        calls.append(engine.global_steps)
+        if len(calls) == SIGNAL_AT_MICRO_BATCH:
+            os.kill(os.getpid(), signal.SIGHUP)  # the terminal closes
+        return real_loss(engine, batch)
+
+    monkeypatch.setattr(losses, "batch_loss", hung_up_at_a_micro_batch)
+    out = tmp_path / "stopped"
+    assert run_train(workspace, out, *MID_STEP) == STOPPED_EXIT
+    assert "SIGHUP: saved, exiting (resume with --resume)" in capsys.readouterr().out
+    assert len(calls) == SIGNAL_AT_MICRO_BATCH  # step 3's last two micro-batches were not run
+    assert json.loads((out / "checkpoints" / POINTER).read_text())["latest"] == tag_for(2)
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+    monkeypatch.setattr(losses, "batch_loss", real_loss)
+    assert run_train(workspace, out, *MID_STEP, "--resume") == 0
+    resumed = [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in read_metrics(out) if "loss" in r]
+    assert resumed == expected  # steps 1-2 of the first part, 3-4 of the resume: identical
+
+
+# A single process stopped by SIGTERM at its 3rd step boundary, then signalled again while it saves (SIGTERM,
+# SIGINT), while it releases the lock after the save, and as the interpreter exits (SIGHUP, SIGINT, SIGTERM).
+SIGNALLED_AGAIN = """
+import atexit, os, runpy, signal, sys, time
+from gptneox.training import loop
+from gptneox.training.checkpoint import CheckpointManager
+from gptneox.training.output_dir import RunLock
+
+def kill(*signals):
+    for sig in signals:
+        os.kill(os.getpid(), sig)
+        time.sleep(0.2)  # each one handled on its own
+
+real_step, real_write, real_release = loop.train_step, CheckpointManager.write, RunLock.release
+def step(engine, micro_batches, **options):
+    if engine.global_steps == 2:
+        kill(signal.SIGTERM)
+    return real_step(engine, micro_batches, **options)
+def write(*args, **kwargs):
+    kill(signal.SIGTERM, signal.SIGINT)
+    return real_write(*args, **kwargs)
+def release(lock):
+    kill(signal.SIGTERM)
+    return real_release(lock)
+loop.train_step, CheckpointManager.write, RunLock.release = step, write, release
+atexit.register(kill, signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
+sys.argv = sys.argv[1:]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_more_signals_while_a_stop_is_honoured_change_nothing(workspace, tmp_path):
+    out = tmp_path / "run"
+    environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    run = subprocess.run([sys.executable, "-c", SIGNALLED_AGAIN,
+                          *_script_argv(workspace, out, "--max_steps", "100", "--save_steps", "100",
+                                        "--eval_steps", "100")],
+                         cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert run.returncode == STOPPED_EXIT, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and "KeyboardInterrupt" not in run.stderr
+    assert "SIGTERM, SIGINT, SIGTERM while stopping: ignored (SIGKILL ends a rank at once)" in run.stderr
+    pointer = json.loads((out / "checkpoints" / POINTER).read_text())
+    assert pointer["latest"] == tag_for(3) and pointer["complete"] == [tag_for(3)]
+    assert CheckpointManager(out / "checkpoints", 2, 0).usable_tag() == tag_for(3)  # whole, by its run.json
+    assert not (out / LOCK_NAME).exists()
