@@ -24,6 +24,7 @@ import torch
 
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.errors import UserError
+from gptneox.lora import DEFAULT_TARGET_MODULES
 from gptneox.training.loss import DEFAULT_CHUNK_ROWS
 from gptneox.weights import DEFAULT_SHARD_SIZE, parse_size
 
@@ -34,9 +35,6 @@ FP32 = 4
 
 class PlanError(UserError, ValueError):
     """A DeepSpeed config the planner cannot estimate (a ZeRO stage other than 2 or 3)."""
-
-
-LORA_TARGET_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
 def linear_shapes(config: GPTNeoXConfig) -> dict[str, tuple[int, int]]:
@@ -51,7 +49,7 @@ class LoraPlan:
     """What of a LoRA run sets its memory: rank, targets, dropout (it keeps a copy of each target's input),
     and how many token rows of embed_in and of embed_out are trained with the adapters (the chat tokens)."""
     r: int
-    target_modules: tuple[str, ...] = ("query_key_value",)
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     dropout: float = 0.0
     trained_token_rows: int = 0
 
@@ -60,6 +58,13 @@ class LoraPlan:
         adapters = config.num_hidden_layers * sum(self.r * sum(shapes[name]) for name in self.target_modules)
         embeddings = 1 if config.tie_word_embeddings else 2
         return {"adapters": adapters, "trained token rows": embeddings * self.trained_token_rows * config.hidden_size}
+
+    def merged_parameters(self, config: GPTNeoXConfig) -> int:
+        """Elements of the base weights that the export merges adapters or trained rows into."""
+        shapes = linear_shapes(config)
+        targets = config.num_hidden_layers * sum(shapes[name][0] * shapes[name][1] for name in self.target_modules)
+        embeddings = 1 if config.tie_word_embeddings else 2
+        return targets + (embeddings * config.vocab_size * config.hidden_size if self.trained_token_rows else 0)
 
 
 @dataclass(frozen=True)
@@ -238,8 +243,13 @@ def zero_plans(config: GPTNeoXConfig, hardware: Hardware, batch: Batch, zero_sec
         # the export on rank 0 (zero_to_fp32, optimizer files memory-mapped and their moments dropped): under
         # stage 2 the consolidated fp32 weights and their cast to the training dtype; under stage 3 one shard
         # of the export at a time (each weight is gathered when its shard is written)
-        exported = psi * s if stage == 2 else parse_size(DEFAULT_SHARD_SIZE)  # bytes made at once, cast
-        plan.host_per_node["final export on rank 0 (fp32 + cast; ZeRO-3: one shard)"] = exported / s * FP32 + exported
+        if lora is None:
+            exported = psi * s if stage == 2 else parse_size(DEFAULT_SHARD_SIZE)  # bytes made at once, cast
+            plan.host_per_node["final export on rank 0 (fp32 + cast; ZeRO-3: one shard)"] = exported / s * FP32 + exported
+        else:  # the base read in the training dtype, the weights with adapters merged in fp32, one shard cast
+            merged = lora.merged_parameters(config)
+            plan.host_per_node["final export on rank 0 (base 16-bit, merged weights fp32, one shard)"] = (
+                s * (psi - merged) + FP32 * merged + parse_size(DEFAULT_SHARD_SIZE))
         plan.disk["checkpoint: optimizer partitions (fp32 master, m, v)"] = 3 * FP32 * trained
         if stage == 2:
             plan.disk["checkpoint: 16-bit module" + ("" if lora is None else " (trained parameters)")] = s * trained
