@@ -5,11 +5,12 @@
     gptneox-plan-memory --configs defaults stablelm-7b oasst-mix lora --gpus 1 --gpu_memory_gb 32
 
 --configs takes train.py's sections and overrides (as gptneox-data-report does): the model, max_length,
-per_device_train_batch_size and dtype come from the run's config; --model, --max_length, --micro_batch and
---dtype, where given, take their place. --model is a preset (gpt-neox-20b, pythia-12b, ...), a Hugging Face
-model directory, or a config section (configs/NAME.yaml) whose model_name is one of those. The ZeRO settings
-come from the DeepSpeed config files, with "auto" resolved as train.py resolves them. The terms are explained
-in gptneox/memory_plan.py. The table fits 100 columns; --json prints the same figures as JSON.
+per_device_train_batch_size, dtype and LoRA keys come from the run's config; --model, --max_length,
+--micro_batch, --dtype and the --lora_* flags, where given, take their place. --model is a preset
+(gpt-neox-20b, pythia-12b, ...), a Hugging Face model directory, or a config section (configs/NAME.yaml) whose
+model_name is one of those. The ZeRO settings come from the DeepSpeed config files, with "auto" resolved as
+train.py resolves them. The terms are explained in gptneox/memory_plan.py. The table fits 100 columns;
+--json prints the same figures as JSON.
 """
 from __future__ import annotations
 

@@ -81,9 +81,15 @@ class Run:
             self.metrics.write(f"saved {path}")
 
     def save_for_stop(self, stop: StopRequest) -> bool:
-        """Save the last finished step for a stop request and say so; False, for train's result."""
+        """Save the last finished step for a stop request and say so; False, for train's result. Stopped
+        inside the first step, there is no finished step to save: the directory keeps its set-up files only,
+        which the same command goes on into (gptneox.training.output_dir)."""
+        reason = stop.signal_name or "signal on another rank"
+        if self.engine.global_steps == 0:
+            self.metrics.write(f"{reason} in the first step: nothing to save, exiting (run the same command again)")
+            return False
         self.save()
-        self.metrics.write(f"{stop.signal_name or 'signal on another rank'}: saved, exiting (resume with --resume)")
+        self.metrics.write(f"{reason}: saved, exiting (resume with --resume)")
         return False
 
     def evaluate(self, stop: StopRequest) -> None:
