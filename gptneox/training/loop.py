@@ -38,6 +38,7 @@ from gptneox.training.output_dir import (CHECKPOINTS_DIR, DS_CONFIG_FILE, TENSOR
                                          check_writable, claim_output_dir, removed_if_failed_empty)
 from gptneox.training.resume_check import (check_resume, model_settings, read_run_record, run_record,
                                            tokenizer_fingerprint)
+from gptneox.training.safe_checkpoint import check_no_code
 from gptneox.training.step import train_step
 from gptneox.training.stop import StopRequest
 
@@ -155,7 +156,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, stop: StopRequest) -> bool:
             run.evaluate(stop)
         barrier()
         if rank == 0:
-            export_checkpoint(run.checkpoints.directory, cfg.output_dir)
+            export_checkpoint(run.checkpoints.directory, cfg.output_dir,
+                              trust_checkpoint_code=cfg.trust_checkpoint_code)
             metrics.write(f"exported the final model to {cfg.output_dir}")
         return True
     finally:
@@ -209,6 +211,7 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
         for note in check_resume(_saved_settings(checkpoint_dir, resume_tag), settings, checkpoint_dir / resume_tag,
                                  allowed=cfg.allowed_changes, sources={"tokenizer": tokenizers}):
             say(note)
+        on_rank_zero(lambda: check_no_code(checkpoint_dir / resume_tag, trust=cfg.trust_checkpoint_code))
     if cfg.log_dir:
         on_rank_zero(lambda: check_writable(cfg.log_dir, key="log_dir"))
     if rank == 0:
