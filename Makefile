@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-gpu demo bench clean
+.PHONY: venv test test-fast test-gpu demo bench clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ venv: $(STAMP)
 # host neither builds FusedAdam nor needs two GPUs for the two-rank tests.
 test: $(STAMP)
 	CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu $(PY) -m pytest -q -m "not cuda" tests
+
+# The inner loop: the unit tests, without the end-to-end runs of train.py, a launcher or a tool (marked slow).
+test-fast: $(STAMP)
+	CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu $(PY) -m pytest -q -m "not cuda and not slow" tests
 
 # The CUDA-only tests (real flash-attn, FlexAttention and torch varlen kernels in fp16/bf16); -rs lists why
 # any was skipped (no GPU, flash-attn not installed). .venv holds the CPU torch, so on a GPU machine name its

@@ -9,6 +9,7 @@ one's wheel for this Python. Needs nothing but the standard library and pip. Exi
 """
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -21,10 +22,9 @@ def distribution(wheel: Path) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__.strip(), file=sys.stderr)
-        return 2
-    folder = Path(argv[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("wheels", type=Path, help="the folder bench/prepare_gpu_wheels.sh filled")
+    folder = parser.parse_args(argv).wheels
     names = sorted({distribution(w) for w in folder.glob("*.whl")})
     if not names:
         print(f"install_wheels.py: error: no wheel in {folder}", file=sys.stderr)

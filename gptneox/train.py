@@ -6,8 +6,9 @@
 
 Exit status: 0 done (the final model exported), 75 stopped early by a signal or the launcher's death (after
 saving a checkpoint: resume with --resume; before the first step: nothing to save, run the same command
-again), 2 a user error or a full disk (one line), 3 training could not go on (fp16 overflow; a checkpoint was
-saved). Anything else is a bug and keeps its traceback.
+again), 2 a user error or a full disk (one line), 3 training could not go on (fp16 overflow past the loss
+scaler's budget, a checkpoint saved; or a non-finite loss or gradient norm, that step not saved). Anything
+else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 

@@ -24,10 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", type=dtype_name, choices=list(TORCH_DTYPES), metavar="DTYPE",
                         help=f"weight dtype: {DTYPE_HELP} (default: the training dtype)")
     parser.add_argument("--max_shard_size", default="2GB", help="safetensors shard size (default 2GB)")
+    parser.add_argument("--trust_checkpoint_code", action="store_true",
+                        help="load the checkpoint's .pt files unchecked: code in them runs (only for checkpoints "
+                             "you trust; by default anything but tensors and DeepSpeed's own types is refused)")
     args = parser.parse_args(argv)
     try:
         path = export_checkpoint(args.checkpoint_dir, args.output_dir, tag=args.tag, dtype=args.dtype,
-                                 max_shard_size=args.max_shard_size)
+                                 max_shard_size=args.max_shard_size,
+                                 trust_checkpoint_code=args.trust_checkpoint_code)
     except UserError as err:
         return report_user_error(parser.prog, err)
     print(f"wrote {path}")

@@ -35,7 +35,7 @@ import numpy as np
 from gptneox.data.files import dataset_files
 from gptneox.data.formatting import Conversation
 from gptneox.data.readers import BadRecords, DataError, RecordError, read_records
-from gptneox.data.sources import BAD_RECORD, SOURCES
+from gptneox.data.sources import BAD_RECORD, SOURCES, UNREAD_REST
 
 log = logging.getLogger(__name__)
 
@@ -226,9 +226,9 @@ def read_units(
         nonlocal failed_conversions
         try:
             conversations = source.convert(record, drops, **(converter_options or {}))
-        except RecordError as error:
+        except (RecordError, RecursionError) as error:
             failed_conversions += 1
-            bad.report(path, f"{where}: {error}")
+            bad.report(path, f"{where}: {error if isinstance(error, RecordError) else 'nested too deeply to read'}")
             return
         if conversations:
             units.append(conversations)
@@ -250,4 +250,8 @@ def read_units(
     if bad.count:
         drops[BAD_RECORD] = bad.count
         log.warning("%s: skipped %d bad record(s); first: %s", name, bad.count, bad.first)
+    if bad.unread_rests:
+        drops[UNREAD_REST] = len(bad.unread_rests)
+        for message in bad.unread_rests:
+            log.warning("%s: %s; the records before it are kept", name, message)
     return UnitsRead(files, units, records, drops)

@@ -45,12 +45,15 @@ class RecordError(UserError, ValueError):
 
 
 class BadRecords:
-    """Raise on a bad record, or count it when the user asked to skip bad records."""
+    """Raise on a bad record, or count it when the user asked to skip bad records; the same for the rest of
+    a file that cannot be read (a truncated .gz, a bad byte in a csv), counted apart: it may hold any number
+    of records."""
 
     def __init__(self, skip: bool):
         self.skip = skip
         self.count = 0
         self.first: str | None = None
+        self.unread_rests: list[str] = []
 
     def report(self, path: Path, message: str) -> None:
         error = f"{path}: {message}"
@@ -58,6 +61,18 @@ class BadRecords:
             raise DataError(error + " (set skip_bad_records: true to skip bad records)")
         self.count += 1
         self.first = self.first or error
+
+    def report_unread_rest(self, path: Path, line: int, error: Exception) -> None:
+        message = f"{path}: the rest of the file from line {line} could not be read ({type(error).__name__}: {error})"
+        if not self.skip:
+            raise DataError(message + " (set skip_bad_records: true to keep the records before it)")
+        self.unread_rests.append(message)
+
+
+class _Position:
+    """The first line of a file that is not yet read whole: where its rest begins if it cannot be read."""
+
+    next_line = 1
 
 
 def record_format(path: Path) -> str | None:
@@ -82,20 +97,19 @@ def read_records(path: Path, bad: BadRecords) -> Iterator[tuple[str, Any]]:
     if kind in (".parquet", ".arrow"):
         yield from _read_arrow_batches(path, kind)
         return
-    last = "the start"
+    position = _Position()
     try:
         with _open_binary(path) as stream:
-            if kind == ".csv":
-                records = _read_csv(io.TextIOWrapper(stream, encoding="utf-8", newline=""))
+            if kind == ".csv":  # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark
+                records = _read_csv(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=""), position)
             elif kind == ".json" and _first_char(stream) == "[":
-                records = _read_json_array(path, stream)
+                records = _read_json_array(path, stream, position)
             else:
                 hint = " (read as JSON Lines: the file does not start with '[')" if kind == ".json" else ""
-                records = _read_json_lines(path, stream, bad, hint)
-            for last, record in records:
-                yield last, record
+                records = _read_json_lines(path, stream, bad, hint, position)
+            yield from records
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error) as error:
-        bad.report(path, f"unreadable after {last}: {type(error).__name__}: {error}")
+        bad.report_unread_rest(path, position.next_line, error)
 
 
 def _open_binary(path: Path) -> BinaryIO:
@@ -109,8 +123,10 @@ def _first_char(stream: BinaryIO) -> str:
     return head.decode("utf-8", errors="replace").lstrip(BOM + " \t\r\n")[:1]
 
 
-def _read_json_lines(path: Path, stream: BinaryIO, bad: BadRecords, hint: str) -> Iterator[tuple[str, Any]]:
+def _read_json_lines(path: Path, stream: BinaryIO, bad: BadRecords, hint: str, position: _Position
+                     ) -> Iterator[tuple[str, Any]]:
     for number, raw in enumerate(stream, start=1):
+        position.next_line = number + 1
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -127,10 +143,13 @@ def _read_json_lines(path: Path, stream: BinaryIO, bad: BadRecords, hint: str) -
         except json.JSONDecodeError as error:
             bad.report(path, f"line {number}: malformed JSON at column {error.colno}: {error.msg}{hint}")
             continue
+        except RecursionError:
+            bad.report(path, f"line {number}: JSON nested too deeply to read")
+            continue
         yield f"line {number}", record
 
 
-def _read_json_array(path: Path, stream: BinaryIO) -> Iterator[tuple[str, Any]]:
+def _read_json_array(path: Path, stream: BinaryIO, position: _Position) -> Iterator[tuple[str, Any]]:
     """The elements of a top-level JSON array, parsed one at a time from a bounded text buffer."""
     decoder = json.JSONDecoder()
     text = codecs.getincrementaldecoder("utf-8")()
@@ -159,6 +178,7 @@ def _read_json_array(path: Path, stream: BinaryIO) -> Iterator[tuple[str, Any]]:
                 end += 1
             line += buffer.count("\n", pos, end)
             pos = end
+            position.next_line = line
             if pos < len(buffer) or eof:
                 return
             refill()
@@ -195,6 +215,8 @@ def _read_json_array(path: Path, stream: BinaryIO) -> Iterator[tuple[str, Any]]:
             except json.JSONDecodeError as error:
                 if eof:
                     raise malformed(error.msg, error.pos) from None
+            except RecursionError:
+                raise malformed(f"record {index} is nested too deeply to read", pos) from None
             want *= 2  # an element longer than the buffer: read more at once, so retries stay rare
             refill()
         want = CHUNK_CHARS
@@ -214,9 +236,10 @@ def _read_json_array(path: Path, stream: BinaryIO) -> Iterator[tuple[str, Any]]:
         skip_space()
 
 
-def _read_csv(stream: io.TextIOBase) -> Iterator[tuple[str, Any]]:
+def _read_csv(stream: io.TextIOBase, position: _Position) -> Iterator[tuple[str, Any]]:
     reader = csv.DictReader(stream)
     for index, row in enumerate(reader):
+        position.next_line = reader.line_num + 1
         yield f"row {index} (ending on line {reader.line_num})", row
 
 

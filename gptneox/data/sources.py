@@ -33,6 +33,7 @@ DELETED_OR_SYNTHETIC = "thread with a deleted/synthetic message"
 RANK = "thread with an assistant ranked >= top_k or unranked"
 BANNED_WORD = "banned word"
 BAD_RECORD = "bad record"
+UNREAD_REST = "unreadable rest of a file (files)"  # counted per file: how many records it held is unknown
 
 
 def _get(record: Any, field: str, kind: type | tuple[type, ...] = str, path: str | None = None,

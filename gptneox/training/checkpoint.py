@@ -196,6 +196,12 @@ class CheckpointManager:
         """Make `tags` (oldest first) the pointer's complete ones, atomically."""
         write_atomically(self.directory / POINTER, json.dumps({"latest": tags[-1], "complete": tags}))
 
+    def newest_line(self) -> str:
+        """Which checkpoint is the newest complete one, for a message."""
+        tag = self.latest_tag()
+        return (f"the newest checkpoint is {self.directory / tag}" if tag else
+                f"there is no checkpoint in {self.directory}")
+
     def latest_tag(self) -> str | None:
         tags = self.complete_tags()
         return tags[-1] if tags else None

@@ -128,6 +128,9 @@ class TrainConfig:
     resume: bool = setting(False, CHECKPOINTING, "continue from the newest complete checkpoint in output_dir")
     overwrite_output_dir: bool = setting(False, CHECKPOINTING,
                                          "delete another run's checkpoints, metrics and model in output_dir first")
+    trust_checkpoint_code: bool = setting(False, CHECKPOINTING,
+                                          "load the resumed checkpoint's .pt files unchecked: code in them runs "
+                                          "(only for checkpoints you trust; see README, Faults)")
     allow_changed: str | None = setting(None, CHECKPOINTING,
                                         "resume checks to waive, comma-separated (e.g. learning_rate,total_steps)")
 
@@ -153,8 +156,9 @@ class TrainConfig:
             raise TrainConfigError(f"report_to={self.report_to!r}: {err}") from None
         for name, (_, choices) in _TYPES.items():
             if choices and getattr(self, name) not in (*choices, None):
+                hint = f"; {_KEY_HINTS[name]}" if name in _KEY_HINTS else ""
                 raise TrainConfigError(f"{name}={getattr(self, name)!r} is not supported "
-                                       f"(allowed: {', '.join(map(str, choices))})")
+                                       f"(allowed: {', '.join(map(str, choices))}){hint}")
         for name in ("sort_by_length", "use_custom_sampler"):
             if getattr(self, name):
                 raise TrainConfigError(f"{name}={getattr(self, name)!r} is not supported (allowed: false)")
@@ -232,7 +236,8 @@ _NULLABLE = {name for name, hint in get_type_hints(TrainConfig).items() if type(
 
 # What to add when a key gets a value it cannot take (null, or out of range).
 _KEY_HINTS = {"eval_steps": "to switch evaluation off: eval_strategy no", "datasets": "an empty list is []",
-              "report_to": "for no backend: report_to none"}
+              "report_to": "for no backend: report_to none",
+              "save_strategy": "the last step is always saved; a save_steps beyond the run's length saves only that"}
 
 # Arguments of the Hugging Face Trainer, TRL and axolotl that are not keys here, and what does their job.
 FOREIGN_KEYS = {
@@ -256,7 +261,24 @@ FOREIGN_KEYS = {
     "max_seq_length": "use --max_length", "sequence_len": "use --max_length",
     "micro_batch_size": "use --per_device_train_batch_size", "num_epochs": "use --num_train_epochs",
     "packing": "use --pack", "sample_packing": "use --pack", "torch_compile": "use --compile true",
+    "model": "use --model_name", "lr": "use --learning_rate", "epochs": "use --num_train_epochs",
+    "torch_dtype": "use --dtype fp32|fp16|bf16",
+    "eval_batch_size": "use --per_device_eval_batch_size",
+    "batch_size": "the batch is --per_device_train_batch_size conversations per rank, times "
+                  "--gradient_accumulation_steps",
+    "optim": "the optimizer is AdamW, the DeepSpeed config's 'optimizer' section, filled from --learning_rate, "
+             "--adam_beta1, --adam_beta2, --adam_epsilon and --weight_decay",
+    "logging_strategy": "metrics.jsonl records every step; --logging_steps only sets how often the progress "
+                        "bar refreshes",
+    "logging_first_step": "metrics.jsonl records every step, the first included",
+    "eval_accumulation_steps": "evaluation keeps running sums only, never a batch's logits: nothing to accumulate",
+    "val_set_size": "the evaluation split is set per dataset: val_split (a fraction) and max_val_set in its "
+                    "options (--datasets, or a YAML section)",
+    "group_by_length": "length grouping is not implemented (--sort_by_length accepts only false); --pack "
+                       "removes the padding instead",
+    "gradient_checkpointing_kwargs": "--gradient_checkpointing true takes no options (each block is recomputed)",
 }
+SUGGESTION_CUTOFF = 0.75  # below it, the nearest key was more often wrong (logging_strategy -> logging_steps)
 
 
 def available_configs(config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -302,10 +324,11 @@ def load_section(name: str, config_dir: Path = CONFIG_DIR) -> dict:
 
 
 def _check_key(key: str, where: str) -> None:
+    if key in _FIELDS:
+        return
     if key in FOREIGN_KEYS:
         raise TrainConfigError(f"{where}: {key!r} is not a key here; {FOREIGN_KEYS[key]}")
-    if key not in _FIELDS:
-        raise TrainConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, _FIELDS)}")
+    raise TrainConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, _FIELDS, cutoff=SUGGESTION_CUTOFF)}")
 
 
 def _null_refused(where: str, key: str) -> str:
@@ -322,6 +345,9 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     choices = _TYPES[key][1]
     if value is False and choices and "no" in choices:  # YAML 1.1 reads a bare `no` as false
         return "no"
+    if isinstance(value, bool) and choices:
+        raise TrainConfigError(f"{where}={value!r} (YAML reads a bare no, yes, off or on as a boolean) is not "
+                               f"supported (allowed: {', '.join(map(str, choices))})")
     if value is None or kind in (list, dict):
         return value
     if isinstance(value, str):

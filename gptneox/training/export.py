@@ -29,6 +29,7 @@ from gptneox.lora import LoraConfig, adapter_shapes, merged_weight
 from gptneox.model import copy_rows, state_dict_shapes
 from gptneox.training.checkpoint import CheckpointManager
 from gptneox.training.output_dir import EXPORTED_ADAPTER, EXPORTED_WEIGHTS
+from gptneox.training.safe_checkpoint import check_no_code
 from gptneox.training.storage import DiskFullError, fsync_path, fsync_tree, out_of_space, remove_partial
 from gptneox.weights import DEFAULT_SHARD_SIZE, CheckpointReader, save_weights
 
@@ -47,8 +48,10 @@ def write_model_metadata(checkpoint_dir: str | Path, config: GPTNeoXConfig, toke
 
 
 def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: str | None = None,
-                      dtype: str | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE) -> Path:
-    """Write the Hugging Face directory for `tag` (default: the newest complete checkpoint)."""
+                      dtype: str | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE,
+                      trust_checkpoint_code: bool = False) -> Path:
+    """Write the Hugging Face directory for `tag` (default: the newest complete checkpoint). Its .pt files
+    are read weights-only first (gptneox.training.safe_checkpoint) unless `trust_checkpoint_code`."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     metadata = checkpoint_dir / MODEL_SUBDIR
     if not (metadata / "config.json").is_file():
@@ -60,6 +63,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     training = json.loads((metadata / "training.json").read_text())
     lora = training.get("lora")
     dtype = dtype_name(dtype or training["dtype"])
+    check_no_code(checkpoint_dir / tag, trust=trust_checkpoint_code)  # DeepSpeed's reader unpickles freely
     # lazily: under ZeRO-3 each weight is gathered from the ranks' partitions only when its shard is written
     state = _quietly(get_fp32_state_dict_from_zero_checkpoint, str(checkpoint_dir), tag=tag, lazy_mode=True)
     config = GPTNeoXConfig.from_hf(metadata)

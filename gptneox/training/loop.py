@@ -38,6 +38,7 @@ from gptneox.training.output_dir import (CHECKPOINTS_DIR, DS_CONFIG_FILE, TENSOR
                                          check_writable, claim_output_dir, removed_if_failed_empty)
 from gptneox.training.resume_check import (check_resume, model_settings, read_run_record, run_record,
                                            tokenizer_fingerprint)
+from gptneox.training.safe_checkpoint import check_no_code
 from gptneox.training.step import train_step
 from gptneox.training.stop import StopRequest
 
@@ -45,7 +46,9 @@ MIN_SCALE_MESSAGE = "loss scale already at minimum"
 
 
 class TrainingStopped(RuntimeError):
-    """Training cannot go on (fp16 overflow at the minimum loss scale); a checkpoint was saved first."""
+    """Training cannot go on: fp16 overflow past the loss scaler's budget (a checkpoint was saved first), or
+    a non-finite loss or gradient norm in another dtype (that step is not saved: the newest checkpoint is
+    from before it)."""
 
 
 @dataclass
@@ -79,9 +82,15 @@ class Run:
             self.metrics.write(f"saved {path}")
 
     def save_for_stop(self, stop: StopRequest) -> bool:
-        """Save the last finished step for a stop request and say so; False, for train's result."""
+        """Save the last finished step for a stop request and say so; False, for train's result. Stopped
+        inside the first step, there is no finished step to save: the directory keeps its set-up files only,
+        which the same command goes on into (gptneox.training.output_dir)."""
+        reason = stop.signal_name or "signal on another rank"
+        if self.engine.global_steps == 0:
+            self.metrics.write(f"{reason} in the first step: nothing to save, exiting (run the same command again)")
+            return False
         self.save()
-        self.metrics.write(f"{stop.signal_name or 'signal on another rank'}: saved, exiting (resume with --resume)")
+        self.metrics.write(f"{reason}: saved, exiting (resume with --resume)")
         return False
 
     def evaluate(self, stop: StopRequest) -> None:
@@ -129,6 +138,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, stop: StopRequest) -> bool:
                 return run.save_for_stop(stop)
             state.step_in_epoch += 1
             metrics.log_step(engine.global_steps, result, time.perf_counter() - started, state.progress)
+            problem = result.non_finite(cfg.dtype)
+            if problem:  # nothing of this step is saved or exported: the newest checkpoint is from before it
+                raise TrainingStopped(f"step {engine.global_steps}: {problem} in {cfg.dtype} training; nothing of "
+                                      f"this step was saved, {run.checkpoints.newest_line()} (lower learning_rate "
+                                      f"or check the data, then --resume)")
             consecutive_skips = consecutive_skips + 1 if result.skipped else 0
             if consecutive_skips >= cfg.max_consecutive_skipped_steps:
                 run.save()
@@ -142,7 +156,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, stop: StopRequest) -> bool:
             run.evaluate(stop)
         barrier()
         if rank == 0:
-            export_checkpoint(run.checkpoints.directory, cfg.output_dir)
+            export_checkpoint(run.checkpoints.directory, cfg.output_dir,
+                              trust_checkpoint_code=cfg.trust_checkpoint_code)
             metrics.write(f"exported the final model to {cfg.output_dir}")
         return True
     finally:
@@ -196,6 +211,7 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
         for note in check_resume(_saved_settings(checkpoint_dir, resume_tag), settings, checkpoint_dir / resume_tag,
                                  allowed=cfg.allowed_changes, sources={"tokenizer": tokenizers}):
             say(note)
+        on_rank_zero(lambda: check_no_code(checkpoint_dir / resume_tag, trust=cfg.trust_checkpoint_code))
     if cfg.log_dir:
         on_rank_zero(lambda: check_writable(cfg.log_dir, key="log_dir"))
     if rank == 0:

@@ -5,6 +5,7 @@ accelerator peak that MFU divides by; and reading a run's metrics.jsonl back (th
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -141,6 +142,11 @@ def last_per_step(records: list[dict]) -> list[dict]:
     return sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
 
 
+def _json_number(value):
+    """null for NaN and infinities: json.dumps would write bare NaN/Infinity, which strict JSON readers refuse."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 class MetricsLogger:
     """Writes one JSON object per call to OUTPUT_DIR/metrics.jsonl (rank 0 only) and the same figures to the
     `report_to` backends (gptneox.training.reporting; TensorBoard in `log_dir`, W&B given `run_config`).
@@ -167,8 +173,8 @@ class MetricsLogger:
     def log(self, step: int, values: dict, advance: bool = False, show: bool = True) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **values}
-        self.file.write(json.dumps(record) + "\n")
+        record = {"step": step, **{k: _json_number(v) for k, v in values.items()}}
+        self.file.write(json.dumps(record, allow_nan=False) + "\n")
         self.file.flush()
         tags = {report_tag(k): v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         for writer in self.writers:

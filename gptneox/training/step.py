@@ -15,6 +15,7 @@ saving half-accumulated gradients would need DeepSpeed to restore them mid-step,
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -37,6 +38,18 @@ class StepResult:
     grad_norm: float | None    # global gradient norm before clipping (None when DeepSpeed has none)
     loss_scale: float          # the fp16 loss scale after the step; 1.0 without fp16
     skipped_steps: int         # steps skipped for overflow since the start of training
+
+    def non_finite(self, dtype: str) -> str | None:
+        """What is not finite in this step ("loss nan, gradient norm inf"), or None. Under fp16 a step that
+        DeepSpeed's dynamic loss scaling skipped is not a failure (the loop counts those in a row); in other
+        dtypes there is no loss scale to lower, and DeepSpeed's skip of a non-finite fp32 step is one too."""
+        if dtype == "fp16" and self.skipped:
+            return None
+        figures = {"loss": self.loss, "gradient norm": self.grad_norm}
+        bad = [f"{name} {value}" for name, value in figures.items() if value is not None and not math.isfinite(value)]
+        if self.skipped and not bad:
+            bad = ["gradient norm not finite (DeepSpeed skipped the update)"]
+        return ", ".join(bad) or None
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

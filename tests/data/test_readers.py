@@ -14,7 +14,7 @@ from collections import Counter
 
 from gptneox.data.datasets import read_units as read
 from gptneox.data.readers import BadRecords, DataError, read_records
-from gptneox.data.sources import code_alpaca, dolly15k, oasst_export, vicuna
+from gptneox.data.sources import BAD_RECORD, UNREAD_REST, code_alpaca, dolly15k, oasst_export, vicuna
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 
@@ -213,16 +213,21 @@ def test_unknown_oasst_roles_are_errors(tmp_path):
         read_units("oasst_export", write_lines(tmp_path / "swapped.jsonl", [json.dumps(swapped)]))
 
 
-def test_broken_gzip_names_the_file_and_last_good_line(tmp_path, caplog):
+def test_broken_gzip_says_the_rest_of_the_file_from_a_line_is_lost_and_counts_it(tmp_path, caplog):
     lines = "".join(GOOD + "\n" for _ in range(400)).encode()
     data = gzip.compress(lines)
     path = tmp_path / "code.jsonl.gz"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(DataError, match=r"code.jsonl.gz: unreadable after line \d+"):
+    with pytest.raises(DataError, match=r"code.jsonl.gz: the rest of the file from line \d+ could not be read "
+                                        r"\(EOFError: .*\(set skip_bad_records: true to keep the records before it\)$"):
         read_units("code_alpaca", path)
     with caplog.at_level(logging.WARNING):
-        units = read_units("code_alpaca", path, skip=True)
-    assert 0 < len(units) < 400 and "skipped 1 bad record(s)" in caplog.text
+        result = read("code_alpaca", path, skip=True)
+    kept = len(result.units)
+    assert 0 < kept < 400 and result.records == kept  # every record before the break, no made-up count
+    assert f"the rest of the file from line {kept + 1} could not be read (EOFError" in caplog.text
+    assert "the records before it are kept" in caplog.text and "bad record" not in caplog.text
+    assert result.drops == {UNREAD_REST: 1}
     path.write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match="code.jsonl.gz"):
         read_units("code_alpaca", path)
@@ -266,3 +271,42 @@ def test_parquet_without_pyarrow_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(DataError, match="needs pyarrow"):
         list(read_records(SAMPLE / "dolly_sample.parquet", BadRecords(skip=False)))
+
+
+def test_a_deeply_nested_json_line_is_one_bad_record(tmp_path, caplog):
+    deep = '{"instruction": ' + "[" * 100_000 + "]" * 100_000 + ', "output": "x"}'
+    path = write_lines(tmp_path / "code.jsonl", [GOOD, deep, GOOD])
+    with pytest.raises(DataError, match=r"code.jsonl: line 2: JSON nested too deeply to read \(set skip_bad_records"):
+        read_units("code_alpaca", path)
+    with caplog.at_level(logging.WARNING):
+        result = read("code_alpaca", path, skip=True)
+    assert len(result.units) == 2 and result.records == 3 and result.drops == {BAD_RECORD: 1}
+    assert "skipped 1 bad record(s); first: " + f"{path}: line 2: JSON nested too deeply" in caplog.text
+    array = tmp_path / "code.json"
+    array.write_text(f"[{GOOD},\n{deep}]")
+    with pytest.raises(DataError, match=r"code.json: malformed JSON at line 2, column 1: record 1 is nested too deeply"):
+        read_units("code_alpaca", array, skip=True)
+
+
+def test_a_thread_too_deep_to_follow_is_one_bad_record(tmp_path):
+    """oasst hub rows: a chain of replies deeper than Python's recursion is one bad tree, not a traceback."""
+    rows = [{"message_id": f"m{i}", "parent_id": f"m{i - 1}" if i else None, "message_tree_id": "t",
+             "role": "prompter" if i % 2 == 0 else "assistant", "text": f"turn {i}", "lang": "en",
+             "review_result": True, "deleted": False, "synthetic": False, "rank": 0, "tree_state": "ready_for_export"}
+            for i in range(sys.getrecursionlimit() + 100)]
+    path = write_lines(tmp_path / "rows.messages.jsonl", [json.dumps(row) for row in rows])
+    with pytest.raises(DataError, match=r"rows.messages.jsonl: .*nested too deeply to read"):
+        read_units("oasst_export", path)
+    assert read("oasst_export", path, skip=True).drops == {BAD_RECORD: 1}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+def test_a_csv_with_a_byte_order_mark_reads_like_one_without(tmp_path, suffix):
+    """Excel's "CSV UTF-8" writes a UTF-8 byte-order mark before the header."""
+    text = "INSTRUCTION,RESPONSE\r\nWhat is 2+2?,4\r\n\"Say \"\"hi\"\"\",hi\r\n"
+    data = ("\ufeff" + text).encode("utf-8")
+    path = tmp_path / f"gsm{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    conversations = flat(read_units("grade_school_math_instructions", path))
+    assert [texts(c) for c in conversations] == [[("prompter", "What is 2+2?"), ("assistant", "4")],
+                                                 [("prompter", 'Say "hi"'), ("assistant", "hi")]]

@@ -7,7 +7,7 @@ import os
 
 from tests.helpers import LAUNCH_VARIABLES, REPO, run_python
 
-SFT7 = ["--configs", "defaults", "stablelm-7b", "oasst-mix", "--gpus", "8", "--gpu_memory_gb", "80"]
+SFT7 = ["--gpus", "8", "--gpu_memory_gb", "80", "--configs", "defaults", "stablelm-7b", "oasst-mix"]
 
 
 def plan(*argv, plain_cpu: bool = False):
@@ -59,3 +59,13 @@ def test_without_configs_the_model_and_batch_are_required_and_train_keys_are_ref
     done = plan("--model", "tiny", "--gpus", "1", "--gpu_memory_gb", "8", "--max_length", "64", "--micro_batch", "1",
                 "--cache_dir", "DATA")
     assert done.returncode == 2 and "train.py's keys need --configs" in done.stderr
+
+
+def test_a_lora_section_in_configs_plans_lora_and_flags_still_win():
+    """configs/lora.yaml: r 16 on all-linear, dropout 0.05, the chat-token rows trained."""
+    lora = json.loads(plan(*SFT7, "lora", "--json").stdout)["lora"]
+    assert lora["r"] == 16 and lora["dropout"] == 0.05
+    assert lora["target_modules"] == ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    flagged = json.loads(plan(*SFT7, "lora", "--lora_r", "4", "--lora_target_modules", "dense", "--json").stdout)
+    assert flagged["lora"]["r"] == 4 and flagged["lora"]["target_modules"] == ["dense"]
+    assert json.loads(plan(*SFT7, "--json").stdout)["lora"] is None  # no lora section: full fine-tuning

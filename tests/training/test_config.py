@@ -172,6 +172,13 @@ def test_eval_strategy_takes_the_trainers_values_yaml_no_included(tmp_path):
     section = tmp_path / "quiet.yaml"
     section.write_text("quiet:\n  eval_strategy: no\n")  # YAML 1.1 reads a bare no as false
     assert parse_train_config(["--configs", "defaults", str(section)]).eval_strategy == "no"
+    section.write_text("quiet:\n  save_strategy: no\n")  # the Trainer's value; the last step is always saved here
+    with pytest.raises(TrainConfigError, match=r"quiet.yaml: save_strategy=False \(YAML reads a bare no, yes, off or "
+                                               r"on as a boolean\) is not supported \(allowed: steps, epoch\)"):
+        parse_train_config(["--configs", "defaults", str(section)])
+    with pytest.raises(TrainConfigError, match=r"save_strategy='no' is not supported \(allowed: steps, epoch\); the "
+                                               r"last step is always saved"):
+        parse_train_config(["--save_strategy", "no"])
     with pytest.raises(TrainConfigError, match=r"eval_strategy='never' is not supported \(allowed: no, steps, epoch\)"):
         parse_train_config(["--eval_strategy", "never"])
     with pytest.raises(TrainConfigError, match=r"eval_steps=0 must be at least 1; to switch evaluation off: "
@@ -203,8 +210,21 @@ def test_suggestions_name_an_existing_key():
     keys = {f.name for f in fields(TrainConfig)}
     for name, pointer in FOREIGN_KEYS.items():
         named = re.findall(r"--(\w+)", pointer)
-        assert named and set(named) <= keys | {"deepspeed_config"}, (name, named)
+        assert set(named) <= keys, (name, named)
     assert parse_train_config(["--eval_strategy", "epoch"]).eval_strategy == "epoch"
+    assert not keys & FOREIGN_KEYS.keys()  # a pointer never hides a key
+
+
+@pytest.mark.parametrize("flag, wrong", [
+    ("--logging_strategy", "logging_steps"), ("--eval_batch_size", "eval_size"), ("--batch_size", "eval_size"),
+    ("--eval_accumulation_steps", "gradient_accumulation_steps"), ("--val_set_size", "eval_size"),
+    ("--save_safetensors", "save_steps"), ("--half_precision_backend", "attention_backend"),
+    ("--use_fast_tokenizer", "use_flash_attention"), ("--lora_target", "log_dir")])
+def test_other_tools_arguments_never_get_a_wrong_suggestion(flag, wrong):
+    with pytest.raises(TrainConfigError) as refused:
+        parse_train_config([flag, "1"])
+    assert f"did you mean '{wrong}'" not in str(refused.value)
+    assert str(refused.value).startswith(f"{flag}: ")
 
 
 def test_fractional_epochs_are_accepted_as_the_trainer_does():

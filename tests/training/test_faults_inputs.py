@@ -8,9 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
+from gptneox.cli import export_hf
 from gptneox.errors import invoked_name
 from gptneox.training.checkpoint import POINTER, tag_for
+from gptneox.training.resume_check import RUN_RECORD
 
 from tests.training.test_loop import SAMPLE, read_metrics, run_train, workspace  # noqa: F401
 
@@ -67,3 +70,70 @@ def test_one_more_epoch_is_refused_once_with_every_difference_then_accepted(work
                      "--allow_changed", "total_steps,num_train_epochs") == 0
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4]
     assert json.loads((out / "checkpoints" / POINTER).read_text())["latest"] == tag_for(4)
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_non_finite_fp32_step_stops_with_exit_3_keeping_the_last_good_checkpoint(workspace, tmp_path, capsys):
+    out = tmp_path / "run"
+    # a learning rate no one should use: the first update sends the weights far out, the next loss overflows
+    status = run_train(workspace, out, "--max_steps", "6", "--save_steps", "1", "--warmup_steps", "1",
+                       "--learning_rate", "1e30")
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert status == 3, error
+    records = [_strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # strict JSON
+    bad = records[-1]["step"]
+    assert bad < 6 and records[-1]["loss"] is None  # null, not NaN
+    assert error.startswith(f"{invoked_name()}: stopped: step {bad}: loss ") and " in fp32 training; nothing of " \
+        "this step was saved, the newest checkpoint is " in error and "fp16" not in error
+    assert error.endswith(f"{out / 'checkpoints' / tag_for(bad - 1)} (lower learning_rate or check the data, "
+                          "then --resume)")
+    assert json.loads((out / "checkpoints" / POINTER).read_text())["latest"] == tag_for(bad - 1)
+    assert not (out / "checkpoints" / tag_for(bad)).exists() and not list(out.glob("*.safetensors"))
+
+
+class Payload:
+    """What someone else's checkpoint could carry: unpickling it runs code (here: writes `marker`)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_a_checkpoint_carrying_code_is_refused_by_resume_and_export_unless_trusted(workspace, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_train(workspace, out, "--max_steps", "2", "--save_steps", "1", "--eval_steps", "100") == 0
+    tag_dir = out / "checkpoints" / tag_for(2)
+    planted = tag_dir / "mp_rank_00_model_states.pt"
+    marker = tmp_path / "code-ran"
+    states = torch.load(planted, weights_only=False)  # our own file, just written
+    states["note"] = Payload(marker)
+    torch.save(states, planted)
+    record = json.loads((tag_dir / RUN_RECORD).read_text())  # sizes as run.json records them, so the tag
+    record["files"][planted.name] = planted.stat().st_size   # is whole and the payload is what stops it
+    (tag_dir / RUN_RECORD).write_text(json.dumps(record))
+    capsys.readouterr()
+
+    resume = ("--max_steps", "3", "--save_steps", "1", "--eval_steps", "100", "--resume",
+              "--allow_changed", "total_steps")
+    assert run_train(workspace, out, *resume) == 2
+    error = capsys.readouterr().err
+    assert error == (f"{invoked_name()}: error: {planted}: refused to load: it needs builtins.exec, which no DeepSpeed "
+                     "checkpoint holds; code in a checkpoint file runs when it is loaded; if you trust whoever wrote "
+                     "it, pass --trust_checkpoint_code true\n")
+    assert export_hf.main([str(out / "checkpoints"), str(tmp_path / "export")]) == 2
+    assert f"{planted}: refused to load: it needs builtins.exec" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "export" / "model.safetensors").exists()
+
+    # the opt-in: the user trusts this checkpoint, so its code runs
+    assert export_hf.main([str(out / "checkpoints"), str(tmp_path / "export"), "--trust_checkpoint_code"]) == 0
+    assert marker.read_text() == "ran" and (tmp_path / "export" / "model.safetensors").is_file()
+    marker.unlink()
+    assert run_train(workspace, out, *resume, "--trust_checkpoint_code", "true") == 0
+    assert marker.read_text() == "ran" and [r["step"] for r in read_metrics(out) if "loss" in r][-1] == 3

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import pytest
 from gptneox.training import loss as losses
 from gptneox.training.checkpoint import POINTER, CheckpointManager, tag_for
 from gptneox.training.distributed import free_port
-from gptneox.training.output_dir import LOCK_NAME, RunLock, previous_run
+from gptneox.training.output_dir import LOCK_NAME, previous_run
 from gptneox.training.stop import STOPPED_EXIT
 
 from tests.helpers import LAUNCH_VARIABLES, REPO
@@ -98,6 +100,83 @@ def test_a_launcher_gone_while_the_ranks_start_ends_them_without_a_checkpoint(wo
     assert run_train(workspace, out, "--max_steps", "2", "--save_steps", "2", "--eval_steps", "100") == 0
 
 
+# A rank whose main thread cannot run a signal handler (as in a C call that never returns to Python): it
+# blocks SIGTERM, so the launcher watch's interruption stays pending, and waits while reading the data.
+STUCK_RANK = """
+import os, runpy, signal, sys, time
+from gptneox.training import loop, stop
+stop.START_STOP_GRACE_S = 5.0
+def stuck(*args, **kwargs):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    open(os.environ["MARKER"] + ".part", "w").write(str(os.getpid()))
+    os.rename(os.environ["MARKER"] + ".part", os.environ["MARKER"])
+    time.sleep(600)
+loop.load_run_datasets = stuck
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_be_interrupted_leaves_by_itself_once_its_launcher_is_gone(workspace, tmp_path):
+    out = tmp_path / "run"
+    marker = tmp_path / "rank0.pid"
+    wrapper = tmp_path / "rank.py"
+    wrapper.write_text(STUCK_RANK)
+    environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    environment["MARKER"] = str(marker)
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+               str(wrapper), *_script_argv(workspace, out, "--max_steps", "2")[1:]]
+    runner = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for([marker], runner, 400, "the rank did not start")
+    rank = psutil.Process(int(marker.read_text()))
+    runner.send_signal(signal.SIGTERM)
+    runner.wait(timeout=60)
+    try:
+        rank.wait(timeout=120)  # the watch's grace is 5 s here (60 s in a real run)
+    except psutil.TimeoutExpired:
+        os.killpg(runner.pid, signal.SIGKILL)
+        pytest.fail("a rank stuck before its first step outlived its launcher")
+    finally:
+        try:
+            os.killpg(runner.pid, signal.SIGKILL)  # the per-node launcher, if still there
+        except ProcessLookupError:
+            pass
+    assert run_train(workspace, out, "--max_steps", "2", "--save_steps", "2", "--eval_steps", "100") == 0
+
+
+@pytest.mark.slow
+def test_a_terminal_that_hangs_up_stops_the_run_after_a_save(workspace, tmp_path):
+    """The run's terminal goes away (an ssh session drops): SIGHUP, and every later write to it fails. The
+    run saves and exits 75 all the same."""
+    out = tmp_path / "run"
+    environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    argv = [sys.executable, *_script_argv(workspace, out, "--max_steps", "5000", "--save_steps", "100000",
+                                          "--eval_steps", "100000")]
+    pid, terminal = pty.fork()
+    if pid == 0:  # the run, with the pty as its controlling terminal, stdout and stderr
+        os.chdir(REPO)
+        os.execve(sys.executable, argv, environment)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    try:
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert time.monotonic() < deadline, "training did not start"
+            if select.select([terminal], [], [], 0.2)[0]:
+                os.read(terminal, 65536)  # what the run shows, read so that it never blocks writing
+    finally:
+        os.close(terminal)  # the hang-up
+    deadline = time.monotonic() + 120
+    while (status := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the run went on after its terminal hung up")
+        time.sleep(0.2)
+    assert os.waitstatus_to_exitcode(status[1]) == STOPPED_EXIT
+    last_step = read_metrics(out)[-1]["step"]
+    assert json.loads((out / "checkpoints" / POINTER).read_text())["latest"] == tag_for(last_step)
+
+
 SIGNAL_AT_MICRO_BATCH = 10  # the 2nd of step 3's 4 micro-batches
 MID_STEP = ("--max_steps", "4", "--gradient_accumulation_steps", "4", "--save_steps", "100", "--eval_steps", "100")
 
@@ -128,6 +207,25 @@ def test_sighup_in_the_middle_of_a_step_abandons_it_and_the_resume_is_exact(work
     assert run_train(workspace, out, *MID_STEP, "--resume") == 0
     resumed = [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in read_metrics(out) if "loss" in r]
     assert resumed == expected  # steps 1-2 of the first part, 3-4 of the resume: identical
+
+
+def test_a_stop_inside_the_first_step_saves_nothing_and_the_same_command_goes_on(workspace, tmp_path, monkeypatch,
+                                                                                 capsys):
+    real_loss, calls = losses.batch_loss, []
+
+    def hung_up_in_the_first_step(engine, batch):
+        calls.append(engine.global_steps)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real_loss(engine, batch)
+
+    monkeypatch.setattr(losses, "batch_loss", hung_up_in_the_first_step)
+    out = tmp_path / "run"
+    assert run_train(workspace, out, *MID_STEP) == STOPPED_EXIT
+    assert "SIGHUP in the first step: nothing to save, exiting (run the same command again)" in capsys.readouterr().out
+    assert calls == [0, 0] and not list(out.glob("checkpoints/step*")) and previous_run(out) == []
+    monkeypatch.setattr(losses, "batch_loss", real_loss)
+    assert run_train(workspace, out, *MID_STEP) == 0
 
 
 # A single process stopped by SIGTERM at its 3rd step boundary, then signalled again while it saves (SIGTERM,
