@@ -10,6 +10,8 @@
   Cc  C with compiled blocks (compile: true; the compiling happens in the warm-up steps)
   AL  A with LoRA as a transformers + peft user runs it: peft's LoRA (same r, alpha, dropout, targets) on the
       frozen base, the chat tokens' embedding rows trained through peft's trainable_token_indices
+  CL  C with LoRA: our adapters (gptneox.lora.add_lora, the same settings and chat-token rows), packed
+      batches, the training loop's loss
 
 One step = forward + backward on --accumulation micro-batches, then one AdamW step, as an optimizer step
 of training (batches are collated before timing, as a data loader would). Timing: all variants live in
@@ -53,6 +55,7 @@ from gptneox.training.config import load_section, repo_path  # noqa: E402
 from gptneox.training.metrics import matmul_peak_tflops  # noqa: E402
 from gptneox.training.loss import DEFAULT_CHUNK_ROWS, batch_loss, masked_cross_entropy, model_inputs  # noqa: E402
 from gptneox.errors import run_command  # noqa: E402
+from gptneox.lora import LoraConfig, add_lora, parse_target_modules  # noqa: E402
 
 VARIANTS = {
     "A": "transformers, padded, full-logits loss",
@@ -61,8 +64,10 @@ VARIANTS = {
     "C": "gptneox, packed, chunked trained-rows loss",
     "Cc": "gptneox, packed, chunked trained-rows loss, compiled blocks",
     "AL": "transformers + peft LoRA, padded, full-logits loss",
+    "CL": "gptneox LoRA, packed, chunked trained-rows loss",
 }
-PACKED = ("C", "Cc")
+PACKED = ("C", "Cc", "CL")
+LORA = ("AL", "CL")
 REFERENCE = ("A", "AL")  # transformers' model and the reference loss
 MODELS = {"pythia-70m": "pythia-70m", "stablelm-7b-layers": "stablelm-base-alpha-7b"}
 
@@ -131,6 +136,11 @@ def chat_token_ids() -> list[int]:
     return [tokenizer.token_to_id(token) for token in CHAT_TOKENS]
 
 
+def lora_config(args) -> LoraConfig:
+    return LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                      target_modules=parse_target_modules(args.lora_target_modules))
+
+
 def peft_lora(reference, args):
     """peft's LoRA over the frozen reference model, as a TRL/peft user configures it."""
     import peft
@@ -148,6 +158,9 @@ def build_model(variant: str, config: GPTNeoXConfig, args, device, dtype):
     ours = GPTNeoX(config)
     if variant not in REFERENCE:
         ours.attention_backend = args.attention
+        if variant == "CL":
+            torch.manual_seed(args.seed)
+            add_lora(ours, lora_config(args), chat_token_ids() if args.lora_train_chat_tokens else [])
         if variant == "Cc":
             ours.compile_blocks()
         return ours.to(device=device, dtype=dtype).train()
@@ -268,6 +281,7 @@ def summarize(variant: Variant, memory: dict, peak_tflops: float) -> dict:
         "tflops": flop_rate / 1e12,
         "mfu": flop_rate / 1e12 / peak_tflops,
         "first_loss": variant.first_loss,
+        "trained_parameters": sum(p.numel() for p in variant.trainable),
         "step_seconds": [s["seconds"] for s in steps],
         **memory,
     }
@@ -365,10 +379,15 @@ def main(argv=None) -> None:
         print(f"| {v}: {VARIANTS[v]} | {r['tokens_per_s']:,.0f} | {r['trained_per_s']:,.0f} | {r['step_s']:.3f} | "
               f"{r['padding']:.1%} | {r['tflops']:.4f} | {r['mfu']:.1%} | {mib(r, 'peak_mib')} | "
               f"{mib(r, 'setup_mib')} | {r['first_loss']:.4f} |")
-    if "A" in results:
-        for v in results:
-            if v != "A":
-                print(f"{v}/A trained tokens/s: {results[v]['trained_per_s'] / results['A']['trained_per_s']:.2f}")
+    for v, r in results.items():
+        anchor = "AL" if v in LORA else "A"
+        if v != anchor and anchor in results:
+            print(f"{v}/{anchor} trained tokens/s: {r['trained_per_s'] / results[anchor]['trained_per_s']:.2f}")
+    if "CL" in results and "C" in results:  # our LoRA against our full fine-tuning
+        lora, full = results["CL"], results["C"]
+        memory_ratio = (f", peak memory {lora['peak_mib'] / full['peak_mib']:.2f}x" if "peak_mib" in lora else "")
+        print(f"CL/C: step time {lora['step_s'] / full['step_s']:.2f}x{memory_ratio}, trained parameters "
+              f"{lora['trained_parameters']:,} of {full['trained_parameters']:,}")
     if args.output:
         args.output.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "peak_tflops": peak,
                                          "machine": machine_line(device), "results": results}, indent=2))

@@ -24,6 +24,7 @@ import torch
 
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.errors import UserError
+from gptneox.lora import DEFAULT_TARGET_MODULES
 from gptneox.training.loss import DEFAULT_CHUNK_ROWS
 from gptneox.weights import DEFAULT_SHARD_SIZE, parse_size
 
@@ -34,9 +35,6 @@ FP32 = 4
 
 class PlanError(UserError, ValueError):
     """A DeepSpeed config the planner cannot estimate (a ZeRO stage other than 2 or 3)."""
-
-
-LORA_TARGET_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
 def linear_shapes(config: GPTNeoXConfig) -> dict[str, tuple[int, int]]:
@@ -51,7 +49,7 @@ class LoraPlan:
     """What of a LoRA run sets its memory: rank, targets, dropout (it keeps a copy of each target's input),
     and how many token rows of embed_in and of embed_out are trained with the adapters (the chat tokens)."""
     r: int
-    target_modules: tuple[str, ...] = ("query_key_value",)
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     dropout: float = 0.0
     trained_token_rows: int = 0
 
@@ -60,6 +58,13 @@ class LoraPlan:
         adapters = config.num_hidden_layers * sum(self.r * sum(shapes[name]) for name in self.target_modules)
         embeddings = 1 if config.tie_word_embeddings else 2
         return {"adapters": adapters, "trained token rows": embeddings * self.trained_token_rows * config.hidden_size}
+
+    def merged_parameters(self, config: GPTNeoXConfig) -> int:
+        """Elements of the base weights that the export merges adapters or trained rows into."""
+        shapes = linear_shapes(config)
+        targets = config.num_hidden_layers * sum(shapes[name][0] * shapes[name][1] for name in self.target_modules)
+        embeddings = 1 if config.tie_word_embeddings else 2
+        return targets + (embeddings * config.vocab_size * config.hidden_size if self.trained_token_rows else 0)
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,9 @@ def saved_activation_bytes_per_token(config: GPTNeoXConfig, dtype: str, checkpoi
     With LoRA (frozen base) a Linear's input is kept only where an adapter reads it: the LayerNorm outputs
     and the GELU output go unless their Linear is a target. Each target keeps its adapter's [tokens, r]
     down-projection and, with dropout, the dropped-out copy of its input and the dropout mask (a bool on
-    CUDA; torch's CPU kernel keeps it in the input dtype, hence `dropout_mask_bytes`). This assumes the
-    graph starts at the embedding (trained token rows); without them the first block keeps a little less.
+    CUDA; torch's CPU kernel keeps it in the input dtype, hence `dropout_mask_bytes`). This is exact with
+    trained token rows, where the graph starts at the embedding; without them it is an upper bound (the
+    first block then keeps less).
     """
     s, h, inner = BYTES[dtype], config.hidden_size, config.intermediate_size
     if checkpointing:
@@ -114,8 +120,11 @@ def saved_activation_bytes_per_token(config: GPTNeoXConfig, dtype: str, checkpoi
             masks = dropout_mask_bytes * sum(dropped)
         block = s * kept + masks + layer_norm_stats_bytes * 2 * 2 + FP32 * config.num_attention_heads
     rotary = 2 * s * (config.rotary_ndims // 2)  # cos and sin of half the rotary dims, shared by all blocks
+    # the embedding's backward keeps the token ids (int64); with LoRA's trained rows, each token's row in
+    # the trained rows (int64) and whether it is one of them (bool)
+    ids = 8 if lora is None else 8 + 1
     return {"blocks": config.num_hidden_layers * block,
-            "embedding and final LayerNorm": 8 + rotary + s * h + layer_norm_stats_bytes * 2}
+            "embedding and final LayerNorm": ids + rotary + s * h + layer_norm_stats_bytes * 2}
 
 
 def block_recompute_bytes_per_token(config: GPTNeoXConfig, dtype: str, lora: LoraPlan | None = None) -> float:
@@ -133,14 +142,19 @@ def loss_buffer_bytes(config: GPTNeoXConfig, dtype: str, trained_tokens: int,
     fp32/bf16: the hidden-state gradient of the trained rows and the fp32 head-weight gradient, both made in
     forward, and the cast of the latter to the weight dtype. fp16 recomputes in backward: it keeps the trained
     rows' hidden states (a gathered copy) and then builds the same gradients. Plus one chunk of fp32 logits
-    and its gradient in the training dtype. With LoRA the head is frozen but for the trained token rows, and
-    only their gradient is formed.
+    and its gradient in the training dtype.
+    With LoRA the head weight is frozen: no weight gradient, unless token rows are trained. The head is then
+    the frozen weight with the trained rows copied in (gptneox.lora.TokenAdapter), whose full gradient the
+    loss forms before autograd keeps the rows' part.
     """
     s, h, v = BYTES[dtype], config.hidden_size, config.vocab_size
     rows = min(chunk_rows, trained_tokens)
-    head_rows = v if lora is None else lora.trained_token_rows
+    head_gradient = lora is None or lora.trained_token_rows > 0
+    merged_head = {} if lora is None or not lora.trained_token_rows else {
+        "head weight with the trained rows in place": v * h * s}
     return {"trained hidden rows and their gradient": (2 if dtype == "fp16" else 1) * trained_tokens * h * s,
-            "head weight gradient (fp32 + cast)": head_rows * h * (FP32 + (s if s != FP32 else 0)),
+            **merged_head,
+            "head weight gradient (fp32 + cast)": head_gradient * v * h * (FP32 + (s if s != FP32 else 0)),
             "one chunk of logits": rows * v * (FP32 + (s if s != FP32 else 0))}
 
 
@@ -229,8 +243,13 @@ def zero_plans(config: GPTNeoXConfig, hardware: Hardware, batch: Batch, zero_sec
         # the export on rank 0 (zero_to_fp32, optimizer files memory-mapped and their moments dropped): under
         # stage 2 the consolidated fp32 weights and their cast to the training dtype; under stage 3 one shard
         # of the export at a time (each weight is gathered when its shard is written)
-        exported = psi * s if stage == 2 else parse_size(DEFAULT_SHARD_SIZE)  # bytes made at once, cast
-        plan.host_per_node["final export on rank 0 (fp32 + cast; ZeRO-3: one shard)"] = exported / s * FP32 + exported
+        if lora is None:
+            exported = psi * s if stage == 2 else parse_size(DEFAULT_SHARD_SIZE)  # bytes made at once, cast
+            plan.host_per_node["final export on rank 0 (fp32 + cast; ZeRO-3: one shard)"] = exported / s * FP32 + exported
+        else:  # the base read in the training dtype, the weights with adapters merged in fp32, one shard cast
+            merged = lora.merged_parameters(config)
+            plan.host_per_node["final export on rank 0 (base 16-bit, merged weights fp32, one shard)"] = (
+                s * (psi - merged) + FP32 * merged + parse_size(DEFAULT_SHARD_SIZE))
         plan.disk["checkpoint: optimizer partitions (fp32 master, m, v)"] = 3 * FP32 * trained
         if stage == 2:
             plan.disk["checkpoint: 16-bit module" + ("" if lora is None else " (trained parameters)")] = s * trained

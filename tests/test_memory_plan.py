@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from gptneox import GPTNeoX, GPTNeoXConfig
-from gptneox.memory_plan import (LORA_TARGET_MODULES, Batch, Hardware, LoraPlan, loss_buffer_bytes, parameter_counts,
+from gptneox.lora import TARGET_MODULES as LORA_TARGET_MODULES
+from gptneox.lora import LoraConfig, add_lora
+from gptneox.memory_plan import (Batch, Hardware, LoraPlan, loss_buffer_bytes, parameter_counts,
                                  saved_activation_bytes_per_token, zero_plans)
 from gptneox.dtypes import TORCH_DTYPES
 from gptneox.flops import non_embedding_parameters
@@ -178,13 +180,62 @@ def test_lora_saved_activations_by_hand(targets, dropout, block):
     assert saved_activation_bytes_per_token(config, "fp16", checkpointing=True, lora=lora)["blocks"] == 2 * 2 * 48
 
 
-def test_lora_loss_buffers_form_only_the_trained_head_rows():
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("parallel_residual", [True, False])
+@pytest.mark.parametrize("targets", [("query_key_value",), LORA_TARGET_MODULES])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_saved_activations_match_the_lora_model(dtype, parallel_residual, targets, dropout):
+    """gptneox.lora.add_lora's model keeps what the planner says: exactly with trained token rows (the graph
+    starts at the embedding), at most that without them (the first block keeps less)."""
+    config = GPTNeoXConfig(**{**TINY_CONFIG, "use_parallel_residual": parallel_residual})
+    batch, length = 3, 20
+    input_ids = torch.randint(0, config.vocab_size, (batch, length))
+    itemsize = TORCH_DTYPES[dtype].itemsize  # torch's CPU LayerNorm stats and dropout mask: the input dtype
+    for token_ids in ([3, 5, 7], []):
+        torch.manual_seed(0)
+        model = GPTNeoX(config)
+        add_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout, target_modules=targets), token_ids)
+        model = model.to(TORCH_DTYPES[dtype]).train()
+        measured = saved_bytes(model, input_ids)
+        per_token = saved_activation_bytes_per_token(
+            config, dtype, checkpointing=False, layer_norm_stats_bytes=itemsize, dropout_mask_bytes=itemsize,
+            lora=LoraPlan(4, targets, dropout, len(token_ids)))
+        planned = sum(per_token.values()) * batch * length
+        if token_ids:
+            assert measured == planned
+        else:  # less by part of the first block at most
+            first_block = per_token["blocks"] / config.num_hidden_layers * batch * length
+            assert planned - first_block < measured < planned
+
+
+@pytest.mark.parametrize("token_ids", [[3, 5, 7], []])
+def test_lora_head_buffers_match_what_the_loss_forms(token_ids):
+    """With trained rows the head is the frozen weight with the rows copied in, and the loss forms its full
+    fp32 gradient; without them the head is frozen and no weight gradient is formed."""
     config = GPTNeoXConfig(**TINY_CONFIG)
-    lora = loss_buffer_bytes(config, "fp16", 40, chunk_rows=8, lora=LoraPlan(r=4, trained_token_rows=5))
-    full = loss_buffer_bytes(config, "fp16", 40, chunk_rows=8)
-    assert lora["head weight gradient (fp32 + cast)"] == 5 * 48 * (4 + 2)
-    assert full["head weight gradient (fp32 + cast)"] == 96 * 48 * (4 + 2)
-    assert lora["one chunk of logits"] == full["one chunk of logits"] == 8 * 96 * (4 + 2)
+    torch.manual_seed(0)
+    model = GPTNeoX(config)
+    add_lora(model, LoraConfig(r=4, alpha=8), token_ids)
+    tokens = 40
+    hidden = torch.randn(1, tokens, config.hidden_size, requires_grad=True)
+    targets = torch.randint(0, config.vocab_size, (1, tokens))
+    kept = {}
+
+    def head(h, weight):
+        kept["head"] = weight
+        return masked_cross_entropy_from_hidden(h, weight, targets, torch.ones_like(targets, dtype=torch.bool),
+                                                chunk_rows=8)
+
+    total, _ = model.embed_out(hidden, head=head)
+    weight_gradient = total.grad_fn.gradients[1]
+    planned = loss_buffer_bytes(config, "fp32", tokens, chunk_rows=8, lora=LoraPlan(4, trained_token_rows=len(token_ids)))
+    if token_ids:
+        assert kept["head"].data_ptr() != model.embed_out.weight.data_ptr()  # a copy with the rows in place
+        assert planned["head weight with the trained rows in place"] == kept["head"].nbytes
+        assert planned["head weight gradient (fp32 + cast)"] == weight_gradient.nbytes == 96 * 48 * 4
+    else:
+        assert weight_gradient is None and planned["head weight gradient (fp32 + cast)"] == 0
+        assert "head weight with the trained rows in place" not in planned
 
 
 def plan_stablelm_7b(*extra: str):
@@ -209,10 +260,22 @@ def test_stablelm_7b_trains_with_lora_on_one_24_gb_gpu():
 @pytest.mark.parametrize("flag, value, named", [
     ("--lora_r", "-1", "--lora_r -1"),
     ("--lora_dropout", "1", "--lora_dropout 1"),
-    ("--lora_target_modules", "query_key_value,mlp", "mlp is not a GPT-NeoX Linear; expected a comma list of "
-                                                     "query_key_value, dense, dense_h_to_4h, dense_4h_to_h"),
+    ("--lora_target_modules", "query_key_value,mlp", "'mlp': GPT-NeoX's targets are query_key_value, dense, "
+                                                     "dense_h_to_4h, dense_4h_to_h or all-linear"),
 ])
 def test_bad_lora_settings_are_one_line(flag, value, named):
     result = run_python(REPO / "tools/plan_memory.py", "--model", "stablelm-7b", "--gpus", "1", "--gpu_memory_gb",
                         "24", "--max_length", "2048", "--micro_batch", "1", "--lora_r", "16", flag, value)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and named in result.stderr, result.stderr
+
+
+def test_the_readme_lora_figures_for_sft7_on_one_gpu():
+    """The bundled `lora` section from --configs; the README's smallest GPUs for the SFT-7 data."""
+    sft7 = ["--configs", "defaults", "stablelm-7b", "oasst-mix", "lora", "--gpus", "1"]
+    recipe = run_python(REPO / "tools/plan_memory.py", *sft7, "--gpu_memory_gb", "32")
+    assert recipe.returncode == 0, recipe.stderr
+    assert "LoRA r 16 on query_key_value, dense, dense_h_to_4h, dense_4h_to_h, dropout 0.05" in recipe.stdout
+    assert re.search(r"peak, with checkpointing\s+27\.1\d fits", recipe.stdout), recipe.stdout
+    one = run_python(REPO / "tools/plan_memory.py", *sft7, "--gpu_memory_gb", "24", "--per_device_train_batch_size", "1")
+    assert re.search(r"peak, with checkpointing\s+21\.89 NO\s+20\.94 fits", one.stdout), one.stdout
+    assert "ds_config_zero3: fits with gradient checkpointing only" in one.stdout

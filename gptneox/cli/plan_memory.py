@@ -2,14 +2,15 @@
 
     gptneox-plan-memory --configs defaults stablelm-7b oasst-mix --gpus 8 --gpu_memory_gb 80
     gptneox-plan-memory --model stablelm-7b --gpus 8 --gpu_memory_gb 80 --max_length 4096 --micro_batch 4
-    gptneox-plan-memory --model stablelm-7b --gpus 1 --gpu_memory_gb 24 --max_length 2048 --micro_batch 1 --lora_r 16
+    gptneox-plan-memory --configs defaults stablelm-7b oasst-mix lora --gpus 1 --gpu_memory_gb 32
 
 --configs takes train.py's sections and overrides (as gptneox-data-report does): the model, max_length,
 per_device_train_batch_size, dtype and LoRA keys come from the run's config; --model, --max_length,
---micro_batch, --dtype and the --lora_* flags, where given, take their place. --model is a preset (gpt-neox-20b, pythia-12b, ...), a Hugging Face
-model directory, or a config section (configs/NAME.yaml) whose model_name is one of those. The ZeRO settings
-come from the DeepSpeed config files, with "auto" resolved as train.py resolves them. The terms are explained
-in gptneox/memory_plan.py. The table fits 100 columns; --json prints the same figures as JSON.
+--micro_batch, --dtype and the --lora_* flags, where given, take their place. --model is a preset
+(gpt-neox-20b, pythia-12b, ...), a Hugging Face model directory, or a config section (configs/NAME.yaml) whose
+model_name is one of those. The ZeRO settings come from the DeepSpeed config files, with "auto" resolved as
+train.py resolves them. The terms are explained in gptneox/memory_plan.py. The table fits 100 columns;
+--json prints the same figures as JSON.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from gptneox.config import PRESETS
 from gptneox.data.tokenizer import CHAT_TOKENS
 from gptneox.dtypes import TORCH_DTYPES
 from gptneox.errors import UserError, report_user_error
-from gptneox.memory_plan import (HEADROOM, LORA_TARGET_MODULES, Batch, Hardware, LoraPlan, PlanError, activation_terms,
-                                 zero_plans)
+from gptneox.lora import ALL_LINEAR, TARGET_MODULES, parse_target_modules
+from gptneox.memory_plan import HEADROOM, Batch, Hardware, LoraPlan, PlanError, activation_terms, zero_plans
 from gptneox.training.config import (CONFIG_DIR, TrainConfig, TrainConfigError, load_section, parse_train_config,
                                      repo_path)
 from gptneox.training import noise
@@ -74,23 +75,27 @@ def zero_sections(paths: list[str], batch: Batch, hidden_size: int, world: int) 
     return sections
 
 
-def lora_settings(args) -> LoraPlan | None:
-    if args.lora_r < 0:
-        raise PlanError(f"--lora_r {args.lora_r}: must be 0 (full fine-tuning) or a positive rank")
-    if args.lora_r == 0:
+def lora_settings(args: argparse.Namespace, cfg: TrainConfig | None) -> LoraPlan | None:
+    """The LoRA flags, and the run's config (train.py's defaults without --configs) for what they leave out."""
+    cfg = cfg or TrainConfig()
+    r = cfg.lora_r if args.lora_r is None else args.lora_r
+    dropout = cfg.lora_dropout if args.lora_dropout is None else args.lora_dropout
+    new_tokens = (len(CHAT_TOKENS) if cfg.lora_train_new_tokens else 0) if args.lora_new_tokens is None \
+        else args.lora_new_tokens
+    if r < 0:
+        raise PlanError(f"--lora_r {r}: must be 0 (full fine-tuning) or a positive rank")
+    if not 0 <= dropout < 1:
+        raise PlanError(f"--lora_dropout {dropout:g}: must be in [0, 1)")
+    if new_tokens < 0:
+        raise PlanError(f"--lora_new_tokens {new_tokens}: must be 0 or more")
+    if not r:
         return None
-    if not 0 <= args.lora_dropout < 1:
-        raise PlanError(f"--lora_dropout {args.lora_dropout:g}: must be in [0, 1)")
-    if args.lora_trained_tokens < 0:
-        raise PlanError(f"--lora_trained_tokens {args.lora_trained_tokens}: must be 0 or more")
-    names = [name.strip() for name in args.lora_target_modules.split(",")]
-    if names == ["all-linear"]:
-        names = list(LORA_TARGET_MODULES)
-    unknown = [name for name in names if name not in LORA_TARGET_MODULES]
-    if unknown or not names:
-        raise PlanError(f"--lora_target_modules {args.lora_target_modules!r}: {', '.join(unknown) or 'empty'} is not "
-                        f"a GPT-NeoX Linear; expected a comma list of {', '.join(LORA_TARGET_MODULES)}, or all-linear")
-    return LoraPlan(args.lora_r, tuple(dict.fromkeys(names)), args.lora_dropout, args.lora_trained_tokens)
+    targets = cfg.lora_target_modules if args.lora_target_modules is None else args.lora_target_modules
+    try:
+        targets = parse_target_modules(targets)
+    except ValueError as err:
+        raise PlanError(f"--lora_target_modules {args.lora_target_modules!r}: {err}") from None
+    return LoraPlan(r, targets, dropout, new_tokens)
 
 
 COLUMN = 16  # the width of a configuration's column
@@ -158,22 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deepspeed_configs", nargs="+", default=DEFAULT_DS_CONFIGS, metavar="JSON",
                         help=f"DeepSpeed config files to compare (default: {' '.join(DEFAULT_DS_CONFIGS)})")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON (GB) instead of the table")
-    lora = parser.add_argument_group("LoRA: frozen 16-bit base, only adapters and chat-token rows trained")
-    lora.add_argument("--lora_r", type=int, default=0, help="adapter rank (0: full fine-tuning, the default)")
-    lora.add_argument("--lora_target_modules", default="query_key_value",
-                      help=f"comma list of {', '.join(LORA_TARGET_MODULES)}, or all-linear (default: query_key_value)")
-    lora.add_argument("--lora_dropout", type=float, default=0.05,
+    lora = parser.add_argument_group("LoRA (default: the run's lora_* keys, train.py's without --configs)")
+    lora.add_argument("--lora_r", type=int, help="adapter rank; 0: full fine-tuning")
+    lora.add_argument("--lora_target_modules",
+                      help=f"comma list of {', '.join(TARGET_MODULES)}, or {ALL_LINEAR}")
+    lora.add_argument("--lora_dropout", type=float,
                       help="dropout on the adapters' input; above 0 each target keeps a copy of its input")
-    lora.add_argument("--lora_trained_tokens", type=int, default=len(CHAT_TOKENS),
-                      help=f"token rows of embed_in and embed_out trained with the adapters (default "
-                           f"{len(CHAT_TOKENS)}: the chat tokens; 0: none)")
+    lora.add_argument("--lora_new_tokens", type=int,
+                      help=f"token rows of embed_in and embed_out trained with the adapters (default: "
+                           f"{len(CHAT_TOKENS)}, the chat tokens a base GPT-NeoX tokenizer lacks, or 0 with "
+                           "lora_train_new_tokens false)")
     return parser
-
-
-def lora_defaults(cfg: TrainConfig) -> dict:
-    """The LoRA flags' values that a run's config implies (its lora_* keys), for the flags not given."""
-    return {"lora_r": cfg.lora_r, "lora_target_modules": ",".join(cfg.lora_target_modules),
-            "lora_dropout": cfg.lora_dropout, "lora_trained_tokens": len(CHAT_TOKENS) if cfg.lora_train_new_tokens else 0}
 
 
 def run_settings(args: argparse.Namespace, cfg: TrainConfig | None) -> tuple[GPTNeoXConfig, str, Batch]:
@@ -200,12 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("without --configs, --model, --max_length and --micro_batch are required")
     try:
         cfg = parse_train_config(["--configs", *args.configs, *train_args]) if args.configs else None
-        if cfg is not None:  # the run's LoRA keys, unless a flag says otherwise
-            parser.set_defaults(**lora_defaults(cfg))
-            args, _ = parser.parse_known_args(argv)
         config, origin, batch = run_settings(args, cfg)
         hardware = Hardware(args.gpus, args.gpus_per_node or min(args.gpus, 8), args.gpu_memory_gb, args.host_memory_gb)
-        lora_plan = lora_settings(args)
+        lora_plan = lora_settings(args, cfg)
         plans = zero_plans(config, hardware, batch, zero_sections(args.deepspeed_configs, batch, config.hidden_size,
                                                                   args.gpus), lora_plan)
     except UserError as err:

@@ -156,8 +156,9 @@ class TrainConfig:
             raise TrainConfigError(f"report_to={self.report_to!r}: {err}") from None
         for name, (_, choices) in _TYPES.items():
             if choices and getattr(self, name) not in (*choices, None):
+                hint = f"; {_KEY_HINTS[name]}" if name in _KEY_HINTS else ""
                 raise TrainConfigError(f"{name}={getattr(self, name)!r} is not supported "
-                                       f"(allowed: {', '.join(map(str, choices))})")
+                                       f"(allowed: {', '.join(map(str, choices))}){hint}")
         for name in ("sort_by_length", "use_custom_sampler"):
             if getattr(self, name):
                 raise TrainConfigError(f"{name}={getattr(self, name)!r} is not supported (allowed: false)")
@@ -235,7 +236,8 @@ _NULLABLE = {name for name, hint in get_type_hints(TrainConfig).items() if type(
 
 # What to add when a key gets a value it cannot take (null, or out of range).
 _KEY_HINTS = {"eval_steps": "to switch evaluation off: eval_strategy no", "datasets": "an empty list is []",
-              "report_to": "for no backend: report_to none"}
+              "report_to": "for no backend: report_to none",
+              "save_strategy": "the last step is always saved; a save_steps beyond the run's length saves only that"}
 
 # Arguments of the Hugging Face Trainer, TRL and axolotl that are not keys here, and what does their job.
 FOREIGN_KEYS = {
@@ -343,6 +345,9 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     choices = _TYPES[key][1]
     if value is False and choices and "no" in choices:  # YAML 1.1 reads a bare `no` as false
         return "no"
+    if isinstance(value, bool) and choices:
+        raise TrainConfigError(f"{where}={value!r} (YAML reads a bare no, yes, off or on as a boolean) is not "
+                               f"supported (allowed: {', '.join(map(str, choices))})")
     if value is None or kind in (list, dict):
         return value
     if isinstance(value, str):

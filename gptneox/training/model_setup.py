@@ -103,6 +103,7 @@ def build_training_model(cfg: TrainConfig, config: GPTNeoXConfig, ds_config: dic
     lora = ""
     if cfg.lora:
         embeddings = [model.gpt_neox.embed_in.weight, model.embed_out.weight]
+        torch.manual_seed(cfg.rng_seed)  # the same adapters however the base was built (ZeRO-3 draws an init)
         with deepspeed.zero.GatheredParameters(embeddings):  # ZeRO-3: the rows are copied from the whole weights
             add_lora(model, cfg.lora, token_ids)
         trained = sum(parameter_shape(p).numel() for p in model.parameters() if p.requires_grad)

@@ -47,6 +47,7 @@ class StopRequest:
         self.signal_name: str | None = None
         self.repeated: list[str] = []
         self._before_training = True
+        self._terminal_outputs = [fd for fd in (1, 2) if os.isatty(fd)]
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         self._done = threading.Event()
         self._watched = LAUNCHER_LINKS_AT_IMPORT if watch else []
@@ -55,6 +56,8 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            self._leave_terminal()
         if self.signal_name is None:
             self.signal_name = name
         elif not self._before_training:
@@ -63,6 +66,14 @@ class StopRequest:
         if self._before_training:  # the first request, or the launcher watch interrupting the main thread
             self._before_training = False
             raise StoppedBeforeTraining(self.signal_name)
+
+    def _leave_terminal(self) -> None:
+        """After a hang-up, writing to the terminal fails (EIO), and a progress line would end the run before
+        its save: what went to the terminal goes to /dev/null from now on."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in self._terminal_outputs:
+            os.dup2(devnull, fd)
+        os.close(devnull)
 
     def _watch(self) -> None:
         """Polls, every second, that each watched process still has the parent it had at start: a process

@@ -172,6 +172,13 @@ def test_eval_strategy_takes_the_trainers_values_yaml_no_included(tmp_path):
     section = tmp_path / "quiet.yaml"
     section.write_text("quiet:\n  eval_strategy: no\n")  # YAML 1.1 reads a bare no as false
     assert parse_train_config(["--configs", "defaults", str(section)]).eval_strategy == "no"
+    section.write_text("quiet:\n  save_strategy: no\n")  # the Trainer's value; the last step is always saved here
+    with pytest.raises(TrainConfigError, match=r"quiet.yaml: save_strategy=False \(YAML reads a bare no, yes, off or "
+                                               r"on as a boolean\) is not supported \(allowed: steps, epoch\)"):
+        parse_train_config(["--configs", "defaults", str(section)])
+    with pytest.raises(TrainConfigError, match=r"save_strategy='no' is not supported \(allowed: steps, epoch\); the "
+                                               r"last step is always saved"):
+        parse_train_config(["--save_strategy", "no"])
     with pytest.raises(TrainConfigError, match=r"eval_strategy='never' is not supported \(allowed: no, steps, epoch\)"):
         parse_train_config(["--eval_strategy", "never"])
     with pytest.raises(TrainConfigError, match=r"eval_steps=0 must be at least 1; to switch evaluation off: "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -141,6 +143,38 @@ def test_a_rank_that_cannot_be_interrupted_leaves_by_itself_once_its_launcher_is
         except ProcessLookupError:
             pass
     assert run_train(workspace, out, "--max_steps", "2", "--save_steps", "2", "--eval_steps", "100") == 0
+
+
+@pytest.mark.slow
+def test_a_terminal_that_hangs_up_stops_the_run_after_a_save(workspace, tmp_path):
+    """The run's terminal goes away (an ssh session drops): SIGHUP, and every later write to it fails. The
+    run saves and exits 75 all the same."""
+    out = tmp_path / "run"
+    environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    argv = [sys.executable, *_script_argv(workspace, out, "--max_steps", "5000", "--save_steps", "100000",
+                                          "--eval_steps", "100000")]
+    pid, terminal = pty.fork()
+    if pid == 0:  # the run, with the pty as its controlling terminal, stdout and stderr
+        os.chdir(REPO)
+        os.execve(sys.executable, argv, environment)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    try:
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert time.monotonic() < deadline, "training did not start"
+            if select.select([terminal], [], [], 0.2)[0]:
+                os.read(terminal, 65536)  # what the run shows, read so that it never blocks writing
+    finally:
+        os.close(terminal)  # the hang-up
+    deadline = time.monotonic() + 120
+    while (status := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the run went on after its terminal hung up")
+        time.sleep(0.2)
+    assert os.waitstatus_to_exitcode(status[1]) == STOPPED_EXIT
+    last_step = read_metrics(out)[-1]["step"]
+    assert json.loads((out / "checkpoints" / POINTER).read_text())["latest"] == tag_for(last_step)
 
 
 SIGNAL_AT_MICRO_BATCH = 10  # the 2nd of step 3's 4 micro-batches
