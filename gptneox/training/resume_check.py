@@ -122,7 +122,7 @@ def _difference(name: str, theirs: Any, ours: Any, sources: tuple[str, str] | No
     """Both sides as short text: for the model, only the fields that differ; each side followed by where it
     came from, given `sources`."""
     if name == "lora":
-        return _lora_text(theirs), _lora_text(ours)
+        return _lora_text(theirs, ours), _lora_text(ours, theirs)
     if name == "model":
         keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         return (", ".join(f"{k}={theirs.get(k)!r}" for k in keys), ", ".join(f"{k}={ours.get(k)!r}" for k in keys))
@@ -131,7 +131,10 @@ def _difference(name: str, theirs: Any, ours: Any, sources: tuple[str, str] | No
     return f"{name}={theirs!r}", f"{name}={ours!r}"
 
 
-def _lora_text(lora: dict | None) -> str:
+def _lora_text(lora: dict | None, other: dict | None) -> str:
+    """One side of a LoRA difference: against other LoRA settings, only the ones that differ."""
     if lora is None:
         return "full fine-tuning (lora_r=0)"
-    return "LoRA " + ", ".join(f"{key}={value!r}" for key, value in lora.items())
+    keys = [key for key in ("r", "alpha", "dropout", "target_modules", "token_ids")
+            if other is None or lora.get(key) != other.get(key)]
+    return "LoRA " + ", ".join(f"{key}={lora.get(key)!r}" for key in keys)

@@ -14,12 +14,14 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from gptneox import GPTNeoX, GPTNeoXConfig
+from gptneox.chat import load_model_and_tokenizer
 from gptneox.cli.chat import main as chat_main
 from gptneox.cli.export_hf import main as export_main
 from gptneox.data import load_tokenizer
 from gptneox.train import main as train_main
 from gptneox.training.checkpoint import POINTER, tag_for
 from gptneox.training.distributed import init_distributed
+from tests.helpers import run_python
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample"
@@ -55,7 +57,7 @@ def losses(output_dir) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_lora_trains_adapters_only_resumes_exactly_and_exports_both_ways(base, tmp_path):
+def test_lora_trains_adapters_only_resumes_exactly_and_exports_both_ways(base, tmp_path, capfd):
     common = ["--max_steps", "8", "--save_steps", "4", "--eval_steps", "100", "--lora_target_modules",
               "all-linear", "--lora_dropout", "0.1", "--gradient_checkpointing", "--pack"]
     straight = tmp_path / "straight"
@@ -109,11 +111,78 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_both_ways(base, t
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, exported(ids).logits, rtol=1e-5, atol=1e-5)
 
-    # tools/export_hf.py exports the checkpoint both ways; chat over the base with the adapter answers
-    # as the merged model does
+    # tools/export_hf.py exports the checkpoint both ways
     assert export_main([str(straight / "checkpoints"), str(tmp_path / "again"), "--tag", tag_for(8)]) == 0
     assert torch.equal(load_file(tmp_path / "again" / "model.safetensors")["embed_out.weight"], merged["embed_out.weight"])
     assert (tmp_path / "again" / "adapter" / "adapter_model.safetensors").is_file()
+
+    # chat over the base with the adapter answers as the merged model does; a base of another shape is refused
+    with_adapter, chat_tokenizer = load_model_and_tokenizer(base / "base", adapter=straight / "adapter")
+    assert chat_tokenizer.get_vocab() == tokenizer.get_vocab()
+    with torch.no_grad():
+        torch.testing.assert_close(with_adapter(ids), exported(ids).logits, rtol=1e-5, atol=1e-5)
+    capfd.readouterr()
+    prompt = ["--prompt", "What is 2+2?", "--greedy", "--max_new_tokens", "4"]
+    assert chat_main(["--model", str(base / "base"), "--adapter", str(straight / "adapter"), *prompt]) == 0
+    torch.manual_seed(0)
+    GPTNeoX(GPTNeoXConfig.from_name("tiny", vocab_size=1552, hidden_size=32)).save_pretrained(tmp_path / "narrow")
+    assert chat_main(["--model", str(tmp_path / "narrow"), "--adapter", str(straight / "adapter"), *prompt]) == 2
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert ("trainable_tokens_delta has shape [5, 64], the base model's gpt_neox.embed_in.weight [1552, 32] needs "
+            "[5, 32]: the adapter was trained on a base of another shape") in err
+
+
+@pytest.mark.slow
+def test_zero3_trains_the_adapters_of_zero2(base, tmp_path):
+    """One process with ds_config_zero3.json (a fresh interpreter: ZeRO-3 patches the process's modules):
+    the frozen base partitioned, adapters added after it, the losses and the adapter of ZeRO-2."""
+    common = ["--max_steps", "3", "--eval_steps", "100", "--lora_target_modules", "all-linear", "--pack",
+              "--gradient_checkpointing"]
+    assert run_train(base, tmp_path / "zero2", *common) == 0
+    argv = ["--configs", "defaults", "tiny", base / "mix.yaml", "--model_name", base / "base", "--output_dir",
+            tmp_path / "zero3", "--max_length", "64", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "2", "--eval_size", "4", "--warmup_steps", "1", "--learning_rate",
+            "1e-2", "--lora_r", "4", "--lora_alpha", "8", *common, "--deepspeed_config", "ds_config_zero3.json"]
+    run = run_python("train.py", *argv, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "zero3" / "ds_config.resolved.json").read_text())["zero_optimization"]["stage"] == 3
+    for (step, loss, grad_norm, lr), theirs in zip(losses(tmp_path / "zero3"), losses(tmp_path / "zero2"), strict=True):
+        assert (step, lr) == (theirs[0], theirs[3])
+        assert loss == pytest.approx(theirs[1], rel=1e-6) and grad_norm == pytest.approx(theirs[2], rel=1e-5)
+    ours, reference = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("zero3", "zero2"))
+    assert ours.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_lora_and_full_checkpoints_do_not_resume_as_each_other(base, tmp_path, capsys):
+    short = ["--max_steps", "1", "--eval_steps", "100", "--max_length", "32"]
+    assert run_train(base, tmp_path / "full", *short, "--lora_r", "0") == 0
+    assert run_train(base, tmp_path / "lora", *short, "--lora_train_new_tokens", "false") == 0
+    assert json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())[
+        "trainable_token_indices"] is None
+    module = torch.load(tmp_path / "lora" / "checkpoints" / tag_for(1) / "mp_rank_00_model_states.pt",
+                        weights_only=False)["module"]
+    assert sorted(module) == sorted(f"gpt_neox.layers.{i}.attention.query_key_value.lora_{m}.weight"
+                                    for i in (0, 1) for m in "AB")
+    capsys.readouterr()
+    for source, flags, message in [
+            ("full", [], "was written with full fine-tuning (lora_r=0), this run has LoRA r=4, alpha=8.0, "
+                         "dropout=0.0, target_modules=['query_key_value'], token_ids=[1536, 1537, 1538, 1539, 1540]; "
+                         "lora cannot change across a resume"),
+            ("lora", ["--lora_r", "0"], "this run has full fine-tuning (lora_r=0); lora cannot change"),
+            ("lora", ["--lora_r", "8", "--lora_train_new_tokens", "false"], "with LoRA r=4, this run has LoRA r=8; "
+                                                                            "lora cannot change"),
+            ("lora", [], "with LoRA token_ids=[], this run has LoRA token_ids=[1536, 1537, 1538, 1539, 1540]")]:
+        resumed = tmp_path / f"{source}-resumed"
+        shutil.rmtree(resumed, ignore_errors=True)
+        shutil.copytree(tmp_path / source / "checkpoints", resumed / "checkpoints")
+        before = sorted(str(p.relative_to(resumed)) for p in resumed.rglob("*"))
+        assert run_train(base, resumed, *short, "--resume", *flags) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert sorted(str(p.relative_to(resumed)) for p in resumed.rglob("*")) == before  # nothing written
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -38,8 +38,9 @@ def test_same_contents_same_fingerprint_other_text_differs():
     ({"tokenizer": "fedcba9876543210"},
      "tokenizer='0123456789abcdef', this run has tokenizer='fedcba9876543210'; tokenizer cannot change"),
     ({"zero_stage": 1}, "zero_stage=2, this run has zero_stage=1"),
-    ({"lora": {"r": 8, "alpha": 16.0}}, r"full fine-tuning \(lora_r=0\), this run has LoRA r=8, alpha=16.0; "
-                                        "lora cannot change across a resume"),
+    ({"lora": {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": ["dense"], "token_ids": []}},
+     r"full fine-tuning \(lora_r=0\), this run has LoRA r=8, alpha=16.0, dropout=0.0, "
+     r"target_modules=\['dense'\], token_ids=\[\]; lora cannot change across a resume"),
     ({"dtype": "bf16"}, "dtype='fp32', this run has dtype='bf16'; pass --allow_changed dtype if that is intended"),
     ({"learning_rate": 2e-3}, "learning_rate=0.001, this run has learning_rate=0.002"),
     ({"warmup_steps": 5}, "warmup_steps=10, this run has warmup_steps=5"),
