@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from deepspeed.accelerator import get_accelerator
+from torch.serialization import get_unsafe_globals_in_checkpoint
 
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.cli import export_hf
@@ -18,6 +20,7 @@ from gptneox.training.checkpoint import POINTER, tag_for
 from gptneox.training.config import TrainConfigError
 from gptneox.training.model_setup import check_model_fits
 from gptneox.training.resume_check import RUN_RECORD
+from gptneox.training.safe_checkpoint import check_no_code
 from gptneox.weights import CheckpointError
 
 from tests.training.test_loop import SAMPLE, read_metrics, run_train, workspace  # noqa: F401
@@ -111,6 +114,19 @@ class Payload:
 
     def __reduce__(self):
         return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("dtype, scaler", [("fp16", "DynamicLossScaler"), ("bf16", "LossScaler")])
+def test_deepspeed_checkpoints_pass_with_the_types_they_need(workspace, tmp_path, monkeypatch, dtype, scaler):
+    """The fp32 and ZeRO-3 checkpoints pass in the other tests' resumes and exports; fp16 and bf16 here."""
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: True)  # DeepSpeed asks for AVX512-FP16
+    monkeypatch.setattr(get_accelerator(), "is_bf16_supported", lambda: True)
+    out = tmp_path / dtype
+    assert run_train(workspace, out, "--dtype", dtype, "--max_steps", "1", "--eval_steps", "100") == 0  # exported
+    tag = out / "checkpoints" / tag_for(1)
+    needed = set().union(*(get_unsafe_globals_in_checkpoint(path) for path in tag.glob("*.pt")))
+    assert f"deepspeed.runtime.fp16.loss_scaler.{scaler}" in needed  # torch's own list refuses it
+    check_no_code(tag)
 
 
 def test_a_checkpoint_carrying_code_is_refused_by_resume_and_export_unless_trusted(workspace, tmp_path, capsys):
