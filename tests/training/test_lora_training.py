@@ -18,8 +18,10 @@ from gptneox.chat import load_model_and_tokenizer
 from gptneox.cli.chat import main as chat_main
 from gptneox.cli.export_hf import main as export_main
 from gptneox.data import load_tokenizer
+from gptneox.lora import TARGET_MODULES, LoraConfig
 from gptneox.train import main as train_main
 from gptneox.training.checkpoint import POINTER, tag_for
+from gptneox.training.config import parse_train_config
 from gptneox.training.distributed import init_distributed
 from tests.helpers import run_python
 
@@ -198,3 +200,12 @@ def test_bad_lora_settings_fail_in_one_line_and_write_nothing(base, tmp_path, ca
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_bundled_lora_section_and_target_lists():
+    cfg = parse_train_config(["--configs", "defaults", "stablelm-7b", "oasst-mix", "lora"])
+    assert cfg.lora == LoraConfig(r=16, alpha=32.0, dropout=0.05, target_modules=TARGET_MODULES)
+    assert cfg.lora_train_new_tokens and cfg.learning_rate == 2e-4 and cfg.gradient_checkpointing
+    listed = parse_train_config(["--lora_r", "8", "--lora_target_modules", "[dense_4h_to_h, query_key_value]"])
+    assert listed.lora.target_modules == ("query_key_value", "dense_4h_to_h")
+    assert parse_train_config([]).lora is None  # full fine-tuning by default
