@@ -115,7 +115,8 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_both_ways(base, t
 
     # tools/export_hf.py exports the checkpoint both ways
     assert export_main([str(straight / "checkpoints"), str(tmp_path / "again"), "--tag", tag_for(8)]) == 0
-    assert torch.equal(load_file(tmp_path / "again" / "model.safetensors")["embed_out.weight"], merged["embed_out.weight"])
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert torch.equal(again["embed_out.weight"], merged["embed_out.weight"])
     assert (tmp_path / "again" / "adapter" / "adapter_model.safetensors").is_file()
 
     # chat over the base with the adapter answers as the merged model does; a base of another shape is refused
@@ -152,7 +153,8 @@ def test_zero3_trains_the_adapters_of_zero2(base, tmp_path):
     for (step, loss, grad_norm, lr), theirs in zip(losses(tmp_path / "zero3"), losses(tmp_path / "zero2"), strict=True):
         assert (step, lr) == (theirs[0], theirs[3])
         assert loss == pytest.approx(theirs[1], rel=1e-6) and grad_norm == pytest.approx(theirs[2], rel=1e-5)
-    ours, reference = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("zero3", "zero2"))
+    ours, reference = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors")
+                       for run in ("zero3", "zero2"))
     assert ours.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-7, msg=name)
