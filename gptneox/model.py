@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import BACKENDS, AttentionMask, KVCache, attend, flash_kernels
 from .config import GELU_APPROXIMATION, GPTNeoXConfig
 from .sizes import round_up
-from .weights import load_weights, save_pretrained
+from .weights import check_config_fits_weights, load_weights, save_pretrained
 
 # torch's layer_norm kernels (CPU and CUDA) accumulate mean and variance in fp32 for fp16/bf16 inputs,
 # so nn.LayerNorm already keeps its statistics in fp32; tests/test_attention.py checks this.
@@ -345,6 +345,7 @@ class GPTNeoX(nn.Module):
 
         The model is built on the meta device (no random initialisation) and gptneox.weights fills it."""
         config = GPTNeoXConfig.from_hf(path)
+        check_config_fits_weights(config, path)  # before a layer is built
         with torch.device("meta"):
             model = cls(config)
         load_weights(model, path, dtype=dtype, device=device)

@@ -135,6 +135,36 @@ def _model_name(name: str) -> str | None:
     return _ALIASES.get(name, name)
 
 
+_LAYER_KEY = re.compile(r"^(?:gpt_neox\.)?layers\.(\d+)\.")
+
+
+def check_config_fits_weights(config, directory: str | Path) -> None:
+    """Before a model of `config` (the directory's config.json) is built: its layer count and widths must be
+    those of the weight files' headers, so a config.json asking for far more than its weights (hidden_size
+    2**30, 10**7 layers) is refused in one line naming the key and both values instead of building toward
+    it. Only what the headers show is compared; CheckpointReader checks every name and shape later."""
+    directory = Path(directory)
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    for reader in (_ShardReader(f) for f in checkpoint_files(directory)):
+        shapes.update({key: (shape, reader.path.name) for key, shape in reader.shapes.items()})
+    layers = {int(match.group(1)) for key in shapes if (match := _LAYER_KEY.match(key))}
+    where = directory / "config.json"
+    files = ", ".join(sorted({name for _, name in shapes.values()}))
+    if len(layers) != config.num_hidden_layers:
+        raise CheckpointError(f"{where}: num_hidden_layers={config.num_hidden_layers}, but the weights ({files}) "
+                              f"hold {len(layers)} layers")
+    widths = [("gpt_neox.embed_in.weight", ("vocab_size", "hidden_size")),
+              ("gpt_neox.layers.0.mlp.dense_h_to_4h.weight", ("intermediate_size", "hidden_size"))]
+    for key, names in widths:
+        if key not in shapes:
+            continue
+        shape, file = shapes[key]
+        for name, size in zip(names, shape):
+            if getattr(config, name) != size:
+                raise CheckpointError(f"{where}: {name}={getattr(config, name)}, but {key} in {file} is "
+                                      f"{list(shape)} ({name} {size})")
+
+
 class CheckpointReader:
     """The weights of a Hugging Face directory, checked against the parameter shapes a model expects (all
     problems reported together, before any data is read), then read one tensor at a time.

@@ -124,6 +124,7 @@ class CheckpointManager:
         self.rank = rank
         self.strategy, self.every, self.last_step = strategy, every, last_step
         self.run = run or {}
+        self._relist: list[str] | None = None  # usable_tag's complete tags, when the pointer lists others
 
     def due(self, step: int, state: TrainState) -> bool:
         """Whether the policy saves after optimizer step `step` (1-based) that left the loop at `state`."""
@@ -148,6 +149,7 @@ class CheckpointManager:
         Collective."""
         if tag is None:
             return None
+        self.drop_passed_over()
         saved = self.load(engine, tag)
         state.resume_from(saved, self.directory / tag)
         return tag
@@ -155,7 +157,8 @@ class CheckpointManager:
     def usable_tag(self, warn=lambda message: print(message, file=sys.stderr)) -> str | None:
         """The newest listed tag whose files are all there and whole, decided on rank 0 for every rank;
         each one passed over, and an unreadable pointer, is a warning naming the file. Damaged tags leave
-        the pointer, so that rotation does not count them. Collective."""
+        the pointer when the resume goes ahead (drop_passed_over), so that rotation does not count them.
+        Collective."""
         def decide() -> str | None:
             broken = False
             try:
@@ -176,9 +179,16 @@ class CheckpointManager:
                                            f"(damaged: {', '.join(listed)})")
             if usable and (usable != listed or broken):
                 warn(f"warning: resuming from {usable[-1]}, the newest complete checkpoint")
-                self._list(usable)
+                self._relist = usable  # by resume(): a resume refused after this writes nothing
             return usable[-1] if usable else None
         return on_rank_zero(decide, share=True)
+
+    def drop_passed_over(self) -> None:
+        """Take the tags usable_tag passed over off the pointer (rank 0), once the resume goes ahead: a resume
+        refused after usable_tag writes nothing."""
+        if self._relist:
+            self._list(self._relist)
+            self._relist = None
 
     def complete_tags(self) -> list[str]:
         path = self.directory / POINTER

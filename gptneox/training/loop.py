@@ -31,7 +31,8 @@ from gptneox.training.export import MODEL_SUBDIR, export_checkpoint, write_model
 from gptneox.training.metrics import MetricsLogger, peak_tflops
 from gptneox.training.model_files import (find_model_dir, input_directories, load_run_tokenizer,
                                           run_tokenizer_source, trained_token_ids)
-from gptneox.training.model_setup import build_training_model, parameter_groups, training_model_config
+from gptneox.training.model_setup import (build_training_model, check_model_fits, parameter_groups,
+                                          total_memory_bytes, training_model_config)
 from gptneox.training.noise import SCHEDULER_NOT_STARTED, deepspeed_log_dropped
 from gptneox.training.partitioned import zero_stage
 from gptneox.training.output_dir import (CHECKPOINTS_DIR, DS_CONFIG_FILE, TENSORBOARD_DIR, TRAIN_CONFIG_FILE,
@@ -193,6 +194,9 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
         say(note)
     torch.manual_seed(cfg.rng_seed)  # the same random init on every rank
     token_ids = trained_token_ids(cfg)
+    offloaded = ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device") == "cpu"
+    check_model_fits(model_config, cfg.dtype, world if zero_stage(ds_config) == 3 else 1,
+                     total_memory_bytes("cpu" if offloaded else get_accelerator().device_name()))
     model, model_line = build_training_model(cfg, model_config, ds_config, token_ids)  # partitioned under ZeRO-3
     say(model_line)
     settings = run_record(model=model.config.to_hf(), train_set=train_set,

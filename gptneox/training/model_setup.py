@@ -5,6 +5,7 @@ weight-decay parameter groups.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import deepspeed
 import torch
@@ -14,11 +15,13 @@ from tokenizers import Tokenizer
 from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.attention import AttentionBackendError, check_backend
 from gptneox.dtypes import torch_dtype
+from gptneox.flops import non_embedding_parameters
 from gptneox.lora import add_lora
 from gptneox.sizes import VOCAB_MULTIPLE, round_up
 from gptneox.training.config import TrainConfig, TrainConfigError
 from gptneox.training.model_files import find_model_dir
 from gptneox.training.partitioned import build_partitioned, load_partitioned, parameter_shape, zero_stage
+from gptneox.weights import check_config_fits_weights
 
 
 def training_model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> GPTNeoXConfig:
@@ -26,8 +29,34 @@ def training_model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> GPTNeoXConf
     config.json, with the vocabulary grown to fit the tokenizer (never shrunk: StableLM's 50432 rows stay)."""
     model_dir = find_model_dir(cfg.model_name, cfg.cache_dir)
     config = GPTNeoXConfig.from_name(cfg.model_name) if model_dir is None else GPTNeoXConfig.from_hf(model_dir)
+    if model_dir is not None:
+        check_config_fits_weights(config, model_dir)
     rows = round_up(tokenizer.get_vocab_size(), VOCAB_MULTIPLE)
     return dataclasses.replace(config, vocab_size=max(rows, config.vocab_size))
+
+
+def total_memory_bytes(device_type: str) -> tuple[int, str]:
+    """The memory of the device a rank builds its model on, and its name: the GPU's, or the host's RAM."""
+    if device_type == "cuda":
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return properties.total_memory, f"the {properties.name}'s"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's"
+
+
+def check_model_fits(config: GPTNeoXConfig, dtype: str, partitions: int, memory: tuple[int, str]) -> None:
+    """Refuse, before anything is built, a model whose weights alone (in the training dtype, cut in
+    `partitions` under ZeRO-3) outgrow the memory a rank builds them in (total_memory_bytes): a lower bound,
+    since training needs several times more, so a model that passes may still not fit, one refused cannot."""
+    parameters = non_embedding_parameters(config) + (1 if config.tie_word_embeddings else 2) * \
+        config.vocab_size * config.hidden_size
+    needed = parameters * torch_dtype(dtype).itemsize / partitions
+    available, owner = memory
+    if needed > available:
+        shape = ", ".join(f"{name}={getattr(config, name)}" for name in
+                          ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"))
+        per = f" per rank of {partitions}" if partitions > 1 else ""
+        raise TrainConfigError(f"model {shape}: {parameters:,} parameters, {needed / 1e9:,.1f} GB in {dtype}{per} "
+                               f"for the weights alone, more than {owner} {available / 1e9:,.1f} GB")
 
 
 def check_lora_base(cfg: TrainConfig) -> None:

@@ -47,6 +47,8 @@ class StepResult:
             return None
         figures = {"loss": self.loss, "gradient norm": self.grad_norm}
         bad = [f"{name} {value}" for name, value in figures.items() if value is not None and not math.isfinite(value)]
+        if self.grad_norm is not None and self.grad_norm < 0:  # DeepSpeed's stand-in for a NaN or inf norm
+            bad.append("gradient norm not finite")
         if self.skipped and not bad:
             bad = ["gradient norm not finite (DeepSpeed skipped the update)"]
         return ", ".join(bad) or None

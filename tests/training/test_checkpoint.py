@@ -109,6 +109,8 @@ def test_a_damaged_newest_tag_falls_back_to_the_previous_one_with_a_warning(tmp_
     warnings = []
     assert manager.usable_tag(warn=warnings.append) == tag_for(2)
     assert any("checkpoint step00000003 is damaged" in w and __import__("re").search(named, w) for w in warnings)
+    assert manager.complete_tags() == [tag_for(1), tag_for(2), tag_for(3)]  # a resume refused now writes nothing
+    manager.drop_passed_over()  # the resume goes ahead
     assert manager.complete_tags() == [tag_for(1), tag_for(2)]  # the damaged one leaves the pointer
 
 
@@ -128,6 +130,7 @@ def test_a_corrupt_pointer_falls_back_to_the_tags_themselves(tmp_path):
     warnings = []
     assert manager.usable_tag(warn=warnings.append) == tag_for(3)
     assert f"{tmp_path / POINTER}: unreadable checkpoint pointer" in warnings[0]
+    manager.drop_passed_over()
     assert manager.complete_tags() == [tag_for(1), tag_for(2), tag_for(3)]  # rewritten
 
 

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.cli import export_hf
 from gptneox.errors import invoked_name
 from gptneox.training.checkpoint import POINTER, tag_for
+from gptneox.training.config import TrainConfigError
+from gptneox.training.model_setup import check_model_fits
 from gptneox.training.resume_check import RUN_RECORD
+from gptneox.weights import CheckpointError
 
 from tests.training.test_loop import SAMPLE, read_metrics, run_train, workspace  # noqa: F401
 
@@ -42,11 +47,13 @@ def test_a_resume_with_another_tokenizer_is_refused_and_rewrites_nothing(workspa
     vocab[a], vocab[b] = vocab[b], vocab[a]
     other = tmp_path / "other.json"
     other.write_text(json.dumps(data))
+    pointer = out / "checkpoints" / POINTER  # a listed tag that is gone: passed over, and still listed after
+    pointer.write_text(json.dumps({"latest": tag_for(9), "complete": [tag_for(1), tag_for(2), tag_for(9)]}))
     before = snapshot(out / "checkpoints")
     capsys.readouterr()
     assert run_train(workspace, out, "--datasets", small_data, "--max_steps", "2", "--save_steps", "1",
                      "--resume", "--tokenizer_path", str(other)) == 2
-    error = capsys.readouterr().err
+    error = capsys.readouterr().err.split("the newest complete checkpoint\n")[-1]  # after the warnings
     saved = out / "checkpoints" / "model" / "tokenizer.json"
     assert error.count("\n") == 1 and error.startswith(
         f"{invoked_name()}: error: resume: {out / 'checkpoints' / tag_for(2)} was written with tokenizer=")
@@ -137,3 +144,32 @@ def test_a_checkpoint_carrying_code_is_refused_by_resume_and_export_unless_trust
     marker.unlink()
     assert run_train(workspace, out, *resume, "--trust_checkpoint_code", "true") == 0
     assert marker.read_text() == "ran" and [r["step"] for r in read_metrics(out) if "loss" in r][-1] == 3
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size": 2**30, "num_attention_heads": 8},
+     "hidden_size=1073741824, but gpt_neox.embed_in.weight in model.safetensors is [96, 48] (hidden_size 48)"),
+    ({"num_hidden_layers": 10**7}, "num_hidden_layers=10000000, but the weights (model.safetensors) hold 2 layers"),
+    ({"intermediate_size": 2**31}, "intermediate_size=2147483648, but gpt_neox.layers.0.mlp.dense_h_to_4h.weight "
+                                   "in model.safetensors is [96, 48] (intermediate_size 96)"),
+])
+def test_a_config_json_that_does_not_fit_its_weights_is_refused_before_building(workspace, tiny_checkpoint, tmp_path,
+                                                                                capsys, change, message):
+    directory, _ = tiny_checkpoint()
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **change}))
+    assert run_train(workspace, tmp_path / "run", "--model_name", str(directory)) == 2
+    assert capsys.readouterr().err == f"{invoked_name()}: error: {directory / 'config.json'}: {message}\n"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        GPTNeoX.from_pretrained(directory)  # the library's loader checks the same, before building a layer
+
+
+def test_a_model_whose_weights_alone_outgrow_the_memory_is_refused():
+    config = GPTNeoXConfig.from_name("gpt-neox-20b")
+    with pytest.raises(TrainConfigError, match=r"^model hidden_size=6144, num_hidden_layers=44, intermediate_size="
+                                               r"24576, vocab_size=50432: 20,55\d,\d{3},\d{3} parameters, 82.\d GB in "
+                                               r"fp32 for the weights alone, more than a test's 64.0 GB$"):
+        check_model_fits(config, "fp32", 1, (64 * 10**9, "a test's"))
+    check_model_fits(config, "fp16", 1, (64 * 10**9, "a test's"))  # 41 GB: fits
+    with pytest.raises(TrainConfigError, match="20.6 GB in fp16 per rank of 2 for the weights alone, more than a test.s 20.0 GB"):
+        check_model_fits(config, "fp16", 2, (80 * 10**9 // 4, "a test's"))

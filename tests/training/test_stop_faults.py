@@ -55,6 +55,16 @@ sys.exit(code)
 """
 
 
+def test_the_launcher_watch_is_read_before_torch_is_imported():
+    """gptneox/train.py imports gptneox.training.stop first, which reads the launcher links at import: any
+    torch import on that path would delay it by seconds, in which a launcher's death goes unseen."""
+    check = "import sys, gptneox.training.stop; print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "[]", run.stderr
+    command = (REPO / "gptneox" / "train.py").read_text()
+    assert command.index("from gptneox.training.stop import") < command.index("from gptneox.training import noise")
+
+
 def _wait_for(paths, process, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while not all(p.exists() for p in paths):
