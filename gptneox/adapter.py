@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gptneox.errors import MissingFileError, UserError
-from gptneox.lora import ALL_LINEAR, TARGET_MODULES, LoraConfig, is_adapter_name, merged_weight
+from gptneox.lora import TARGET_MODULES, LoraConfig, is_adapter_name, merged_weight
 from gptneox.model import GPTNeoX
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -78,12 +78,13 @@ def load_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Ten
     tensors = {_our_name(k): v for k, v in load_file(str(weights_path)).items()}
     unknown = sorted(name for name in tensors if not is_adapter_name(name))
     if unknown:
-        raise AdapterError(f"{weights_path}: tensors that are not LoRA adapters or token rows: {', '.join(unknown[:5])}")
+        raise AdapterError(f"{weights_path}: tensors that are not LoRA adapters or token rows: "
+                           f"{', '.join(unknown[:5])}")
     targets = tuple(t for t in TARGET_MODULES if any(f".{t}.lora_A." in name for name in tensors))
     # use_rslora scales by alpha / sqrt(r): an alpha giving that scaling with our alpha / r
     alpha = alpha * math.sqrt(r) if peft.get("use_rslora") else alpha
     config = LoraConfig(r=r, alpha=float(alpha), dropout=float(peft.get("lora_dropout") or 0.0),
-                        target_modules=targets or (ALL_LINEAR,))
+                        target_modules=targets)  # the projections its tensors adapt
     indices = peft.get("trainable_token_indices") or []
     lists = list(indices.values()) if isinstance(indices, dict) else [indices]
     if any(ids != lists[0] for ids in lists):

@@ -86,7 +86,8 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
             adapters = {name: tensor.contiguous() for name, tensor in state.items()}
             save_chat_model(config, _merged(config, adapters, lora, training["dtype"]), tokenizer, staging,
                             max_shard_size, torch_dtype(dtype))
-            save_adapter(staging / EXPORTED_ADAPTER, _lora_config(lora), adapters, lora["token_ids"], lora["base_model"])
+            save_adapter(staging / EXPORTED_ADAPTER, _lora_config(lora), adapters, lora["token_ids"],
+                         base_model=lora["base_model"])
             save_tokenizer(tokenizer, staging / EXPORTED_ADAPTER, model_max_length=config.max_position_embeddings)
         fsync_tree(staging)
     except Exception as err:

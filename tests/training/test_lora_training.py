@@ -18,8 +18,10 @@ from gptneox.chat import load_model_and_tokenizer
 from gptneox.cli.chat import main as chat_main
 from gptneox.cli.export_hf import main as export_main
 from gptneox.data import load_tokenizer
+from gptneox.lora import TARGET_MODULES, LoraConfig
 from gptneox.train import main as train_main
 from gptneox.training.checkpoint import POINTER, tag_for
+from gptneox.training.config import parse_train_config
 from gptneox.training.distributed import init_distributed
 from tests.helpers import run_python
 
@@ -113,7 +115,8 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_both_ways(base, t
 
     # tools/export_hf.py exports the checkpoint both ways
     assert export_main([str(straight / "checkpoints"), str(tmp_path / "again"), "--tag", tag_for(8)]) == 0
-    assert torch.equal(load_file(tmp_path / "again" / "model.safetensors")["embed_out.weight"], merged["embed_out.weight"])
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert torch.equal(again["embed_out.weight"], merged["embed_out.weight"])
     assert (tmp_path / "again" / "adapter" / "adapter_model.safetensors").is_file()
 
     # chat over the base with the adapter answers as the merged model does; a base of another shape is refused
@@ -150,7 +153,8 @@ def test_zero3_trains_the_adapters_of_zero2(base, tmp_path):
     for (step, loss, grad_norm, lr), theirs in zip(losses(tmp_path / "zero3"), losses(tmp_path / "zero2"), strict=True):
         assert (step, lr) == (theirs[0], theirs[3])
         assert loss == pytest.approx(theirs[1], rel=1e-6) and grad_norm == pytest.approx(theirs[2], rel=1e-5)
-    ours, reference = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("zero3", "zero2"))
+    ours, reference = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors")
+                       for run in ("zero3", "zero2"))
     assert ours.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-7, msg=name)
@@ -198,3 +202,12 @@ def test_bad_lora_settings_fail_in_one_line_and_write_nothing(base, tmp_path, ca
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_bundled_lora_section_and_target_lists():
+    cfg = parse_train_config(["--configs", "defaults", "stablelm-7b", "oasst-mix", "lora"])
+    assert cfg.lora == LoraConfig(r=16, alpha=32.0, dropout=0.05, target_modules=TARGET_MODULES)
+    assert cfg.lora_train_new_tokens and cfg.learning_rate == 2e-4 and cfg.gradient_checkpointing
+    listed = parse_train_config(["--lora_r", "8", "--lora_target_modules", "[dense_4h_to_h, query_key_value]"])
+    assert listed.lora.target_modules == ("query_key_value", "dense_4h_to_h")
+    assert parse_train_config([]).lora is None  # full fine-tuning by default
