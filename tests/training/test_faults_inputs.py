@@ -88,17 +88,20 @@ def _strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def test_a_non_finite_fp32_step_stops_with_exit_3_keeping_the_last_good_checkpoint(workspace, tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_non_finite_step_stops_with_exit_3_keeping_the_last_good_checkpoint(workspace, tmp_path, monkeypatch,
+                                                                              capsys, dtype):
+    monkeypatch.setattr(get_accelerator(), "is_bf16_supported", lambda: True)
     out = tmp_path / "run"
     # a learning rate no one should use: the first update sends the weights far out, the next loss overflows
     status = run_train(workspace, out, "--max_steps", "6", "--save_steps", "1", "--warmup_steps", "1",
-                       "--learning_rate", "1e30")
+                       "--learning_rate", "1e30", "--dtype", dtype)
     error = capsys.readouterr().err.splitlines()[-1]
     assert status == 3, error
     records = [_strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # strict JSON
     bad = records[-1]["step"]
     assert bad < 6 and records[-1]["loss"] is None  # null, not NaN
-    assert error.startswith(f"{invoked_name()}: stopped: step {bad}: loss ") and " in fp32 training; nothing of " \
+    assert error.startswith(f"{invoked_name()}: stopped: step {bad}: loss ") and f" in {dtype} training; nothing of " \
         "this step was saved, the newest checkpoint is " in error and "fp16" not in error
     assert error.endswith(f"{out / 'checkpoints' / tag_for(bad - 1)} (lower learning_rate or check the data, "
                           "then --resume)")
