@@ -27,6 +27,7 @@ LM head for trained tokens only): the same useful work for every variant, divide
 measured at start (gptneox.training.metrics.matmul_peak_tflops; bench/matmul_peak.py runs it alone).
 
     python bench/train_throughput.py                                    # CPU fp32, Pythia-70M shape
+    python bench/train_throughput.py --lengths chat --max_length 1024 --accumulation 2 --variants AL CL C
     python bench/train_throughput.py --device cuda --dtype bf16 --model stablelm-7b-layers --layers 2
 """
 from __future__ import annotations
@@ -330,11 +331,12 @@ def main(argv=None) -> None:
     parser.add_argument("--no_memory", action="store_true",
                         help="skip the peak-memory runs (a fresh process per variant, two more steps each)")
     parser.add_argument("--loss_chunk_rows", type=int, default=DEFAULT_CHUNK_ROWS)
-    lora = parser.add_argument_group("LoRA variants (AL), the same settings on both stacks")
+    lora = parser.add_argument_group("LoRA variants (AL, CL): the same settings on both stacks; defaults: the "
+                                     "bundled lora section")
     lora.add_argument("--lora_r", type=int, default=16)
     lora.add_argument("--lora_alpha", type=float, default=32)
     lora.add_argument("--lora_dropout", type=float, default=0.05)
-    lora.add_argument("--lora_target_modules", default="query_key_value",
+    lora.add_argument("--lora_target_modules", default="all-linear",
                       help="comma list of query_key_value, dense, dense_h_to_4h, dense_4h_to_h, or all-linear")
     lora.add_argument("--no_lora_chat_tokens", dest="lora_train_chat_tokens", action="store_false",
                       help="leave the chat tokens' embedding rows frozen too (default: trained with the adapters)")
