@@ -21,6 +21,7 @@ from deepspeed.accelerator import get_accelerator
 
 from gptneox.data import DialogueCollator
 from gptneox.data.datasets import load_run_datasets, merge_datasets
+from gptneox.hub import is_repo_id
 from gptneox.training.checkpoint import CheckpointManager, TrainState, restore_rng_states, rng_states
 from gptneox.training.config import TrainConfig
 from gptneox.training.data_order import DataOrder
@@ -222,9 +223,7 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         (out / DS_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n")
         (out / TRAIN_CONFIG_FILE).write_text(cfg.to_yaml())
-        lora = settings["lora"] and {**settings["lora"], "base_model": cfg.model_name,  # what the export merges into
-                                     "base_directory": str(find_model_dir(cfg.model_name, cfg.cache_dir))}
-        write_model_metadata(checkpoint_dir, model.config, tokenizer, cfg.dtype, lora=lora)
+        write_model_metadata(checkpoint_dir, model.config, tokenizer, cfg.dtype, lora=_export_lora(cfg, settings))
 
     with deepspeed_log_dropped(SCHEDULER_NOT_STARTED):
         engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.weight_decay),
@@ -250,6 +249,16 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
 def lora_settings(cfg: TrainConfig, token_ids: list[int]) -> dict | None:
     """What run.json and the export record of a LoRA run's adapters; None for full fine-tuning."""
     return None if cfg.lora is None else {**asdict(cfg.lora), "token_ids": list(token_ids)}
+
+
+def _export_lora(cfg: TrainConfig, settings: dict) -> dict | None:
+    """What the export needs of a LoRA run: the adapters' settings and the base it merges them into (its
+    directory; for the adapter's config, a Hub id as given, else that directory)."""
+    if settings["lora"] is None:
+        return None
+    base_dir = str(find_model_dir(cfg.model_name, cfg.cache_dir).resolve())
+    return {**settings["lora"], "base_directory": base_dir,
+            "base_model": cfg.model_name if is_repo_id(cfg.model_name) else base_dir}
 
 
 def _saved_settings(checkpoint_dir: Path, tag: str) -> dict:

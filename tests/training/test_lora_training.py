@@ -103,6 +103,7 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_both_ways(base, t
     assert torch.equal(merged["embed_out.weight"][:1536], base_weights["embed_out.weight"][:1536])
     config = json.loads((straight / "adapter" / "adapter_config.json").read_text())
     assert config["trainable_token_indices"] == {"embed_in": CHAT_TOKEN_IDS, "lm_head": CHAT_TOKEN_IDS}
+    assert config["base_model_name_or_path"] == str((base / "base").resolve())
 
     # peft over the base model gives the merged model's logits
     theirs = PeftModel.from_pretrained(transformers.GPTNeoXForCausalLM.from_pretrained(base / "base"),
