@@ -16,6 +16,7 @@ difference): the full [vocab, hidden] weights stay frozen, only a few rows are t
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -90,10 +91,16 @@ class TokenAdapter(nn.Module):
         self.register_buffer("slots", slots, persistent=False)  # row -> its trained row, -1 for the rest
         self.trainable_tokens_delta = nn.Parameter(weight.detach()[ids].clone())
 
-    def forward(self, base: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, base: torch.Tensor, input_ids: torch.Tensor | None = None, head=None):
         """With input_ids: `base` is their embedding, where a trained token's row is replaced (no copy of
-        the weight); without: `base` is the weight, returned with the trained rows in place (the LM head)."""
-        rows = self.trainable_tokens_delta.to(base.dtype)
+        the weight). Without: `base` is the frozen weight, returned with the trained rows in place (the LM
+        head), or, with a `head` (a function of the weight, as LMHead takes), head(base, trained_rows=...):
+        the training loss then computes the gradient of those rows only, not of the whole weight. The rows
+        are read in this module's forward, where ZeRO-3 has gathered them."""
+        rows = self.trainable_tokens_delta
+        if head is not None:
+            return head(base, trained_rows=(self.token_indices, rows))
+        rows = rows.to(base.dtype)
         if input_ids is None:
             return base.index_copy(0, self.token_indices, rows)
         slot = self.slots[input_ids]
@@ -108,11 +115,13 @@ class EmbeddingWithTokens(nn.Embedding):
 
 
 class LMHeadWithTokens(LMHead):
+    """An LM head whose trained rows reach a `head` function as its `trained_rows` argument."""
     token_adapter: TokenAdapter
 
     def forward(self, x, head=None):
-        weight = self.token_adapter(self.weight)
-        return F.linear(x, weight) if head is None else head(x, weight)
+        if head is None:
+            return F.linear(x, self.token_adapter(self.weight))
+        return self.token_adapter(self.weight, head=functools.partial(head, x))
 
 
 def add_lora(model: GPTNeoX, config: LoraConfig, token_ids: list[int] = ()) -> None:

@@ -143,19 +143,21 @@ def loss_buffer_bytes(config: GPTNeoXConfig, dtype: str, trained_tokens: int,
     forward, and the cast of the latter to the weight dtype. fp16 recomputes in backward: it keeps the trained
     rows' hidden states (a gathered copy) and then builds the same gradients. Plus one chunk of fp32 logits
     and its gradient in the training dtype.
-    With LoRA the head weight is frozen: no weight gradient, unless token rows are trained. The head is then
-    the frozen weight with the trained rows copied in (gptneox.lora.TokenAdapter), whose full gradient the
-    loss forms before autograd keeps the rows' part.
+    With LoRA the head weight is frozen: no weight gradient. Its trained token rows (if any) are copied into
+    a copy of the weight that the loss projects onto, and only those rows get a gradient.
     """
     s, h, v = BYTES[dtype], config.hidden_size, config.vocab_size
     rows = min(chunk_rows, trained_tokens)
-    head_gradient = lora is None or lora.trained_token_rows > 0
-    merged_head = {} if lora is None or not lora.trained_token_rows else {
-        "head weight with the trained rows in place": v * h * s}
+    with_cast = FP32 + (s if s != FP32 else 0)
+    if lora is None:
+        head = {"head weight gradient (fp32 + cast)": v * h * with_cast}
+    elif lora.trained_token_rows:
+        head = {"head weight with the trained rows in place": v * h * s,
+                "trained head rows' gradient (fp32 + cast)": lora.trained_token_rows * h * with_cast}
+    else:
+        head = {}
     return {"trained hidden rows and their gradient": (2 if dtype == "fp16" else 1) * trained_tokens * h * s,
-            **merged_head,
-            "head weight gradient (fp32 + cast)": head_gradient * v * h * (FP32 + (s if s != FP32 else 0)),
-            "one chunk of logits": rows * v * (FP32 + (s if s != FP32 else 0))}
+            **head, "one chunk of logits": rows * v * with_cast}
 
 
 @dataclass(frozen=True)

@@ -176,7 +176,8 @@ class LMHead(nn.Linear):
     """`embed_out`: the projection onto the vocabulary, or a function of the hidden states and this weight
     (the chunked training loss, which reads the weight itself). Such a function runs inside this module's
     forward so that ZeRO-3, which gathers a module's partitioned weights only around its forward (and
-    backward), hands it the whole weight, and reduces its gradient like any other module's."""
+    backward), hands it the whole weight, and reduces its gradient like any other module's. Under LoRA
+    (gptneox.lora.LMHeadWithTokens) it is also given `trained_rows`, the trained rows of the frozen weight."""
 
     def forward(self, x: torch.Tensor, head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None):
         return super().forward(x) if head is None else head(x, self.weight)

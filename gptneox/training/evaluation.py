@@ -38,12 +38,13 @@ def evaluate(engine: Any, batches: Iterable[dict | None],
             raise EvaluationStopped
         if batch is None or batch["input_ids"].numel() == 0:
             # a one-token forward all the same: under ZeRO-3 every rank must join each module's weight gathers
-            engine(torch.zeros((1, 1), dtype=torch.long, device=engine.device), head=lambda hidden, weight: None)
+            engine(torch.zeros((1, 1), dtype=torch.long, device=engine.device), head=lambda hidden, weight, trained_rows=None: None)
             continue
         batch = {k: v.to(engine.device) for k, v in batch.items()}
 
-        def head(hidden, weight):
-            return losses.masked_loss_and_correct(hidden, weight, batch["targets"], batch["loss_mask"])
+        def head(hidden, weight, trained_rows=None):
+            return losses.masked_loss_and_correct(hidden, weight, batch["targets"], batch["loss_mask"],
+                                                  trained_rows=trained_rows)
 
         total, right, n = engine(batch["input_ids"], head=head, **losses.model_inputs(batch))
         loss_sum += total

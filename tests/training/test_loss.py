@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gptneox.training.loss import masked_cross_entropy, masked_cross_entropy_from_hidden, masked_loss_and_correct
+from gptneox.training.loss import (masked_cross_entropy, masked_cross_entropy_from_hidden, masked_loss_and_correct,
+                                   with_rows)
 
 VOCAB, HIDDEN = 300, 24
 
@@ -104,6 +105,34 @@ def test_second_backward_is_an_error_not_a_wrong_gradient():
     total.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="can run only once per forward"):
         total.backward()
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 0.37), (torch.bfloat16, 1.0), (torch.float16, 2.0 ** 8)])
+def test_trained_rows_of_a_frozen_head_get_the_gradient_of_those_rows_only(dtype, scale):
+    """LoRA's trained token rows: the loss over the frozen weight with the rows in place, and a [k, hidden]
+    gradient equal to those rows of the full weight gradient; no [vocab, hidden] product is ever formed."""
+    hidden, head, targets, mask = make_inputs(dtype)
+    indices = torch.tensor([5, 17, 299])
+    targets[0, :3] = indices  # the trained rows are some targets
+    rows = (0.3 * torch.randn(3, HIDDEN)).to(dtype).requires_grad_()
+    patched = with_rows(head.detach(), (indices, rows.detach())).requires_grad_()
+    expected = loss_and_grads(plain, hidden, patched, targets, mask, scale=scale)
+    hidden.grad = None
+    recorder = LargestTensors()
+    with recorder:
+        total, _ = masked_cross_entropy_from_hidden(hidden, head.detach(), targets, mask, chunk_rows=8,
+                                                    trained_rows=(indices, rows))
+        (total * scale).backward()
+    assert rows.grad.shape == (3, HIDDEN) and rows.grad.dtype == dtype
+    tolerance = {} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2 * expected[3].float().abs().max()}
+    torch.testing.assert_close(total.detach(), expected[0], **({} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}))
+    torch.testing.assert_close(hidden.grad.float(), expected[2].float(), **tolerance)
+    torch.testing.assert_close(rows.grad.float(), expected[3][indices].float(), **tolerance)
+    assert rows.grad[0].abs().sum() > 0
+    products = [shape for name, shape in recorder.ops if "mm" in name]
+    assert (VOCAB, HIDDEN) not in products and (3, HIDDEN) in products
+    with pytest.raises(ValueError, match="trained_rows are the trained part of a frozen head_weight"):
+        masked_cross_entropy_from_hidden(hidden, head, targets, mask, trained_rows=(indices, rows))
 
 
 class LargestTensors(TorchDispatchMode):
