@@ -122,11 +122,14 @@ class ChatSession:
     """A conversation with the model: history, context trimming, and one streamed reply per call."""
 
     def __init__(self, model, tokenizer, *, system: str | None = None, max_new_tokens: int = 256,
-                 out: TextIO = sys.stdout, notices: TextIO = sys.stderr, **sampling):
+                 out: TextIO | None = None, notices: TextIO | None = None, **sampling):
+        """Replies stream to `out` and notices go to `notices`: sys.stdout and sys.stderr as they are when the
+        session starts (not when this module was imported), so a caller that redirects them is followed."""
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.max_new_tokens = max_new_tokens
-        self.out, self.notices = out, notices
+        self.out = sys.stdout if out is None else out
+        self.notices = sys.stderr if notices is None else notices
         self.sampling = sampling
         self.context = model.config.max_position_embeddings
         self.pad_id = tokenizer.token_to_id(PAD_TOKEN)
