@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,12 +20,14 @@ from gptneox.cli import export_hf
 from gptneox.errors import invoked_name
 from gptneox.training.checkpoint import POINTER, tag_for
 from gptneox.training.config import TrainConfigError
+from gptneox.training.distributed import free_port
 from gptneox.training.model_setup import check_model_fits
 from gptneox.training.resume_check import RUN_RECORD
 from gptneox.training.safe_checkpoint import check_no_code
 from gptneox.weights import CheckpointError
 
-from tests.training.test_loop import SAMPLE, read_metrics, run_train, workspace  # noqa: F401
+from tests.helpers import LAUNCH_VARIABLES, REPO
+from tests.training.runs import SAMPLE, read_metrics, run_train
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +45,22 @@ def snapshot(directory: Path) -> dict:
             for p in [directory, *directory.rglob("*")]}
 
 
+def swapped_tokenizer(directory: Path) -> tuple[Path, str, int]:
+    """The bundled tokenizer with two ids swapped (the same size, other ids): its file, one swapped token and
+    that token's new id."""
+    data = json.loads((SAMPLE / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    other = directory / "other.json"
+    other.write_text(json.dumps(data))
+    return other, a, vocab[a]
+
+
 def test_a_resume_with_another_tokenizer_is_refused_and_rewrites_nothing(workspace, small_data, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_train(workspace, out, "--datasets", small_data, "--max_steps", "2", "--save_steps", "1") == 0
-    data = json.loads((SAMPLE / "tokenizer.json").read_text())
-    vocab = data["model"]["vocab"]
-    a, b = sorted(vocab, key=vocab.get)[300:302]  # the same size, two ids swapped
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    other = tmp_path / "other.json"
-    other.write_text(json.dumps(data))
+    other, token, new_id = swapped_tokenizer(tmp_path)
     pointer = out / "checkpoints" / POINTER  # a listed tag that is gone: passed over, and still listed after
     pointer.write_text(json.dumps({"latest": tag_for(9), "complete": [tag_for(1), tag_for(2), tag_for(9)]}))
     before = snapshot(out / "checkpoints")
@@ -62,7 +73,32 @@ def test_a_resume_with_another_tokenizer_is_refused_and_rewrites_nothing(workspa
         f"{invoked_name()}: error: resume: {out / 'checkpoints' / tag_for(2)} was written with tokenizer=")
     assert f"({saved}), this run has tokenizer=" in error and f"({other}); tokenizer cannot change" in error
     assert snapshot(out / "checkpoints") == before  # not a byte, not a timestamp
-    assert json.loads(saved.read_text())["model"]["vocab"][a] != vocab[a]  # still the checkpoint's own
+    assert json.loads(saved.read_text())["model"]["vocab"][token] != new_id  # still the checkpoint's own
+
+
+@pytest.mark.slow
+def test_two_ranks_refuse_a_resume_with_another_tokenizer_and_rewrite_nothing(workspace, small_data, tmp_path):
+    """The same refusal under the launcher: both ranks refuse in one line before DeepSpeed starts (neither
+    waits in a collective for the other), the launcher ends with exit 2, and nothing of the checkpoints changes."""
+    out = tmp_path / "run"
+    assert run_train(workspace, out, "--datasets", small_data, "--max_steps", "2", "--save_steps", "1") == 0
+    other, _, _ = swapped_tokenizer(tmp_path)
+    before = snapshot(out / "checkpoints")
+    root, _ = workspace
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    argv = ["train.py", "--configs", "defaults", "tiny", str(root / "mix.yaml"), "--datasets", small_data,
+            "--tokenizer_path", str(other), "--output_dir", str(out), "--max_length", "64", "--eval_size", "4",
+            "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",  # the same global batch
+            "--max_steps", "2", "--save_steps", "1", "--resume"]
+    environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    run = subprocess.run(launcher + argv, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-3000:]
+    # one line from each rank; the world size differs too (1 rank wrote it), and one line lists both
+    refusals = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("train.py: error: resume:")]
+    assert len(refusals) == 2, run.stdout[-2000:] + run.stderr[-3000:]
+    assert all("this run has tokenizer=" in line and f"({other})" in line and
+               line.endswith("tokenizer, world_size cannot change across a resume") for line in refusals), refusals
+    assert snapshot(out / "checkpoints") == before
 
 
 def test_one_more_epoch_is_refused_once_with_every_difference_then_accepted(workspace, small_data, tmp_path, capsys):
