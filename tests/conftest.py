@@ -16,8 +16,9 @@ os.environ["DS_ACCELERATOR"] = "cpu"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (make test-gpu); skipped without one")
-    config.addinivalue_line("markers", "slow: end-to-end runs of train.py, the launcher or a tool (seconds to a "
-                                       "minute each); `make test` runs them, `pytest -m 'not slow'` skips them")
+    config.addinivalue_line("markers", "slow: end-to-end runs of train.py, the launcher, or a tool or script in a "
+                                       "fresh interpreter (seconds to a minute each); `make test` runs them, "
+                                       "`make test-fast` (pytest -m 'not slow') skips them")
 
 
 @pytest.fixture(autouse=True)

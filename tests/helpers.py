@@ -1,11 +1,14 @@
 """Helpers shared by the tests: run a script as a user would, tiny random models, Hugging Face layouts."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -22,6 +25,27 @@ def run_python(*argv, stdin: str = "", cwd: Path = REPO, timeout: float = 120) -
     environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     return subprocess.run([sys.executable, *map(str, argv)], input=stdin, cwd=cwd, env=environment,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(main: Callable[[list[str]], int | None], script: str, *argv, stdin: str = "") -> subprocess.CompletedProcess:
+    """A command's `main(argv)` in this process, answered as run_python answers `python SCRIPT ARGV`: its exit
+    status, stdout and stderr, with `script` as the name it reports itself by. For commands that only read,
+    plan and print, where a fresh interpreter would spend seconds importing torch for milliseconds of work."""
+    argv = [str(a) for a in argv]
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_stdin = sys.argv, sys.stdin
+    sys.argv, sys.stdin = [script, *argv], io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main(argv)
+            except SystemExit as exit_:  # argparse's --help and usage errors; sys.exit(message) as Python does
+                status = exit_.code if isinstance(exit_.code, int) or exit_.code is None else 1
+                if not isinstance(exit_.code, int) and exit_.code is not None:
+                    print(exit_.code, file=sys.stderr)
+    finally:
+        sys.argv, sys.stdin = saved_argv, saved_stdin
+    return subprocess.CompletedProcess([script, *argv], status or 0, out.getvalue(), err.getvalue())
 
 
 # Small enough for milliseconds per forward, with a head count that is not a power of two.

@@ -31,6 +31,7 @@ def run_without(module: str, command: str, argv: list[str], cwd) -> subprocess.C
                           timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, extra, command, argv", [
     ("matplotlib", "plot", "gptneox.cli.plot_metrics", ["metrics.jsonl"]),
     ("pyarrow", "data", "gptneox.cli.data_report", ["--configs", "defaults", "tiny", "sample-mix"]),

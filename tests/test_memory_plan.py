@@ -14,8 +14,14 @@ from gptneox.memory_plan import (Batch, Hardware, LoraPlan, loss_buffer_bytes, p
 from gptneox.dtypes import TORCH_DTYPES
 from gptneox.flops import non_embedding_parameters
 from gptneox.training.loss import masked_cross_entropy_from_hidden, with_rows
+from gptneox.cli.plan_memory import main as plan_memory_main
 
-from tests.helpers import REPO, TINY_CONFIG, run_python
+from tests.helpers import TINY_CONFIG, run_main
+
+
+def plan(*argv):
+    """tools/plan_memory.py ARGV, in this process (it only computes and prints)."""
+    return run_main(plan_memory_main, "plan_memory.py", *argv)
 
 
 def saved_bytes(model: GPTNeoX, input_ids: torch.Tensor) -> int:
@@ -96,7 +102,7 @@ def test_parameter_counts_are_the_models(name):
 
 def test_stablelm_7b_on_8_gpus_matches_the_hand_estimate():
     """Issue 12's estimate for the SFT-7 recipe: about 44 GB per GPU under ZeRO-2 (with checkpointing)."""
-    result = run_python(REPO / "tools/plan_memory.py", "--model", "stablelm-7b", "--gpus", "8", "--gpu_memory_gb",
+    result = plan("--model", "stablelm-7b", "--gpus", "8", "--gpu_memory_gb",
                         "80", "--max_length", "4096", "--micro_batch", "4")
     assert result.returncode == 0, result.stderr
     peaks = re.search(r"peak, with checkpointing\s+([\d.]+) fits\s+([\d.]+) fits\s+([\d.]+) fits", result.stdout)
@@ -108,7 +114,7 @@ def test_stablelm_7b_on_8_gpus_matches_the_hand_estimate():
 
 
 def test_a_20b_model_does_not_fit_on_one_node_under_zero2():
-    result = run_python(REPO / "tools/plan_memory.py", "--model", "gpt-neox-20b", "--gpus", "8", "--gpu_memory_gb",
+    result = plan("--model", "gpt-neox-20b", "--gpus", "8", "--gpu_memory_gb",
                         "80", "--max_length", "2048", "--micro_batch", "2", "--dtype", "bf16")
     assert result.returncode == 0, result.stderr
     assert "ds_config: does not fit" in result.stdout
@@ -116,7 +122,7 @@ def test_a_20b_model_does_not_fit_on_one_node_under_zero2():
 
 
 def test_unknown_model_is_one_line():
-    result = run_python(REPO / "tools/plan_memory.py", "--model", "gpt-neox-21b", "--gpus", "8", "--gpu_memory_gb",
+    result = plan("--model", "gpt-neox-21b", "--gpus", "8", "--gpu_memory_gb",
                         "80", "--max_length", "2048", "--micro_batch", "2")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "gpt-neox-21b" in result.stderr
 
@@ -241,7 +247,7 @@ def test_lora_head_buffers_match_what_the_loss_forms(token_ids):
 
 
 def plan_stablelm_7b(*extra: str):
-    result = run_python(REPO / "tools/plan_memory.py", "--model", "stablelm-7b", "--gpus", "1", "--gpu_memory_gb",
+    result = plan("--model", "stablelm-7b", "--gpus", "1", "--gpu_memory_gb",
                         "24", "--max_length", "2048", "--micro_batch", "1", *extra)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -266,7 +272,7 @@ def test_stablelm_7b_trains_with_lora_on_one_24_gb_gpu():
                                                      "dense_h_to_4h, dense_4h_to_h or all-linear"),
 ])
 def test_bad_lora_settings_are_one_line(flag, value, named):
-    result = run_python(REPO / "tools/plan_memory.py", "--model", "stablelm-7b", "--gpus", "1", "--gpu_memory_gb",
+    result = plan("--model", "stablelm-7b", "--gpus", "1", "--gpu_memory_gb",
                         "24", "--max_length", "2048", "--micro_batch", "1", "--lora_r", "16", flag, value)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and named in result.stderr, result.stderr
 
@@ -274,10 +280,10 @@ def test_bad_lora_settings_are_one_line(flag, value, named):
 def test_the_readme_lora_figures_for_sft7_on_one_gpu():
     """The bundled `lora` section from --configs; the README's smallest GPUs for the SFT-7 data."""
     sft7 = ["--configs", "defaults", "stablelm-7b", "oasst-mix", "lora", "--gpus", "1"]
-    recipe = run_python(REPO / "tools/plan_memory.py", *sft7, "--gpu_memory_gb", "32")
+    recipe = plan(*sft7, "--gpu_memory_gb", "32")
     assert recipe.returncode == 0, recipe.stderr
     assert "LoRA r 16 on query_key_value, dense, dense_h_to_4h, dense_4h_to_h, dropout 0.05" in recipe.stdout
     assert re.search(r"peak, with checkpointing\s+27\.1\d fits", recipe.stdout), recipe.stdout
-    one = run_python(REPO / "tools/plan_memory.py", *sft7, "--gpu_memory_gb", "24", "--per_device_train_batch_size", "1")
+    one = plan(*sft7, "--gpu_memory_gb", "24", "--per_device_train_batch_size", "1")
     assert re.search(r"peak, with checkpointing\s+20\.38 fits\s+19\.43 fits", one.stdout), one.stdout
     assert "ds_config: fits with gradient checkpointing only" in one.stdout

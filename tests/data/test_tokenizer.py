@@ -87,6 +87,7 @@ def test_saved_directory_loads_in_transformers_with_the_same_ids(tmp_path):
     assert set(CHAT_TOKENS) <= set(hf.all_special_tokens)
 
 
+@pytest.mark.slow
 def test_chat_token_ids_do_not_depend_on_the_hash_seed():
     """The reference's set-ordered tokens changed with PYTHONHASHSEED; ours must not."""
     script = (
@@ -96,7 +97,7 @@ def test_chat_token_ids_do_not_depend_on_the_hash_seed():
         "print(hash('<|prompter|>'))"
     )
     outputs = []
-    for seed in ("0", "1", "2", "12345"):
+    for seed in ("0", "12345"):  # 0 turns hash randomisation off
         env = {**os.environ, "PYTHONHASHSEED": seed}
         result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                                 cwd=ROOT, check=True)

@@ -10,10 +10,11 @@ from safetensors.torch import load_file, save_file
 
 from gptneox import GPTNeoX
 from gptneox import weights
+from gptneox.cli.convert_checkpoint import main as convert_main
 from gptneox.data import load_tokenizer, save_tokenizer
 from gptneox.weights import CheckpointError, parse_size
 
-from tests.helpers import REPO, run_python
+from tests.helpers import REPO, run_main, run_python
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SAMPLE_TOKENIZER = REPO / "data" / "sample" / "tokenizer.json"
@@ -231,6 +232,7 @@ def test_resize_token_embeddings(tiny_model, tied):
         model.resize_token_embeddings(0)
 
 
+@pytest.mark.slow
 def test_convert_checkpoint_tool_bit_exact(tiny_checkpoint, tmp_path):
     source, model = tiny_checkpoint(fmt="bin", num_shards=2)
     save_tokenizer(load_tokenizer(SAMPLE_TOKENIZER), source)
@@ -242,16 +244,17 @@ def test_convert_checkpoint_tool_bit_exact(tiny_checkpoint, tmp_path):
         assert (tmp_path / "out" / name).read_bytes() == (source / name).read_bytes(), name
     assert "copied tokenizer.json, tokenizer_config.json" in result.stdout
     assert same_parameters(GPTNeoX.from_pretrained(tmp_path / "out", dtype="auto"), model)
-    result = run_python("tools/convert_checkpoint.py", str(tmp_path / "out"), str(tmp_path / "half"), "--dtype", "float16")
+    result = run_main(convert_main, "convert_checkpoint.py", tmp_path / "out", tmp_path / "half", "--dtype", "float16")
     assert result.returncode == 0, result.stderr
     assert GPTNeoX.from_pretrained(tmp_path / "half", dtype="auto").embed_out.weight.dtype == torch.float16
     shard = sorted((tmp_path / "out").glob("model-*.safetensors"))[0]
     shard.write_bytes(b"not safetensors")
-    broken = run_python("tools/convert_checkpoint.py", str(tmp_path / "out"), str(tmp_path / "again"))
+    broken = run_main(convert_main, "convert_checkpoint.py", tmp_path / "out", tmp_path / "again")
     assert broken.returncode == 2 and "Traceback" not in broken.stderr
     assert "convert_checkpoint.py: error:" in broken.stderr and shard.name in broken.stderr
 
 
+@pytest.mark.slow
 def test_reference_logits_tool_with_our_engine(tmp_path):
     out = tmp_path / "logits.safetensors"
     result = run_python("tools/reference_logits.py", "--model", str(FIXTURES / "tiny-gptneox"), "--prompts",

@@ -1,5 +1,6 @@
-"""tools/chat.py and tools/sampling_report.py, run as users run them (subprocesses) on a tiny random model
-with the bundled sample tokenizer, checked against the same session driven in-process."""
+"""tools/chat.py and tools/sampling_report.py on a tiny random model with the bundled sample tokenizer: run as
+users run them (subprocesses) for their replies, and their refusals and commands through the same `main` in
+this process; checked against the same session driven in-process."""
 from __future__ import annotations
 
 import io
@@ -13,12 +14,20 @@ from gptneox import GPTNeoX, GPTNeoXConfig
 from gptneox.data import format_prompt, load_tokenizer, save_tokenizer
 
 from gptneox.chat import ChatSession, TextStream, load_model_and_tokenizer
+from gptneox.cli.chat import main as chat_main
+from gptneox.cli.sampling_report import main as sampling_report_main
 
-from tests.helpers import REPO, run_python
+from tests.helpers import REPO, run_main, run_python
 
 CHAT = REPO / "tools" / "chat.py"
 REPORT = REPO / "tools" / "sampling_report.py"
 CONTEXT = 128
+IN_PROCESS = {CHAT: chat_main, REPORT: sampling_report_main}
+
+
+def run_here(script: Path, *argv, stdin: str = ""):
+    """`python SCRIPT ARGV` answered by the script's main in this process (no fresh interpreter and torch)."""
+    return run_main(IN_PROCESS[script], script.name, *argv, stdin=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +51,7 @@ def session(model_dir: Path, **kwargs):
     return ChatSession(model, tokenizer, out=out, notices=notices, **{**options, **kwargs}), out, notices
 
 
+@pytest.mark.slow
 def test_one_shot_prints_the_streamed_greedy_reply(model_dir):
     chat_session, out, _ = session(model_dir, system="Be brief.")
     reply = chat_session.reply("Hello there, who are you?")
@@ -52,6 +62,7 @@ def test_one_shot_prints_the_streamed_greedy_reply(model_dir):
     assert result.stderr == ""  # one answer: no banner
 
 
+@pytest.mark.slow
 def test_piped_multi_turn_chat_keeps_history_and_resets(model_dir):
     chat_session, out, _ = session(model_dir)
     first = chat_session.reply("hi")
@@ -67,7 +78,7 @@ def test_piped_multi_turn_chat_keeps_history_and_resets(model_dir):
 
 
 def test_end_of_input_exits_after_the_banner(model_dir):
-    result = run_python(CHAT, "--model", str(model_dir), stdin="")
+    result = run_here(CHAT, "--model", str(model_dir), stdin="")
     assert result.returncode == 0 and result.stdout == ""
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"[chat with {model_dir} (") and "128-token context" in line
@@ -77,7 +88,7 @@ def test_end_of_input_exits_after_the_banner(model_dir):
 def test_help_and_unknown_commands_are_answered_not_sent_to_the_model(model_dir):
     chat_session, _, _ = session(model_dir)
     reply = chat_session.reply("hi")
-    result = run_python(CHAT, "--model", str(model_dir), "--greedy", "--max_new_tokens", "12",
+    result = run_here(CHAT, "--model", str(model_dir), "--greedy", "--max_new_tokens", "12",
                         stdin="/help\n/frobnicate\nhi\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{reply}\n"  # the first message the model saw was "hi"
@@ -102,12 +113,12 @@ def test_oldest_turns_are_dropped_to_fit_the_context(model_dir):
 
 def test_too_long_prompt_is_a_clear_error(model_dir):
     long_message = "word " * 150
-    result = run_python(CHAT, "--model", str(model_dir), "--prompt", long_message)
+    result = run_here(CHAT, "--model", str(model_dir), "--prompt", long_message)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "the prompt is" in result.stderr and "context is 128 tokens" in result.stderr
     # interactively the message is refused, the history kept, and the chat goes on
-    piped = run_python(CHAT, "--model", str(model_dir), "--greedy", "--max_new_tokens", "4",
+    piped = run_here(CHAT, "--model", str(model_dir), "--greedy", "--max_new_tokens", "4",
                      stdin=f"hi\n{long_message}\nhi again\n")
     assert piped.returncode == 0 and "context is 128 tokens" in piped.stderr
     chat_session, _, _ = session(model_dir, max_new_tokens=4)  # the refused message left no trace
@@ -123,13 +134,13 @@ def test_reply_is_limited_when_the_prompt_leaves_little_room(model_dir):
 def test_model_directory_without_tokenizer_is_a_clear_error(model_dir, tmp_path):
     for name in ("config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((model_dir / name).read_bytes())
-    result = run_python(CHAT, "--model", str(tmp_path), "--prompt", "hi")
+    result = run_here(CHAT, "--model", str(tmp_path), "--prompt", "hi")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{tmp_path / 'tokenizer.json'}: tokenizer not found" in result.stderr
 
 
 def test_bad_sampling_flag_is_a_clear_error(model_dir):
-    result = run_python(CHAT, "--model", str(model_dir), "--prompt", "hi", "--temperature", "0")
+    result = run_here(CHAT, "--model", str(model_dir), "--prompt", "hi", "--temperature", "0")
     assert result.returncode == 2 and "temperature must be > 0" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -140,7 +151,7 @@ def test_unusable_device_is_a_clear_error(model_dir, tmp_path):
     prompts.write_text('{"prompt": "hi"}\n')
     for script, args in ((CHAT, ("--prompt", "hi", "--seed", "1")),
                          (REPORT, ("--prompts", str(prompts), "--output", str(tmp_path / "r.json")))):
-        result = run_python(script, "--model", str(model_dir), "--device", device, *args)
+        result = run_here(script, "--model", str(model_dir), "--device", device, *args)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert f"{script.name}: error: device {device}: " in result.stderr
 
@@ -165,6 +176,7 @@ def test_stream_flush_shows_an_unfinished_character(model_dir):
     assert "".join(pieces) == "ok " and held and set(held) == {"\ufffd"}
 
 
+@pytest.mark.slow
 def test_sampling_report_writes_json_and_markdown(model_dir, tmp_path):
     output = tmp_path / "report" / "tiny.json"
     result = run_python(REPORT, "--model", str(model_dir), "--output", str(output), "--settings", "greedy", "k50",
@@ -190,7 +202,7 @@ def test_sampling_report_writes_json_and_markdown(model_dir, tmp_path):
 def test_sampling_report_names_a_bad_prompt_line(model_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "fine"}\n{"text": "no prompt key"}\n')
-    result = run_python(REPORT, "--model", str(model_dir), "--prompts", str(prompts),
+    result = run_here(REPORT, "--model", str(model_dir), "--prompts", str(prompts),
                       "--output", str(tmp_path / "r.json"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{prompts}:2" in result.stderr and '"prompt"' in result.stderr

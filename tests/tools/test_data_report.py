@@ -3,19 +3,28 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from gptneox.cli.data_report import main as data_report_main
 from gptneox.data.datasets import load_run_datasets, merge_datasets
 from gptneox.training.config import parse_train_config
 
 from tests.data.test_real_layouts import stock_cache
-from tests.helpers import REPO, run_python
+from tests.helpers import REPO, run_main, run_python
 
 SAMPLE_RUN = ["--configs", "defaults", "tiny", "sample-mix"]
+
+
+def data_report(*argv):
+    """tools/data_report.py ARGV in this process (it reads and counts, as the first test checks in a fresh one)."""
+    return run_main(data_report_main, "data_report.py", *argv)
 
 
 def run_training_count(argv):
     return len(merge_datasets(load_run_datasets(parse_train_config(argv)))[0])
 
 
+@pytest.mark.slow
 def test_data_report_prints_the_sample_mix_table_with_the_runs_counts():
     done = run_python("tools/data_report.py", *SAMPLE_RUN)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -33,7 +42,7 @@ def test_data_report_prints_the_sample_mix_table_with_the_runs_counts():
 
 
 def test_data_report_json_matches_the_loaded_datasets_and_counts_tokens():
-    done = run_python("tools/data_report.py", *SAMPLE_RUN, "--max_length", "64", "--world_size", "2", "--json")
+    done = data_report(*SAMPLE_RUN, "--max_length", "64", "--world_size", "2", "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
     datasets = load_run_datasets(parse_train_config(SAMPLE_RUN))
@@ -48,14 +57,14 @@ def test_data_report_json_matches_the_loaded_datasets_and_counts_tokens():
 
 def test_data_report_on_the_stock_oasst_mix_in_real_layouts(tmp_path):
     cache = stock_cache(tmp_path)
-    done = run_python("tools/data_report.py", "--configs", "defaults", "tiny", "oasst-mix", "--cache_dir", cache,
-                      "--tokenizer_path", REPO / "data" / "sample" / "tokenizer.json",
-                      "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1")
+    done = data_report("--configs", "defaults", "tiny", "oasst-mix", "--cache_dir", cache,
+                       "--tokenizer_path", REPO / "data" / "sample" / "tokenizer.json",
+                       "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "vicuna: dropped empty 1, no assistant reply 1, not starting with a human turn 2" in done.stdout
 
 
 def test_data_report_bad_config_is_one_line(tmp_path):
-    done = run_python("tools/data_report.py", *SAMPLE_RUN, "--cache_dir", tmp_path)
+    done = data_report(*SAMPLE_RUN, "--cache_dir", tmp_path)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
     assert "data_report.py: error: dataset 'oasst_export': file not found" in done.stderr

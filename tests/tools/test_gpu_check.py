@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import LAUNCH_VARIABLES, REPO
 
 SCRIPT = REPO / "bench" / "gpu_check.sh"
@@ -41,6 +43,7 @@ def test_step_limits_add_up_to_eight_minutes():
     assert "timeout 30 " not in script and "timeout 120 " not in script  # every step runs under its LIMIT
 
 
+@pytest.mark.slow
 def test_cpu_run_of_every_cpu_runnable_step(tmp_path):
     result = run(tmp_path / "check", "--cpu", timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -75,6 +75,7 @@ def test_generation_prompt_ends_with_the_assistant_token(model_dir):
         hf_tokenizer.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 
 
+@pytest.mark.slow
 def test_pipeline_with_chat_messages_answers_like_the_chat_tool(model_dir):
     generation = json.loads((model_dir / "generation_config.json").read_text())
     assert generation["do_sample"] and generation["top_k"] == 0  # the chat's defaults, not transformers'

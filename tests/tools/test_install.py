@@ -67,6 +67,7 @@ def run(command: list, cwd: Path, timeout: float = 300) -> subprocess.CompletedP
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_the_installed_package_is_not_the_checkout(installed, tmp_path):
     done = run([installed / "python", "-c", "import gptneox; print(gptneox.__file__); print(gptneox.__version__)"],
                cwd=tmp_path)
@@ -79,6 +80,7 @@ def test_the_installed_package_is_not_the_checkout(installed, tmp_path):
         assert done.returncode == 0 and "usage:" in done.stdout, command + done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_console_command_names_itself_in_a_user_error(installed, tmp_path):
     done = run([installed / "gptneox-export", tmp_path, tmp_path / "out"], cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.startswith("gptneox-export: error: "), done.stderr
@@ -88,6 +90,7 @@ def test_a_console_command_names_itself_in_a_user_error(installed, tmp_path):
     assert done.stdout.startswith("usage: gptneox-train [--configs NAME"), done.stdout[:500]
 
 
+@pytest.mark.slow
 def test_plan_memory_reads_the_packaged_zero3_configs(installed, tmp_path):
     done = run([installed / "gptneox-plan-memory", "--model", "gpt-neox-20b", "--gpus", "8", "--gpu_memory_gb", "80",
                 "--max_length", "2048", "--micro_batch", "2", "--dtype", "bf16"], cwd=tmp_path)
@@ -95,6 +98,7 @@ def test_plan_memory_reads_the_packaged_zero3_configs(installed, tmp_path):
     assert "ds_config: does not fit" in done.stdout and "ds_config_zero3_offload: fits" in done.stdout
 
 
+@pytest.mark.slow
 def test_train_export_and_chat_from_an_empty_directory(installed, tmp_path):
     work = tmp_path / "empty"
     work.mkdir()
@@ -121,6 +125,7 @@ def readme_block(heading: str) -> str:
     return after[after.index("```sh\n") + len("```sh\n"):].split("\n```\n", 1)[0] + "\n"
 
 
+@pytest.mark.slow
 def test_the_readmes_own_chats_walk_through_runs_as_written(installed, tmp_path):
     """README's "Train on your own chats", run by bash in an empty directory with the installed commands first on
     PATH, as a user pastes it."""

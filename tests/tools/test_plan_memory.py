@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
-from tests.helpers import LAUNCH_VARIABLES, REPO, run_python
+import pytest
+
+from gptneox.cli.plan_memory import main as plan_memory_main
+
+from tests.helpers import LAUNCH_VARIABLES, REPO, run_main
 
 SFT7 = ["--gpus", "8", "--gpu_memory_gb", "80", "--configs", "defaults", "stablelm-7b", "oasst-mix"]
 
 
 def plan(*argv, plain_cpu: bool = False):
+    """tools/plan_memory.py ARGV: in this process (it only reads configs, computes and prints), or, with
+    plain_cpu, in a fresh interpreter without DS_ACCELERATOR."""
     if plain_cpu:  # a CPU machine as users have it: DeepSpeed finds no accelerator and would say so on stdout
-        import subprocess
-        import sys
         environment = {k: v for k, v in os.environ.items() if k not in (*LAUNCH_VARIABLES, "DS_ACCELERATOR")}
         return subprocess.run([sys.executable, str(REPO / "tools/plan_memory.py"), *argv], cwd=REPO, env=environment,
                               capture_output=True, text=True, timeout=300)
-    return run_python(REPO / "tools/plan_memory.py", *argv)
+    return run_main(plan_memory_main, "plan_memory.py", *argv)
 
 
 def test_the_sft7_configs_need_no_flag_the_config_holds_and_the_table_fits_100_columns():
@@ -29,6 +35,7 @@ def test_the_sft7_configs_need_no_flag_the_config_holds_and_the_table_fits_100_c
     assert "ds_config: fits with gradient checkpointing only" in lines
 
 
+@pytest.mark.slow
 def test_json_holds_the_figures_of_the_explicit_flags(tmp_path):
     from_configs = json.loads(plan(*SFT7, "--json", plain_cpu=True).stdout)
     explicit = plan("--model", "stablelm-7b", "--gpus", "8", "--gpu_memory_gb", "80", "--max_length", "4096",

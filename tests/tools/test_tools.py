@@ -6,20 +6,48 @@ import json
 
 import pytest
 
+from gptneox.cli.export_hf import main as export_main
+from gptneox.cli.reference_logits import main as reference_logits_main
 from gptneox.training.metrics import last_per_step
 
-from tests.helpers import REPO, run_python
+from tests.helpers import REPO, run_main, run_python
 
 SCRIPTS = sorted(str(p.relative_to(REPO)) for p in [*(REPO / "tools").glob("*.py"), *(REPO / "bench").glob("*.py")])
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_every_tool_and_benchmark_answers_help(script):
-    result = run_python(script, "--help")
-    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+# Runs each script as `python SCRIPT --help` would (its own __main__, sys.argv and stdout), all in one fresh
+# interpreter so that torch is imported once, not once a script; prints one JSON line per script.
+HELP_EACH = """
+import contextlib, io, json, os, runpy, sys, traceback
+search_path = sys.path[1:]  # without -c's current folder
+for script in sys.argv[1:]:
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    sys.argv = [script, "--help"]
+    sys.path[:] = [os.path.dirname(os.path.abspath(script)), *search_path]  # as `python SCRIPT` puts its folder first
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as exit_:
+            status = exit_.code
+        except BaseException:
+            traceback.print_exc()
+            status = "raised"
+    print(json.dumps({"script": script, "status": status, "stdout": out.getvalue(), "stderr": err.getvalue()}))
+"""
 
 
+@pytest.mark.slow
+def test_every_tool_and_benchmark_answers_help():
+    done = run_python("-c", HELP_EACH, *SCRIPTS, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {r["script"]: r for r in map(json.loads, done.stdout.splitlines())}
+    assert sorted(results) == SCRIPTS
+    for script, result in results.items():
+        assert result["status"] in (0, None) and "usage:" in result["stdout"], (script, result["stderr"][-2000:])
+        assert "Traceback" not in result["stderr"], (script, result["stderr"][-2000:])
+
+
+@pytest.mark.slow
 def test_train_tokenizer_rebuilds_the_bundled_tokenizer_exactly(tmp_path):
     """The README's way to regenerate data/sample/tokenizer.json: a reader change that alters the sample's
     texts, or a tool that no longer runs, shows here."""
@@ -28,6 +56,7 @@ def test_train_tokenizer_rebuilds_the_bundled_tokenizer_exactly(tmp_path):
     assert (tmp_path / "tokenizer.json").read_bytes() == (REPO / "data/sample/tokenizer.json").read_bytes()
 
 
+@pytest.mark.slow
 def test_plot_metrics_draws_a_png_and_rejects_a_bad_line(tmp_path):
     records = [{"step": s, "loss": 5.0 - 0.1 * s, "lr": 1e-3} for s in range(1, 11)]
     records.insert(5, {"step": 5, "eval_sample_loss": 4.8, "eval_sample_accuracy": 0.1})
@@ -48,6 +77,7 @@ def test_plot_metrics_keeps_the_newest_record_of_a_step():
            [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0), (5, 2.0)]
 
 
+@pytest.mark.slow
 def test_padding_report_runs_from_another_directory(tmp_path):
     done = run_python(str(REPO / "tools" / "padding_report.py"), "--max_length", "128", "--cache_dir",
                       REPO / "data" / "sample", "--tokenizer_path", REPO / "data" / "sample" / "tokenizer.json",
@@ -57,7 +87,7 @@ def test_padding_report_runs_from_another_directory(tmp_path):
 
 
 def test_export_hf_names_a_directory_that_is_not_a_checkpoint(tmp_path):
-    done = run_python("tools/export_hf.py", str(tmp_path), str(tmp_path / "out"))
+    done = run_main(export_main, "export_hf.py", tmp_path, tmp_path / "out")
     assert done.returncode == 2 and "is not a checkpoint directory written by train.py" in done.stderr
 
 
@@ -73,11 +103,12 @@ def test_demo_trains_exports_and_answers(tmp_path):
     assert (tmp_path / "demo" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_dtype_flags_take_both_spellings_and_name_a_bad_one():
     short, long = (run_python("bench/matmul_peak.py", "--dtype", d, "--size", "64", "--repeats", "1")
                    for d in ("fp32", "float32"))
     assert short.returncode == long.returncode == 0 and "cpu fp32 matmul peak" in long.stdout
-    bad = run_python("tools/export_hf.py", "a", "b", "--dtype", "fp8")
+    bad = run_main(export_main, "export_hf.py", "a", "b", "--dtype", "fp8")
     assert bad.returncode == 2 and "--dtype: invalid dtype_name value: 'fp8'" in bad.stderr
 
 
@@ -86,6 +117,6 @@ def test_reference_logits_names_a_missing_model_and_bad_prompts_in_one_line(tmp_
     for argv, message in ((["--model", tmp_path, "--prompts", "1 2"], missing),
                           (["--model", REPO / "tests/fixtures/tiny-gptneox", "--prompts", "a b"],
                            "--prompts must be space-separated token ids")):
-        done = run_python("tools/reference_logits.py", *argv, "--output", tmp_path / "out.safetensors",
-                          "--engine", "gptneox")
+        done = run_main(reference_logits_main, "reference_logits.py", *argv, "--output", tmp_path / "out.safetensors",
+                        "--engine", "gptneox")
         assert done.returncode == 2 and done.stderr.startswith(f"reference_logits.py: error: {message}"), done.stderr

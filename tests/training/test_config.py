@@ -151,7 +151,7 @@ def test_every_key_either_takes_no_or_refuses_it_in_one_line():
             cfg = parse_train_config(argv)
             assert getattr(cfg, f.name) is (False if f.type == "bool" else None), f.name
         else:
-            with pytest.raises(TrainConfigError, match=f"cannot be null"):
+            with pytest.raises(TrainConfigError, match="cannot be null"):
                 parse_train_config(argv)
 
 

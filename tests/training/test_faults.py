@@ -25,7 +25,7 @@ from gptneox.training.distributed import free_port
 from gptneox.training.evaluation import EvaluationStopped, Evaluator, evaluate
 
 from tests.helpers import LAUNCH_VARIABLES, REPO
-from tests.training.test_loop import SAMPLE, _script_argv, read_metrics, run_train, workspace  # noqa: F401
+from tests.training.runs import SAMPLE, read_metrics, run_train, script_argv
 
 SHORT = ("--max_steps", "4", "--save_steps", "2", "--eval_steps", "100")
 
@@ -159,7 +159,7 @@ def test_killing_the_deepspeed_command_stops_its_ranks_after_a_save(workspace, t
                        "    path = os.path.join(os.environ['ROBUST_STATUS_DIR'], f\"rank{os.environ['RANK']}.status\")\n"
                        "    open(path, 'w').write(str(code))\n"
                        "sys.exit(code)\n")
-    argv = _script_argv(workspace, out, "--max_steps", "100000", "--save_steps", "100000", "--eval_steps", "100000",
+    argv = script_argv(workspace, out, "--max_steps", "100000", "--save_steps", "100000", "--eval_steps", "100000",
                         "--per_device_train_batch_size", "1")[1:]
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
                str(wrapper), *argv]

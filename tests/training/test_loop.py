@@ -24,8 +24,7 @@ from gptneox.data import DialogueCollator, load_tokenizer
 from gptneox.data.tokenizer import CHAT_TEMPLATE
 from gptneox.training import loss as losses
 from gptneox.training.checkpoint import POINTER, CheckpointManager, tag_for
-from gptneox.train import main as train_main
-from gptneox.training.distributed import free_port, init_distributed
+from gptneox.training.distributed import free_port
 from gptneox.training.export import export_checkpoint, write_model_metadata
 from gptneox.training import loop
 from gptneox.training.step import train_step
@@ -34,36 +33,8 @@ from gptneox.training.ds_config import resolve_ds_config
 from gptneox.training.model_setup import parameter_groups
 from gptneox.training.stop import STOPPED_EXIT
 
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "data" / "sample"
-SAMPLE_DATASETS = [
-    {"code_alpaca": {"input_file_path": str(SAMPLE / "code_alpaca_sample.jsonl"), "val_split": 0.2}},
-    {"grade_school_math_instructions": {"input_file_path": str(SAMPLE / "gsm_sample.csv"), "val_split": 0.2}},
-    {"vicuna": {"input_file_path": str(SAMPLE / "vicuna_sample.json"), "val_split": 0.2}},
-    {"oasst_export": {"input_file_path": str(SAMPLE / "oasst_sample.jsonl.gz"), "lang": "en,de"}},
-]
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """The bundled tokenizer, a data section over the bundled sample files; the process group (world 1)."""
-    root = tmp_path_factory.mktemp("training")
-    tokenizer = SAMPLE / "tokenizer.json"
-    (root / "mix.yaml").write_text(json.dumps({"mix": {"datasets": SAMPLE_DATASETS}}))
-    init_distributed()
-    return root, tokenizer
-
-
-def run_train(workspace, output_dir, *extra) -> int:
-    root, tokenizer = workspace
-    argv = ["--configs", "defaults", "tiny", str(root / "mix.yaml"), "--tokenizer_path", str(tokenizer),
-            "--output_dir", str(output_dir), "--max_length", "64", "--per_device_train_batch_size", "2",
-            "--gradient_accumulation_steps", "2", "--eval_size", "4", *extra]
-    return train_main(argv)
-
-
-def read_metrics(output_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+from tests.helpers import REPO
+from tests.training.runs import SAMPLE, read_metrics, run_train, script_argv
 
 
 # ------------------------------------------------------------------ exact loss under accumulation
@@ -301,19 +272,13 @@ def test_fp16_deepspeed_minimum_scale_error_is_handled(workspace, tmp_path, fp16
 
 
 # ------------------------------------------------------------------ separate processes
-def _script_argv(workspace, output_dir, *extra) -> list[str]:
-    root, tokenizer = workspace
-    return ["train.py", "--configs", "defaults", "tiny", str(root / "mix.yaml"), "--tokenizer_path", str(tokenizer),
-            "--output_dir", str(output_dir), "--max_length", "64", "--eval_size", "4", *extra]
-
-
 @pytest.mark.slow
 def test_two_ranks_give_the_losses_of_one_rank_with_the_same_global_batch(workspace, tmp_path):
     common = ["--max_steps", "4", "--gradient_accumulation_steps", "2",  # random windows on: keyed by sample
               "--eval_steps", "4"]
     two = tmp_path / "two"
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
-    run = subprocess.run(launcher + _script_argv(workspace, two, "--per_device_train_batch_size", "1", *common,
+    run = subprocess.run(launcher + script_argv(workspace, two, "--per_device_train_batch_size", "1", *common,
                                                  "--deepspeed"),
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -337,7 +302,7 @@ def test_sigterm_saves_at_a_step_boundary_and_exits_resumable(workspace, tmp_pat
     environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                     "MASTER_ADDR", "MASTER_PORT")}
     environment["PYTHONUNBUFFERED"] = "1"
-    process = subprocess.Popen([sys.executable] + _script_argv(workspace, out, "--max_steps", "5000"),
+    process = subprocess.Popen([sys.executable] + script_argv(workspace, out, "--max_steps", "5000"),
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 240

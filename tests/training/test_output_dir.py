@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from gptneox.training.output_dir import (LOCK_NAME, OutputDirError, RunLock, check_writable, claim_output_dir,
+from gptneox.training.output_dir import (LOCK_NAME, OutputDirError, check_writable, claim_output_dir,
                                          previous_run)
 
 from tests.helpers import REPO

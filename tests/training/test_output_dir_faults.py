@@ -19,7 +19,7 @@ from gptneox.errors import invoked_name
 from gptneox.training.output_dir import LOCK_NAME, previous_run
 
 from tests.helpers import LAUNCH_VARIABLES, REPO
-from tests.training.test_loop import SAMPLE, _script_argv, read_metrics, run_train, workspace  # noqa: F401
+from tests.training.runs import SAMPLE, read_metrics, run_train, script_argv
 
 SHORT = ("--max_steps", "4", "--save_steps", "2", "--eval_steps", "100")
 # Holds the first optimizer step until the test kills the process: the set-up is written, nothing is saved.
@@ -45,7 +45,7 @@ def test_a_run_killed_before_its_first_save_is_gone_on_with_by_the_same_command(
     marker = tmp_path / "at_first_step"
     environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     environment["MARKER"] = str(marker)
-    process = subprocess.Popen([sys.executable, "-c", HELD_AT_FIRST_STEP, *_script_argv(workspace, out, *SHORT)],
+    process = subprocess.Popen([sys.executable, "-c", HELD_AT_FIRST_STEP, *script_argv(workspace, out, *SHORT)],
                                cwd=REPO, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.monotonic() + 300

@@ -17,7 +17,7 @@ from gptneox.training.metrics import MetricsLogger, report_tag
 from gptneox.training.reporting import requested_backends
 from gptneox.training.step import StepResult
 
-from tests.training.test_loop import run_train, workspace  # noqa: F401
+from tests.training.runs import run_train
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from gptneox.training.output_dir import LOCK_NAME, previous_run
 from gptneox.training.stop import STOPPED_EXIT
 
 from tests.helpers import LAUNCH_VARIABLES, REPO
-from tests.training.test_loop import _script_argv, read_metrics, run_train, workspace  # noqa: F401
+from tests.training.runs import read_metrics, run_train, script_argv
 
 # Each rank runs train.py through this: at MOMENT (a function of the start-up: reading the data, or
 # deepspeed.initialize) it leaves a marker and waits, so that the test can act while every rank is there.
@@ -89,7 +89,7 @@ def test_a_launcher_gone_while_the_ranks_start_ends_them_without_a_checkpoint(wo
     wrapper.write_text(RANK)
     environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     environment.update(STATUS_DIR=str(tmp_path), MOMENT=moment, RANK0_ONLY=rank0_only)
-    argv = _script_argv(workspace, out, "--max_steps", "4", "--save_steps", "2", "--eval_steps", "100",
+    argv = script_argv(workspace, out, "--max_steps", "4", "--save_steps", "2", "--eval_steps", "100",
                         "--per_device_train_batch_size", "1")[1:]
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
                str(wrapper), *argv]
@@ -135,7 +135,7 @@ def test_a_rank_that_cannot_be_interrupted_leaves_by_itself_once_its_launcher_is
     environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     environment["MARKER"] = str(marker)
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
-               str(wrapper), *_script_argv(workspace, out, "--max_steps", "2")[1:]]
+               str(wrapper), *script_argv(workspace, out, "--max_steps", "2")[1:]]
     runner = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_for([marker], runner, 400, "the rank did not start")
@@ -161,7 +161,7 @@ def test_a_terminal_that_hangs_up_stops_the_run_after_a_save(workspace, tmp_path
     run saves and exits 75 all the same."""
     out = tmp_path / "run"
     environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
-    argv = [sys.executable, *_script_argv(workspace, out, "--max_steps", "5000", "--save_steps", "100000",
+    argv = [sys.executable, *script_argv(workspace, out, "--max_steps", "5000", "--save_steps", "100000",
                                           "--eval_steps", "100000")]
     pid, terminal = pty.fork()
     if pid == 0:  # the run, with the pty as its controlling terminal, stdout and stderr
@@ -274,7 +274,7 @@ def test_more_signals_while_a_stop_is_honoured_change_nothing(workspace, tmp_pat
     out = tmp_path / "run"
     environment = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     run = subprocess.run([sys.executable, "-c", SIGNALLED_AGAIN,
-                          *_script_argv(workspace, out, "--max_steps", "100", "--save_steps", "100",
+                          *script_argv(workspace, out, "--max_steps", "100", "--save_steps", "100",
                                         "--eval_steps", "100")],
                          cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
     assert run.returncode == STOPPED_EXIT, run.stderr[-3000:]
