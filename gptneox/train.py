@@ -26,7 +26,7 @@ from gptneox.errors import UserError, invoked_name, report_user_error
 from gptneox.torch_support import check_torch_version
 from gptneox.training.config import parse_train_config
 from gptneox.training.determinism import use_deterministic_algorithms
-from gptneox.training.distributed import init_distributed
+from gptneox.training.distributed import process_group_of_this_run
 from gptneox.training.loop import TrainingStopped, train
 from gptneox.training.model_files import find_model_dir
 from gptneox.training.model_setup import check_lora_base, choose_attention_backend
@@ -55,9 +55,9 @@ def _run(prog: str, argv: list[str] | None, stop: StopRequest) -> int:
         check_lora_base(cfg)  # so does LoRA on a model it cannot adapt
         choose_attention_backend(cfg, get_accelerator().device_name())  # so does an unusable attention backend
         use_deterministic_algorithms(cfg.deterministic)
-        rank, world = init_distributed()
-        if not train(cfg, rank, world, stop):
-            return STOPPED_EXIT
+        with process_group_of_this_run(raised_together=(UserError, TrainingStopped)) as (rank, world):
+            if not train(cfg, rank, world, stop):
+                return STOPPED_EXIT
     except UserError as err:
         return report_user_error(prog, err)
     except TrainingStopped as err:

@@ -94,6 +94,25 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+@contextmanager
+def process_group_of_this_run(raised_together: tuple[type[BaseException], ...]) -> Iterator[tuple[int, int]]:
+    """(rank, world size) for the block, from init_distributed; a process group started here is destroyed when
+    the block ends normally or with one of `raised_together` (errors every rank raises at the same point).
+    A gloo or NCCL group left alive at interpreter exit can end a finished rank with "terminate called without
+    an active exception" and a status the launcher reports as a failure. After any other error the group is
+    left alone: destroying it could wait on a rank that never arrives."""
+    started = not dist.is_initialized()
+    rank, world = init_distributed()
+    try:
+        yield rank, world
+    except raised_together:
+        if started:
+            dist.destroy_process_group()
+        raise
+    if started:
+        dist.destroy_process_group()
+
+
 def is_distributed() -> bool:
     """True when a process group exists (even of one rank)."""
     return dist.is_available() and dist.is_initialized()

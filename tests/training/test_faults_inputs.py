@@ -85,7 +85,9 @@ def test_two_ranks_refuse_a_resume_with_another_tokenizer_and_rewrite_nothing(wo
     other, _, _ = swapped_tokenizer(tmp_path)
     before = snapshot(out / "checkpoints")
     root, _ = workspace
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    logs = tmp_path / "ranks"  # each rank's own output: two processes' lines are never parsed interleaved
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                "--enable_each_rank_log", str(logs)]
     argv = ["train.py", "--configs", "defaults", "tiny", str(root / "mix.yaml"), "--datasets", small_data,
             "--tokenizer_path", str(other), "--output_dir", str(out), "--max_length", "64", "--eval_size", "4",
             "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",  # the same global batch
@@ -94,10 +96,13 @@ def test_two_ranks_refuse_a_resume_with_another_tokenizer_and_rewrite_nothing(wo
     run = subprocess.run(launcher + argv, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-3000:]
     # one line from each rank; the world size differs too (1 rank wrote it), and one line lists both
-    refusals = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("train.py: error: resume:")]
-    assert len(refusals) == 2, run.stdout[-2000:] + run.stderr[-3000:]
-    assert all("this run has tokenizer=" in line and f"({other})" in line and
-               line.endswith("tokenizer, world_size cannot change across a resume") for line in refusals), refusals
+    rank_logs = sorted(logs.glob("*_rank*.log"))
+    assert [log.name.rsplit("_", 1)[-1] for log in rank_logs] == ["rank0.log", "rank1.log"], rank_logs
+    for log in rank_logs:
+        refusals = [line for line in log.read_text().splitlines() if line.startswith("train.py: error: resume:")]
+        assert len(refusals) == 1, log.read_text()[-3000:]
+        assert "this run has tokenizer=" in refusals[0] and f"({other})" in refusals[0]
+        assert refusals[0].endswith("tokenizer, world_size cannot change across a resume"), refusals[0]
     assert snapshot(out / "checkpoints") == before
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from gptneox.training import distributed, noise
 
-from tests.helpers import LAUNCH_VARIABLES, REPO
+from tests.helpers import LAUNCH_VARIABLES, REPO, run_python
 
 
 def test_the_extension_cache_defaults_to_this_environment(monkeypatch):
@@ -41,3 +41,40 @@ def test_a_single_process_run_builds_no_op_and_prints_no_noise(tmp_path):
         assert message not in output, message
     assert "total_num_steps 3 is less than warmup_num_steps 10" in output  # tiny's warm-up is 10 steps
     assert not (tmp_path / "extensions").exists()
+
+
+GROUP_LIFETIMES = """
+import torch.distributed as dist
+from gptneox.errors import UserError
+from gptneox.training.distributed import init_distributed, process_group_of_this_run
+
+def ends(error):
+    try:
+        with process_group_of_this_run(raised_together=(UserError,)) as (rank, world):
+            assert dist.is_initialized() and (rank, world) == (0, 1)
+            if error is not None:
+                raise error
+    except (UserError, RuntimeError):
+        pass
+    alive = dist.is_initialized()
+    if alive:
+        dist.destroy_process_group()
+    return alive
+
+print(ends(None), ends(UserError("refused")), ends(RuntimeError("a bug")))
+init_distributed()
+with process_group_of_this_run(raised_together=(UserError,)):
+    pass
+print(dist.is_initialized())
+"""
+
+
+@pytest.mark.slow
+def test_a_run_destroys_the_process_group_it_started_unless_a_bug_ended_it():
+    """A group left alive at exit can end a finished rank with "terminate called without an active exception"
+    (the launcher then reports a failure): a run destroys the group it started after a normal end or an error
+    every rank raises together; after a bug it leaves it (destroying could wait for a rank that never comes),
+    and a group someone else started stays theirs."""
+    done = run_python("-c", GROUP_LIFETIMES)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "False", "True", "True"], done.stdout
