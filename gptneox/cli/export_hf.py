@@ -27,11 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trust_checkpoint_code", action="store_true",
                         help="load the checkpoint's .pt files unchecked: code in them runs (only for checkpoints "
                              "you trust; by default anything but tensors and DeepSpeed's own types is refused)")
+    parser.add_argument("--base_model", metavar="DIR",
+                        help="a LoRA checkpoint's base model where it is now, if it has moved since training "
+                             "(default: the directory training read it from)")
+    parser.add_argument("--allow_other_base", action="store_true",
+                        help="merge a LoRA checkpoint's adapters into a base whose weights are not those they "
+                             "were trained on (by default refused)")
     args = parser.parse_args(argv)
     try:
         path = export_checkpoint(args.checkpoint_dir, args.output_dir, tag=args.tag, dtype=args.dtype,
                                  max_shard_size=args.max_shard_size,
-                                 trust_checkpoint_code=args.trust_checkpoint_code)
+                                 trust_checkpoint_code=args.trust_checkpoint_code, base_model=args.base_model,
+                                 allow_other_base=args.allow_other_base)
     except UserError as err:
         return report_user_error(parser.prog, err)
     print(f"wrote {path}")

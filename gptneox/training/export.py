@@ -23,7 +23,7 @@ from gptneox import GPTNeoXConfig
 from gptneox.chat import save_generation_config
 from gptneox.data import EOS_TOKEN, PAD_TOKEN, load_tokenizer, save_tokenizer
 from gptneox.dtypes import dtype_name, torch_dtype
-from gptneox.errors import MissingFileError
+from gptneox.errors import MissingFileError, UserError
 from gptneox.adapter import save_adapter
 from gptneox.lora import LoraConfig, adapter_shapes, merged_weight
 from gptneox.model import copy_rows, state_dict_shapes
@@ -31,7 +31,7 @@ from gptneox.training.checkpoint import CheckpointManager
 from gptneox.training.output_dir import EXPORTED_ADAPTER, EXPORTED_WEIGHTS
 from gptneox.training.safe_checkpoint import check_no_code
 from gptneox.training.storage import DiskFullError, fsync_path, fsync_tree, out_of_space, remove_partial
-from gptneox.weights import DEFAULT_SHARD_SIZE, CheckpointReader, save_weights
+from gptneox.weights import DEFAULT_SHARD_SIZE, CheckpointReader, save_weights, weights_fingerprint
 
 MODEL_SUBDIR = "model"
 
@@ -49,9 +49,12 @@ def write_model_metadata(checkpoint_dir: str | Path, config: GPTNeoXConfig, toke
 
 def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: str | None = None,
                       dtype: str | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE,
-                      trust_checkpoint_code: bool = False) -> Path:
+                      trust_checkpoint_code: bool = False, base_model: str | Path | None = None,
+                      allow_other_base: bool = False) -> Path:
     """Write the Hugging Face directory for `tag` (default: the newest complete checkpoint). Its .pt files
-    are read weights-only first (gptneox.training.safe_checkpoint) unless `trust_checkpoint_code`."""
+    are read weights-only first (gptneox.training.safe_checkpoint) unless `trust_checkpoint_code`. A LoRA
+    checkpoint's adapters are merged into the base they were trained on (`base_model`: the directory it has
+    moved to), whose weights must be those recorded, unless `allow_other_base`."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     metadata = checkpoint_dir / MODEL_SUBDIR
     if not (metadata / "config.json").is_file():
@@ -62,6 +65,13 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
         raise MissingFileError(f"{checkpoint_dir}: no complete checkpoint {tag or ''} to export")
     training = json.loads((metadata / "training.json").read_text())
     lora = training.get("lora")
+    if lora is not None:
+        base_dir = _lora_base(lora, base_model, allow_other_base)
+        local = lora["base_model"] == lora["base_directory"]  # not a Hub id: the adapter names the directory
+        lora = {**lora, "base_directory": base_dir, "base_model": base_dir if local else lora["base_model"]}
+    elif base_model is not None:
+        raise UserError(f"--base_model {base_model}: {checkpoint_dir} is from full fine-tuning, whose checkpoint "
+                        "holds every weight; only a LoRA checkpoint is merged into a base")
     dtype = dtype_name(dtype or training["dtype"])
     check_no_code(checkpoint_dir / tag, trust=trust_checkpoint_code)  # DeepSpeed's reader unpickles freely
     # lazily: under ZeRO-3 each weight is gathered from the ranks' partitions only when its shard is written
@@ -113,13 +123,28 @@ def _lora_config(lora: dict) -> LoraConfig:
                       target_modules=tuple(lora["target_modules"]))
 
 
+def _lora_base(lora: dict, moved_to: str | Path | None, allow_other_base: bool) -> str:
+    """The directory of the base the adapters are merged into: where training read it, or where it moved
+    to; its weights must be the ones the adapters were trained against (checkpoints from before the
+    fingerprint was recorded are taken as they are)."""
+    recorded = lora["base_directory"]
+    base_dir = Path(moved_to or recorded)
+    if not base_dir.is_dir():
+        raise MissingFileError(f"{base_dir}: the base model of this LoRA checkpoint ({lora['base_model']}) is not "
+                               "there; the export merges the adapters into it (if it has moved, pass its "
+                               "directory with --base_model)")
+    expected, found = lora.get("base_weights"), weights_fingerprint(base_dir)
+    if expected is not None and found != expected and not allow_other_base:
+        raise UserError(f"{base_dir}: its weights (fingerprint {found}) are not those of the base this LoRA "
+                        f"checkpoint was trained on ({expected}, read from {recorded}); pass --base_model with "
+                        "that base, or --allow_other_base to merge the adapters into this one all the same")
+    return str(base_dir)
+
+
 def _merged(config: GPTNeoXConfig, adapters: dict, lora: dict, training_dtype: str) -> dict:
     """The merged model's weights: the base as training saw it (its directory's weights in the training
     dtype, the vocabulary grown as gptneox.model.copy_rows grows it), with the adapters folded in (fp32)."""
     base_dir = Path(lora["base_directory"])
-    if not base_dir.is_dir():
-        raise MissingFileError(f"{base_dir}: the base model of this LoRA checkpoint ({lora['base_model']}) is not "
-                               "there; the export merges the adapters into it")
     base_config = GPTNeoXConfig.from_hf(base_dir)
     reader = CheckpointReader(base_dir, state_dict_shapes(base_config), base_config.tie_word_embeddings)
     shapes = state_dict_shapes(config)

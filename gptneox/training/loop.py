@@ -43,6 +43,7 @@ from gptneox.training.resume_check import (check_resume, model_settings, read_ru
 from gptneox.training.safe_checkpoint import check_no_code
 from gptneox.training.step import train_step
 from gptneox.training.stop import StopRequest
+from gptneox.weights import weights_fingerprint
 
 MIN_SCALE_MESSAGE = "loss scale already at minimum"
 
@@ -206,15 +207,19 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
                           warmup_steps=cfg.warmup_steps, total_steps=total_steps,
                           num_train_epochs=cfg.num_train_epochs, max_length=cfg.max_length,
                           global_batch_size=order.global_batch_size, rng_seed=cfg.rng_seed,
-                          lora=lora_settings(cfg, token_ids))
+                          lora=lora_settings(cfg, token_ids), base_weights=_base_weights(cfg))
     checkpoints = CheckpointManager(checkpoint_dir, cfg.save_total_limit, rank, strategy=cfg.save_strategy,
                                     every=cfg.save_steps, last_step=total_steps, run=settings)
     # a resume checks everything against the checkpoint before anything is loaded or written
     resume_tag = checkpoints.usable_tag() if cfg.resume else None
     if resume_tag is not None:
         tokenizers = (str(checkpoint_dir / MODEL_SUBDIR / "tokenizer.json"), str(run_tokenizer_source(cfg)))
+        sources = {"tokenizer": tokenizers}
+        if cfg.lora is not None:
+            sources["base_weights"] = (_saved_base_directory(checkpoint_dir),
+                                       str(find_model_dir(cfg.model_name, cfg.cache_dir).resolve()))
         for note in check_resume(_saved_settings(checkpoint_dir, resume_tag), settings, checkpoint_dir / resume_tag,
-                                 allowed=cfg.allowed_changes, sources={"tokenizer": tokenizers}):
+                                 allowed=cfg.allowed_changes, sources=sources):
             say(note)
         on_rank_zero(lambda: check_no_code(checkpoint_dir / resume_tag, trust=cfg.trust_checkpoint_code))
     if cfg.log_dir:
@@ -251,14 +256,26 @@ def lora_settings(cfg: TrainConfig, token_ids: list[int]) -> dict | None:
     return None if cfg.lora is None else {**asdict(cfg.lora), "token_ids": list(token_ids)}
 
 
+def _base_weights(cfg: TrainConfig) -> str | None:
+    """The fingerprint of a LoRA run's frozen base weights; None for full fine-tuning."""
+    return None if cfg.lora is None else weights_fingerprint(find_model_dir(cfg.model_name, cfg.cache_dir))
+
+
 def _export_lora(cfg: TrainConfig, settings: dict) -> dict | None:
     """What the export needs of a LoRA run: the adapters' settings and the base it merges them into (its
-    directory; for the adapter's config, a Hub id as given, else that directory)."""
+    directory and weights' fingerprint; for the adapter's config, a Hub id as given, else that directory)."""
     if settings["lora"] is None:
         return None
     base_dir = str(find_model_dir(cfg.model_name, cfg.cache_dir).resolve())
-    return {**settings["lora"], "base_directory": base_dir,
+    return {**settings["lora"], "base_directory": base_dir, "base_weights": settings["base_weights"],
             "base_model": cfg.model_name if is_repo_id(cfg.model_name) else base_dir}
+
+
+def _saved_base_directory(checkpoint_dir: Path) -> str:
+    """Where the base of a LoRA checkpoint was read from, as its training.json says, for a message."""
+    training = checkpoint_dir / MODEL_SUBDIR / "training.json"
+    lora = json.loads(training.read_text()).get("lora") if training.is_file() else None
+    return (lora or {}).get("base_directory", "base unknown")
 
 
 def _saved_settings(checkpoint_dir: Path, tag: str) -> dict:

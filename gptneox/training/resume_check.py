@@ -28,8 +28,11 @@ RUN_RECORD = "run.json"
 # weights with the wrong tokens. A LoRA checkpoint holds adapters, a full one every weight: neither loads as
 # the other, nor as adapters of another rank, targets or token rows.
 FIXED = ("model", "lora", "tokenizer", "world_size", "zero_stage", "rng_seed", "global_batch_size", "num_samples")
-# A change of any of these changes the run's numbers; --allow_changed says it is intended.
-WAIVABLE = ("dtype", "learning_rate", "warmup_steps", "total_steps", "num_train_epochs", "max_length", "dataset")
+# A change of any of these changes the run's numbers; --allow_changed says it is intended. base_weights is
+# a LoRA run's frozen base (gptneox.weights.weights_fingerprint; None for full fine-tuning, whose checkpoint
+# holds every weight): the adapters were trained against it, and are resumed onto whatever base is given.
+WAIVABLE = ("dtype", "learning_rate", "warmup_steps", "total_steps", "num_train_epochs", "max_length", "dataset",
+            "base_weights")
 
 
 class ResumeMismatch(UserError):

@@ -221,6 +221,46 @@ def test_lora_and_full_checkpoints_do_not_resume_as_each_other(base, tmp_path, c
         assert sorted(str(p.relative_to(resumed)) for p in resumed.rglob("*")) == before  # nothing written
 
 
+def test_adapters_resume_and_export_onto_the_base_they_were_trained_on_only(base, tmp_path, capsys):
+    """A LoRA checkpoint holds no base weights: a resume or export given another base of the same shape
+    (another seed) is refused in one line, nothing written, until the user says it is meant; a base that has
+    moved is named with --base_model and exports what training exported."""
+    short = ["--max_steps", "1", "--eval_steps", "100", "--max_length", "32", "--save_steps", "1"]
+    run = tmp_path / "run"
+    assert run_train(base, run, *short) == 0
+    torch.manual_seed(1)
+    GPTNeoX(GPTNeoXConfig.from_name("tiny", vocab_size=1552)).save_pretrained(tmp_path / "other")
+    shutil.copy(SAMPLE / "tokenizer.json", tmp_path / "other" / "tokenizer.json")
+    before = sorted((str(p.relative_to(run)), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    capsys.readouterr()
+    resume = [*short, "--max_steps", "2", "--resume", "--allow_changed", "total_steps"]
+    assert run_train(base, run, *resume, "--model_name", str(tmp_path / "other")) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"({(base / 'base').resolve()}), this run has " in err, err
+    assert err.rstrip().endswith(f"({tmp_path / 'other'}); pass --allow_changed total_steps,base_weights if that "
+                                 "is intended"), err
+    assert sorted((str(p.relative_to(run)), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+    checkpoints = str(run / "checkpoints")
+    moved = tmp_path / "moved"
+    shutil.copytree(base / "base", moved)
+    assert export_main([checkpoints, str(tmp_path / "into-other"), "--base_model", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "are not those of the base this LoRA checkpoint was trained on" \
+        in err and "--allow_other_base" in err, err
+    assert not (tmp_path / "into-other").exists()
+    assert export_main([checkpoints, str(tmp_path / "from-moved"), "--base_model", str(moved)]) == 0
+    exported = load_file(run / "model.safetensors")
+    assert all(torch.equal(tensor, exported[name]) for name, tensor in
+               load_file(tmp_path / "from-moved" / "model.safetensors").items())
+    assert json.loads((tmp_path / "from-moved" / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(moved)
+    assert export_main([checkpoints, str(tmp_path / "forced"), "--base_model", str(tmp_path / "other"),
+                        "--allow_other_base"]) == 0
+    assert run_train(base, run, *resume, "--model_name", str(tmp_path / "other"), "--allow_changed",
+                     "total_steps,base_weights") == 0
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--lora_r", "-1"], "lora_r=-1 must be 0 (LoRA off) or more"),
     (["--lora_alpha", "0"], "lora_alpha=0.0 must be"),

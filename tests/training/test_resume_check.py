@@ -20,7 +20,7 @@ def record(**changes):
     settings = dict(model=GPTNeoXConfig.from_name("tiny").to_hf(), dtype="fp32", world_size=2, zero_stage=2,
                     learning_rate=1e-3, warmup_steps=10, total_steps=100, num_train_epochs=2, max_length=64,
                     global_batch_size=16, rng_seed=7, train_set=CONVERSATIONS, tokenizer="0123456789abcdef",
-                    lora=None)
+                    lora=None, base_weights=None)
     return run_record(**{**settings, **changes})
 
 
