@@ -138,8 +138,17 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def last_per_step(records: list[dict]) -> list[dict]:
-    """A resumed run appends to metrics.jsonl, repeating the steps after its checkpoint: the newest wins."""
+    """One record per step, the newest winning: files written before resumes cut them (MetricsLogger) repeat
+    the steps a resume trained again."""
     return sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
+
+
+def _step_of(line: str) -> float:
+    """A metrics line's step; infinite for a line a killed run left half written."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _json_number(value):
@@ -165,10 +174,29 @@ class MetricsLogger:
         self.bar = None
         if not enabled:
             return
+        dropped = self._cut_after(initial_step)
         self.file = open(self.path, "a")
         self.writers = open_writers(list(report_to), log_dir=log_dir, output_dir=output_dir,
-                                    config=run_config or {})
+                                    config=run_config or {}, resumed_at=initial_step)
+        if dropped:
+            self.write(f"{self.path}: {dropped} record(s) after step {initial_step} dropped (the interrupted "
+                       "run's; the resume trains those steps again)")
         self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+
+    def _cut_after(self, step: int) -> int:
+        """Drop the records after `step` (a resume's checkpoint: the steps after it were trained by a run that
+        stopped before saving them, and are trained again), so the file reads as one uninterrupted run. The
+        kept lines are written aside and moved in: a crash meanwhile leaves the whole old file."""
+        if not self.path.is_file():
+            return 0
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step and line.endswith("\n")]
+        if len(kept) == len(lines):
+            return 0
+        aside = self.path.with_name(self.path.name + ".partial")
+        aside.write_text("".join(kept))
+        aside.replace(self.path)
+        return len(lines) - len(kept)
 
     def log(self, step: int, values: dict, advance: bool = False, show: bool = True) -> None:
         if not self.enabled:

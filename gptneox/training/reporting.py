@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gptneox import extras
 from gptneox.config import did_you_mean
+from gptneox.errors import UserError
 from gptneox.extras import install_hint
 
 # backend name -> the module it needs (gptneox.extras names the pip extra that installs it)
@@ -41,10 +42,17 @@ def requested_backends(report_to: str | list[str] | None) -> list[str]:
     return [backend for backend in BACKENDS if backend in names]
 
 
+class ReportingError(UserError):
+    """A backend that is installed but cannot start (W&B without credentials); the message says what to do."""
+
+
 class TensorBoardWriter:
-    def __init__(self, log_dir: str | Path):
+    """A resumed run (`resumed_at` its checkpoint's step) purges the events after that step, which the
+    interrupted run wrote and the resume writes again."""
+
+    def __init__(self, log_dir: str | Path, resumed_at: int = 0):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(log_dir))
+        self.writer = SummaryWriter(str(log_dir), purge_step=resumed_at + 1 if resumed_at else None)
 
     def log(self, tags: dict[str, float], step: int) -> None:
         for tag, value in tags.items():
@@ -63,9 +71,13 @@ class WandbWriter:
     def __init__(self, output_dir: str | Path, config: dict):
         import wandb
         output_dir = Path(output_dir).resolve()
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_DEFAULT_PROJECT),
-                              name=os.environ.get("WANDB_NAME", output_dir.name),
-                              dir=os.environ.get("WANDB_DIR", str(output_dir)), config=config)
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_DEFAULT_PROJECT),
+                                  name=os.environ.get("WANDB_NAME", output_dir.name),
+                                  dir=os.environ.get("WANDB_DIR", str(output_dir)), config=config)
+        except wandb.errors.UsageError as err:  # no API key, an unknown entity or project: the user's to fix
+            raise ReportingError(f"report_to wandb: {str(err).strip()} (run `wandb login` or set WANDB_API_KEY; "
+                                 "WANDB_MODE=offline logs locally; or leave wandb out of report_to)") from None
 
     def log(self, tags: dict[str, float], step: int) -> None:
         self.run.log(tags, step=step)
@@ -74,7 +86,9 @@ class WandbWriter:
         self.run.finish()
 
 
-def open_writers(backends: list[str], *, log_dir: str | Path, output_dir: str | Path, config: dict) -> list:
+def open_writers(backends: list[str], *, log_dir: str | Path, output_dir: str | Path, config: dict,
+                 resumed_at: int = 0) -> list:
     """A writer per backend, in BACKENDS order."""
-    makers = {"tensorboard": lambda: TensorBoardWriter(log_dir), "wandb": lambda: WandbWriter(output_dir, config)}
+    makers = {"tensorboard": lambda: TensorBoardWriter(log_dir, resumed_at),
+              "wandb": lambda: WandbWriter(output_dir, config)}
     return [makers[backend]() for backend in backends]

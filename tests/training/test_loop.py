@@ -123,16 +123,20 @@ def test_resume_reproduces_the_uninterrupted_run_and_export_loads_in_transformer
     assert "auto" not in (straight / "ds_config.resolved.json").read_text()
     assert "gradient_checkpointing: true" in (straight / "train_config.yaml").read_text()
 
-    # Resume from the step-4 checkpoint of the same run: steps 5..8 must come out identical.
+    # Resume from the step-4 checkpoint of the same run, as after a crash at step 8 that left a half-written
+    # metrics line: steps 5..8 must come out identical, and metrics.jsonl reads as one uninterrupted run.
     resumed = tmp_path / "resumed"
     shutil.copytree(straight / "checkpoints", resumed / "checkpoints")
     (resumed / "checkpoints" / POINTER).write_text(json.dumps({"latest": tag_for(4), "complete": [tag_for(4)]}))
+    (resumed / "metrics.jsonl").write_text((straight / "metrics.jsonl").read_text() + '{"step": 9, "lo')
+    capsys.readouterr()
     assert run_train(workspace, resumed, "--max_steps", "8", "--save_steps", "4", "--eval_steps", "4",
                      "--gradient_checkpointing", "true", "--resume") == 0
-    again = [r for r in read_metrics(resumed) if "loss" in r]
-    assert [r["step"] for r in again] == [5, 6, 7, 8]
-    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in again] == \
-           [(r["loss"], r["grad_norm"], r["lr"]) for r in steps[4:]]
+    assert "metrics.jsonl: 6 record(s) after step 4 dropped" in capsys.readouterr().out  # 4 steps, 1 eval, 1 torn
+    again = read_metrics(resumed)
+    assert [r["step"] for r in again] == [r["step"] for r in records]  # each step once, evaluations included
+    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in again if "loss" in r] == \
+           [(r["loss"], r["grad_norm"], r["lr"]) for r in steps]
     fewer = json.dumps([{"vicuna": {"input_file_path": str(SAMPLE / "vicuna_sample.json"), "val_split": 0.2}}])
     assert run_train(workspace, resumed, "--max_steps", "8", "--resume", "--datasets", fewer) == 2
     refused = capsys.readouterr().err  # checked before anything is loaded

@@ -121,6 +121,24 @@ def test_a_backend_asked_for_and_not_installed_stops_the_run_before_anything_is_
     assert "training conversations" not in captured.out and not (tmp_path / "run").exists()
 
 
+def test_wandb_without_credentials_is_one_line_saying_what_to_do(workspace, tmp_path, wandb_offline, monkeypatch,
+                                                                 capsys):
+    """wandb installed but not logged in: wandb.init raises its UsageError (seen with online mode and no
+    key); the run ends in one line with exit 2, not wandb's traceback."""
+    import wandb
+
+    def no_key(**settings):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_key)
+    capsys.readouterr()
+    assert run_train(workspace, tmp_path / "run", "--max_steps", "1", "--report_to", "wandb") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "error: report_to wandb: No API key configured. Use `wandb login` to log in. (run `wandb login` or set " \
+           "WANDB_API_KEY; WANDB_MODE=offline logs locally; or leave wandb out of report_to)" in err
+
+
 def test_record_keys_become_grouped_tags():
     assert [report_tag(k) for k in ("loss", "lr", "grad_norm", "eval_vicuna_loss", "eval_code_alpaca_accuracy",
                                     "eval_loss", "eval_accuracy")] == [
