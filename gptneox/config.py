@@ -142,6 +142,8 @@ class GPTNeoXConfig:
                 source = json.loads(path.read_text())
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{path}: not valid JSON ({err})") from None
+            if not isinstance(source, dict):
+                raise ConfigError(f"{path}: a JSON {type(source).__name__}, not the object of a model config")
             where = str(path)
         try:
             return cls(**_parse_hf(dict(source)))

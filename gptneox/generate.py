@@ -188,7 +188,7 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalt
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not temperature > 0:
-        raise GenerationError(f"temperature must be > 0, got {temperature!r} (use do_sample=False for greedy)")
+        raise GenerationError(f"temperature must be > 0, got {temperature!r} (for greedy decoding: do_sample=False; --greedy in gptneox-chat)")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if not 0 < top_p <= 1:

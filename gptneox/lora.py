@@ -34,7 +34,7 @@ DEFAULT_TARGET_MODULES = ("query_key_value",)  # peft's default for GPT-NeoX
 def parse_target_modules(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Module names from a comma list or a list, `all-linear` for all four, in TARGET_MODULES order;
     a name no GPT-NeoX module has is a ValueError naming the valid ones."""
-    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if str(n).strip()]
+    names = [str(n).strip() for n in (value.split(",") if isinstance(value, str) else value) if str(n).strip()]
     if ALL_LINEAR in names:
         return TARGET_MODULES
     unknown = [n for n in names if n not in TARGET_MODULES]

@@ -27,9 +27,10 @@ from gptneox.torch_support import check_torch_version
 from gptneox.training.config import parse_train_config
 from gptneox.training.determinism import use_deterministic_algorithms
 from gptneox.training.distributed import process_group_of_this_run
+from gptneox.training.ds_config import check_scheduler
 from gptneox.training.loop import TrainingStopped, train
 from gptneox.training.model_files import find_model_dir
-from gptneox.training.model_setup import check_lora_base, choose_attention_backend
+from gptneox.training.model_setup import check_dtype_supported, check_lora_base, choose_attention_backend
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +55,8 @@ def _run(prog: str, argv: list[str] | None, stop: StopRequest) -> int:
         find_model_dir(cfg.model_name, cfg.cache_dir)  # a missing model fails before DeepSpeed starts
         check_lora_base(cfg)  # so does LoRA on a model it cannot adapt
         choose_attention_backend(cfg, get_accelerator().device_name())  # so does an unusable attention backend
+        check_dtype_supported(cfg)  # and a dtype DeepSpeed would refuse on this accelerator
+        check_scheduler(cfg)  # and a scheduler it would refuse
         use_deterministic_algorithms(cfg.deterministic)
         with process_group_of_this_run(raised_together=(UserError, TrainingStopped)) as (rank, world):
             if not train(cfg, rank, world, stop):

@@ -1,6 +1,7 @@
 """The memory planner's terms against what the model and the loss actually allocate on CPU."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -125,6 +126,29 @@ def test_unknown_model_is_one_line():
     result = plan("--model", "gpt-neox-21b", "--gpus", "8", "--gpu_memory_gb",
                         "80", "--max_length", "2048", "--micro_batch", "2")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "gpt-neox-21b" in result.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_length", "0"], "argument --max_length: '0' must be above 0"),
+    (["--gpus", "0"], "argument --gpus: '0' must be above 0"),
+    (["--micro_batch", "0"], "argument --micro_batch: '0' must be above 0"),
+    (["--gpu_memory_gb", "-5"], "argument --gpu_memory_gb: '-5' must be above 0"),
+    (["--gpus_per_node", "3"], "--gpus_per_node 3 is more than --gpus 2 (the whole job's)"),
+])
+def test_sizes_that_plan_nothing_are_refused_naming_the_flag(flags, message):
+    """Before, 0 read as "not given" (a TypeError), --gpus 0 divided by zero, negative memory was planned."""
+    result = plan("--model", "pythia-160m", "--gpus", "2", "--gpu_memory_gb", "24", "--max_length", "64",
+                  "--micro_batch", "1", *flags)
+    assert result.returncode == 2 and message in result.stderr.splitlines()[-1], result.stderr
+
+
+def test_dtype_takes_both_spellings_as_every_tool_does():
+    result = plan("--model", "pythia-160m", "--gpus", "1", "--gpu_memory_gb", "24", "--max_length", "64",
+                  "--micro_batch", "1", "--dtype", "bfloat16", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == json.loads(plan("--model", "pythia-160m", "--gpus", "1", "--gpu_memory_gb",
+                                                        "24", "--max_length", "64", "--micro_batch", "1",
+                                                        "--dtype", "bf16", "--json").stdout)
 
 
 # LoRA. TINY_CONFIG by hand: hidden 48, MLP 96, 2 layers, vocabulary 96, 6 heads, untied; 47,232 parameters

@@ -22,6 +22,7 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
+from gptneox.cli.arguments import positive
 from gptneox.data.datasets import LoadedDataset, load_run_datasets, merge_datasets
 from gptneox.data.formatting import ConversationTokenizer
 from gptneox.errors import run_command
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Every other argument is train.py's (--configs, --cache_dir, --key value).")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    parser.add_argument("--world_size", type=int, default=1, help="GPUs of the run, for steps per epoch")
+    parser.add_argument("--world_size", type=positive(int), default=1, help="GPUs of the run, for steps per epoch")
     args, train_args = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     return run_command(parser.prog, lambda: report(args, train_args))

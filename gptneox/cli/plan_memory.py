@@ -21,9 +21,10 @@ import textwrap
 from pathlib import Path
 
 from gptneox import GPTNeoXConfig
+from gptneox.cli.arguments import positive
 from gptneox.config import PRESETS
 from gptneox.data.tokenizer import CHAT_TOKENS
-from gptneox.dtypes import TORCH_DTYPES
+from gptneox.dtypes import DTYPE_HELP, TORCH_DTYPES, dtype_name
 from gptneox.errors import UserError, report_user_error
 from gptneox.lora import ALL_LINEAR, TARGET_MODULES, parse_target_modules
 from gptneox.memory_plan import HEADROOM, Batch, Hardware, LoraPlan, PlanError, activation_terms, zero_plans
@@ -152,14 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "dtype of the run")
     parser.add_argument("--model", help="preset, Hugging Face directory or config section (default: the model of "
                                         "--configs)")
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs in the whole job (all nodes)")
-    parser.add_argument("--gpus_per_node", type=int, default=None, help="default: min(gpus, 8)")
-    parser.add_argument("--gpu_memory_gb", type=float, required=True, help="memory of one GPU, GB (1e9 bytes)")
-    parser.add_argument("--host_memory_gb", type=float, default=None, help="memory of one node, GB; checked if given")
-    parser.add_argument("--max_length", type=int, help="tokens per row (default: the max_length of --configs)")
-    parser.add_argument("--micro_batch", type=int,
+    parser.add_argument("--gpus", type=positive(int), required=True, help="GPUs in the whole job (all nodes)")
+    parser.add_argument("--gpus_per_node", type=positive(int), default=None, help="default: min(gpus, 8)")
+    parser.add_argument("--gpu_memory_gb", type=positive(float), required=True, help="memory of one GPU, GB (1e9 bytes)")
+    parser.add_argument("--host_memory_gb", type=positive(float), default=None, help="memory of one node, GB; checked if given")
+    parser.add_argument("--max_length", type=positive(int), help="tokens per row (default: the max_length of --configs)")
+    parser.add_argument("--micro_batch", type=positive(int),
                         help="rows per GPU per forward (default: the per_device_train_batch_size of --configs)")
-    parser.add_argument("--dtype", choices=list(TORCH_DTYPES), help="default: the dtype of --configs, else fp16")
+    parser.add_argument("--dtype", type=dtype_name, choices=list(TORCH_DTYPES), metavar="DTYPE",
+                        help=f"{DTYPE_HELP} (default: the dtype of --configs, else fp16)")
     parser.add_argument("--deepspeed_configs", nargs="+", default=DEFAULT_DS_CONFIGS, metavar="JSON",
                         help=f"DeepSpeed config files to compare (default: {' '.join(DEFAULT_DS_CONFIGS)})")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON (GB) instead of the table")
@@ -198,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(train_args)} (train.py's keys need --configs)")
     if not args.configs and None in (args.model, args.max_length, args.micro_batch):
         parser.error("without --configs, --model, --max_length and --micro_batch are required")
+    if args.gpus_per_node is not None and args.gpus_per_node > args.gpus:
+        parser.error(f"--gpus_per_node {args.gpus_per_node} is more than --gpus {args.gpus} (the whole job's)")
     try:
         cfg = parse_train_config(["--configs", *args.configs, *train_args]) if args.configs else None
         config, origin, batch = run_settings(args, cfg)

@@ -218,9 +218,10 @@ POSITIVE = ("learning_rate", "adam_epsilon", "peak_tflops", "num_train_epochs", 
 _AT_LEAST_1 = (1, math.inf, "at least 1")
 _RANGES = {
     **{name: _AT_LEAST_1 for name in (
-        "max_length", "val_max_length", "pad_to_multiple_of", "eval_size", "per_device_train_batch_size",
+        "pad_to_multiple_of", "eval_size", "per_device_train_batch_size",
         "per_device_eval_batch_size", "gradient_accumulation_steps", "max_steps",
         "max_consecutive_skipped_steps", "save_steps", "save_total_limit", "logging_steps", "eval_steps")},
+    **{name: (2, math.inf, "at least 2 (a token and its target)") for name in ("max_length", "val_max_length")},
     "rng_seed": (0, 2**64 - 1, "in [0, 2**64)"),
     "warmup_steps": (0, math.inf, "0 or more"),
     "random_offset_probability": (0.0, 1.0, "in [0, 1]"),
@@ -243,7 +244,7 @@ _KEY_HINTS = {"eval_steps": "to switch evaluation off: eval_strategy no", "datas
 # Arguments of the Hugging Face Trainer, TRL and axolotl that are not keys here, and what does their job.
 FOREIGN_KEYS = {
     "bf16": "the precision is one key here: --dtype bf16",
-    "fp16": "the precision is one key here: --dtype fp16 (the default)",
+    "fp16": "the precision is one key here: --dtype fp16 (the defaults section's, for GPUs)",
     "lr_scheduler_type": "the learning-rate schedule is the DeepSpeed config's 'scheduler' section "
                          "(ds_config.json: WarmupDecayLR, filled from learning_rate, warmup_steps and the run's "
                          "length); to change it, copy ds_config.json, set scheduler.type to WarmupLR (constant "
@@ -305,9 +306,15 @@ def load_section(name: str, config_dir: Path = CONFIG_DIR) -> dict:
         raise TrainConfigError(f"unknown config {name!r} (no {path}){hint} "
                                f"Available: {', '.join(available_configs(config_dir))}")
     try:
-        document = yaml.safe_load(path.read_text())
+        document = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
-        raise TrainConfigError(f"{path}: invalid YAML: {err}") from None
+        raise TrainConfigError(f"{path}: invalid YAML: {_one_line(err)}") from None
+    flat = [key for key, value in document.items() if not isinstance(value, dict) and
+            (key in _FIELDS or key in FOREIGN_KEYS)] if isinstance(document, dict) else []  # axolotl's layout
+    if flat:
+        raise TrainConfigError(f"{path}: training keys at its top level ({', '.join(map(str, flat))}); a YAML file "
+                               f"holds one section: indent the keys under a name of your choosing, as in "
+                               f"'{path.stem}:' followed by '  {flat[0]}: ...'")
     if isinstance(document, dict) and len(document) > 1:
         raise TrainConfigError(f"{path}: holds {len(document)} sections ({', '.join(map(str, document))}); a YAML "
                                "file holds one: put each in its own file and list the files in --configs")
@@ -324,7 +331,32 @@ def load_section(name: str, config_dir: Path = CONFIG_DIR) -> dict:
     return values
 
 
+def _one_line(err: yaml.YAMLError) -> str:
+    """PyYAML's message (several lines, with a caret under a copy of the line) as problem and position."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(err).split())
+    context = f"{err.context} " if getattr(err, "context", None) else ""
+    return f"{context}{problem} (line {mark.line + 1}, column {mark.column + 1})"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _check_key(key: str, where: str) -> None:
+    if not isinstance(key, str):
+        raise TrainConfigError(f"{where}: key {key!r} is not a name (YAML reads it as {type(key).__name__})")
     if key in _FIELDS:
         return
     if key in FOREIGN_KEYS:
@@ -383,7 +415,12 @@ def _typed(key: str, text: str) -> Any:
             if not isinstance(value, kind):
                 raise ValueError(f"expected a {kind.__name__}")
             return value
-        return int(text, 0) if kind is int else kind(text)  # str, float, Path
+        if kind is int:
+            try:
+                return int(text, 0)
+            except ValueError:
+                raise ValueError("expected a whole number") from None
+        return kind(text)  # str, float, Path
     except (ValueError, yaml.YAMLError) as err:
         raise TrainConfigError(f"--{key} {text!r}: cannot be read as {kind.__name__} ({err})") from None
 
@@ -395,7 +432,9 @@ def _parse_overrides(tokens: list[str]) -> dict:
     while i < len(tokens):
         token = tokens[i]
         if not token.startswith("--"):
-            raise TrainConfigError(f"unexpected argument {token!r} (overrides look like --key value)")
+            ds_config = ("; a DeepSpeed config is --deepspeed_config FILE (--deepspeed, the Trainer's way, takes no "
+                         "value here)") if token.endswith(".json") else ""
+            raise TrainConfigError(f"unexpected argument {token!r} (overrides look like --key value){ds_config}")
         name, has_value, value = token[2:].partition("=")
         negated = name[3:].replace("-", "_")
         if name.startswith("no-") and not has_value and negated in _FIELDS:

@@ -48,6 +48,7 @@ def resolve_ds_config(template: dict, cfg: TrainConfig, *, world_size: int, hidd
     they are not training-config values (HF's `fill_only`).
     """
     resolved = copy.deepcopy(template)
+    dropped = _drop_auto_params_not_taken(resolved.get("scheduler"))
     micro, gas = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     # The loop's batch layout must be DeepSpeed's: with a smaller GAS in the config ZeRO-2 would keep only
     # the last micro-batch's gradients. So these are set even when the template leaves them out.
@@ -93,6 +94,9 @@ def resolve_ds_config(template: dict, cfg: TrainConfig, *, world_size: int, hidd
     _check_scheduler(resolved.get("scheduler"), cfg)
 
     notes = []
+    if dropped:
+        notes.append(f"scheduler {resolved['scheduler']['type']} takes no {', '.join(dropped)}: those 'auto' "
+                     "values left out")
     optimizer = resolved["optimizer"]
     if cpu and optimizer.get("type", "").lower() in ("adam", "adamw"):
         params = optimizer.setdefault("params", {})
@@ -111,6 +115,34 @@ def resolve_ds_config(template: dict, cfg: TrainConfig, *, world_size: int, hidd
     return resolved, notes
 
 
+def check_scheduler(cfg: TrainConfig) -> None:
+    """The scheduler checks before any data or weights are read (gptneox.train calls this first), on the
+    config's scheduler section with warmup_steps filled in as resolve_ds_config fills it."""
+    scheduler = copy.deepcopy(load_ds_config(cfg.deepspeed_config).get("scheduler"))
+    _drop_auto_params_not_taken(scheduler)
+    if scheduler is not None and "warmup_num_steps" in scheduler.get("params", {}):
+        scheduler["params"]["warmup_num_steps"] = cfg.warmup_steps
+    _check_scheduler(scheduler, cfg)
+
+
+def _scheduler_parameters(kind: str) -> set[str]:
+    return set(inspect.signature(getattr(lr_schedules, kind)).parameters) - {"optimizer", "last_batch_iteration"}
+
+
+def _drop_auto_params_not_taken(scheduler: dict | None) -> list[str]:
+    """Remove (in place) the "auto" parameters a supported scheduler does not take, and return their names:
+    a copy of the seed's file with only scheduler.type changed (WarmupLR takes no total_num_steps,
+    WarmupCosineLR no warmup_min_lr/warmup_max_lr) then works. A value the user set is never dropped."""
+    if not scheduler or scheduler.get("type") not in SCHEDULERS:
+        return []
+    params = scheduler.get("params", {})
+    dropped = [name for name, value in params.items()
+               if value == "auto" and name not in _scheduler_parameters(scheduler["type"])]
+    for name in dropped:
+        del params[name]
+    return dropped
+
+
 def _check_scheduler(scheduler: dict | None, cfg: TrainConfig) -> None:
     """At start, not at deepspeed.initialize after the model is loaded: a scheduler the loop cannot drive
     from the training config, a parameter its DeepSpeed class does not take, a warmup it cannot do."""
@@ -125,7 +157,7 @@ def _check_scheduler(scheduler: dict | None, cfg: TrainConfig) -> None:
         raise DeepSpeedConfigError(f"ds_config scheduler.type={kind!r} is not supported: its learning rates would "
                                    "not follow learning_rate and warmup_steps; use one of " + ", ".join(SCHEDULERS))
     params = scheduler.get("params", {})
-    accepted = set(inspect.signature(getattr(lr_schedules, kind)).parameters) - {"optimizer", "last_batch_iteration"}
+    accepted = _scheduler_parameters(kind)
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise DeepSpeedConfigError(f"ds_config scheduler.params {', '.join(unknown)}: not parameters of {kind} "
@@ -133,7 +165,8 @@ def _check_scheduler(scheduler: dict | None, cfg: TrainConfig) -> None:
     warmup = params.get("warmup_num_steps", 1)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
         raise DeepSpeedConfigError(f"ds_config scheduler.params.warmup_num_steps={warmup!r} (warmup_steps): "
-                                   f"DeepSpeed's {kind} needs a positive integer")
+                                   f"DeepSpeed's {kind} needs a positive integer (set warmup_steps 1 or more, "
+                                   "or remove the scheduler section for a constant learning rate)")
 
 
 def _set(config: dict, dotted: str, value: Any, *, create: bool, compare: bool = True) -> None:

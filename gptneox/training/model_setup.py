@@ -133,6 +133,18 @@ def choose_attention_backend(cfg: TrainConfig, device_type: str) -> tuple[str, s
         raise TrainConfigError(f"{key} with dtype {cfg.dtype} on {device_type}: {err}{without}") from None
 
 
+def check_dtype_supported(cfg: TrainConfig) -> None:
+    """DeepSpeed refuses a 16-bit dtype its accelerator lacks only inside deepspeed.initialize, after the data
+    and weights are read, with a traceback; here it is one line at start (gptneox.train calls this first)."""
+    accelerator = get_accelerator()
+    supported = {"fp16": accelerator.is_fp16_supported, "bf16": accelerator.is_bf16_supported}.get(cfg.dtype)
+    if supported is not None and not supported():
+        alternative = "bf16" if cfg.dtype == "fp16" and accelerator.is_bf16_supported() else "fp32"
+        raise TrainConfigError(f"dtype={cfg.dtype!r}: DeepSpeed does not train in {cfg.dtype} on the "
+                               f"{accelerator.device_name()} accelerator; use --dtype {alternative} here "
+                               "(the defaults section's fp16 is for GPUs)")
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: biases and LayerNorm weights (all 1-D parameters) get no weight decay."""
     decay, no_decay = [], []

@@ -101,6 +101,9 @@ def test_bad_config_file_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json: not valid JSON"):
         GPTNeoXConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")  # JSON, but no object: was a TypeError from dict()
+    with pytest.raises(ConfigError, match="config.json: a JSON list, not the object of a model config"):
+        GPTNeoXConfig.from_hf(tmp_path)
     with pytest.raises(FileNotFoundError, match="nowhere: config.json not found"):
         GPTNeoXConfig.from_hf(tmp_path / "nowhere")
     (tmp_path / "config.json").write_text(json.dumps({**GPTNeoXConfig().to_hf(), "hidden_dropout": 0.2}))

@@ -68,3 +68,8 @@ def test_data_report_bad_config_is_one_line(tmp_path):
     done = data_report(*SAMPLE_RUN, "--cache_dir", tmp_path)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
     assert "data_report.py: error: dataset 'oasst_export': file not found" in done.stderr
+
+
+def test_a_world_size_of_zero_is_refused_naming_the_flag():
+    result = data_report(*SAMPLE_RUN, "--world_size", "0")
+    assert result.returncode == 2 and "argument --world_size: '0' must be above 0" in result.stderr, result.stderr

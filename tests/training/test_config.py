@@ -38,6 +38,8 @@ def test_overrides_are_typed_like_the_default():
     (["--max_length", "long"], "--max_length 'long'"),
     (["--dtype", "fp8"], "dtype='fp8'"),
     (["--resume", "maybe"], "--resume 'maybe'"),
+    (["--deepspeed", "ds_config.json"], "unexpected argument 'ds_config.json' \\(overrides look like --key value\\); a "
+                                        "DeepSpeed config is --deepspeed_config FILE"),
 ])
 def test_bad_command_lines_name_the_problem(argv, message):
     with pytest.raises(TrainConfigError, match=message):
@@ -56,6 +58,9 @@ def test_bad_command_lines_name_the_problem(argv, message):
     (["--adam_beta2", "1.0"], "adam_beta2=1.0 must be in \\[0, 1\\)"),
     (["--max_grad_norm", "-2"], "max_grad_norm=-2.0 must be a finite number, 0 or more"),
     (["--pad_to_multiple_of", "0"], "pad_to_multiple_of=0 must be at least 1"),
+    (["--max_length", "1"], "max_length=1 must be at least 2 \\(a token and its target\\)"),
+    (["--val_max_length", "1"], "val_max_length=1 must be at least 2"),
+    (["--lora_r", "2.5"], "--lora_r '2.5': cannot be read as int \\(expected a whole number\\)"),
 ])
 def test_every_numeric_key_is_range_checked_naming_it(argv, message):
     with pytest.raises(TrainConfigError, match=message):
@@ -68,6 +73,22 @@ def test_unknown_key_in_a_section_names_the_file(tmp_path):
     bad.write_text("bad:\n  warmup_step: 10\n")
     with pytest.raises(TrainConfigError, match=r"bad.yaml: unknown key 'warmup_step'; did you mean 'warmup_steps'"):
         parse_train_config(["--configs", "defaults", str(bad)])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("per_device_train_batch_size: 2\nnum_train_epochs: 3\nbase_model: x\n",  # axolotl's layout: no section
+     r"flat.yaml: training keys at its top level \(per_device_train_batch_size, num_train_epochs, base_model\); a "
+     r"YAML file holds one section: indent the keys under a name of your choosing, as in 'flat:' followed by "
+     r"'  per_device_train_batch_size: ...'"),
+    ("mine:\n  learning_rate: 1.0e-4\n  max_steps: 3\n  learning_rate: 1.0e-5\n",
+     r"flat.yaml: invalid YAML: key 'learning_rate' given twice \(line 4, column 3\)$"),
+    ("mine:\n  null: 1\n", r"flat.yaml: key None is not a name \(YAML reads it as NoneType\)"),
+    ("mine:\n  5: 1\n", r"flat.yaml: key 5 is not a name \(YAML reads it as int\)"),
+])
+def test_yaml_files_that_would_be_misread_are_refused_naming_the_file(tmp_path, text, message):
+    (tmp_path / "flat.yaml").write_text(text)
+    with pytest.raises(TrainConfigError, match=message):
+        parse_train_config(["--configs", "defaults", str(tmp_path / "flat.yaml")])
 
 
 def test_every_shipped_config_loads():

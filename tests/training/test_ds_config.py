@@ -128,12 +128,31 @@ def test_supported_schedulers_follow_the_training_config(kind, params, last_lr):
     assert rates[-1] == pytest.approx(last_lr, abs=1e-9)  # decayed to zero at total_num_steps, or kept
 
 
+@pytest.mark.parametrize("kind, left_out", [("WarmupLR", "total_num_steps"),
+                                             ("WarmupCosineLR", "warmup_min_lr, warmup_max_lr")])
+def test_a_copy_of_the_seed_file_with_only_the_scheduler_type_changed_works(kind, left_out):
+    """What the README and the --lr_scheduler_type pointer tell a user to do: the seed's 'auto' parameters the
+    other scheduler does not take are left out (said in a note), the rest filled, and DeepSpeed builds it."""
+    from deepspeed.runtime import lr_schedules
+    template = load_ds_config(REPO / "ds_config.json")
+    template["scheduler"]["type"] = kind
+    resolved, notes = _resolve(TrainConfig(learning_rate=1e-3, warmup_steps=4), template, total_num_steps=10)
+    assert f"scheduler {kind} takes no {left_out}: those 'auto' values left out" in notes
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    getattr(lr_schedules, kind)(optimizer, **resolved["scheduler"]["params"])
+    assert resolved["scheduler"]["params"]["warmup_num_steps"] == 4
+    template["scheduler"]["params"]["warmup_max_lr"] = 1e-4  # a value the user set is never left out
+    if kind == "WarmupCosineLR":
+        with pytest.raises(DeepSpeedConfigError, match="warmup_max_lr: not parameters of WarmupCosineLR"):
+            _resolve(TrainConfig(learning_rate=1e-4, warmup_steps=4), template, total_num_steps=10)
+
+
 @pytest.mark.parametrize("scheduler, message", [
     ({"type": "OneCycle", "params": {"cycle_min_lr": 0, "cycle_max_lr": 1e-5}},
      "scheduler.type='OneCycle' is not supported: .* use one of WarmupDecayLR, WarmupLR, WarmupCosineLR"),
     ({"type": "LRRangeTest", "params": {}}, "scheduler.type='LRRangeTest' is not supported"),
     ({"type": "StepLR", "params": {"step_size": 10}}, "scheduler.type='StepLR' is not supported"),
-    ({"type": "WarmupCosineLR", "params": {"warmup_max_lr": "auto", "total_num_steps": "auto"}},
+    ({"type": "WarmupCosineLR", "params": {"warmup_max_lr": 1e-5, "total_num_steps": "auto"}},
      r"scheduler.params warmup_max_lr: not parameters of WarmupCosineLR \(it takes cos_min_ratio, "),
     ({"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}, "warmup_num_steps=0 .*needs a positive integer"),
     (None, "no 'scheduler' section, so warmup_steps=600 would be ignored"),

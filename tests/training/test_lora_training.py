@@ -268,6 +268,7 @@ def test_adapters_resume_and_export_onto_the_base_they_were_trained_on_only(base
     (["--lora_target_modules", "query_key_value,attention"], "'attention': GPT-NeoX's targets are query_key_value, "
                                                              "dense, dense_h_to_4h, dense_4h_to_h or all-linear"),
     (["--model_name", "tiny"], "lora_r=4 with model_name='tiny', a preset with random weights"),
+    (["--lora_target_modules", "[5]"], "'5': GPT-NeoX's targets are query_key_value, dense"),
 ])
 def test_bad_lora_settings_fail_in_one_line_and_write_nothing(base, tmp_path, capsys, flags, message):
     assert run_train(base, tmp_path / "out", *flags) == 2

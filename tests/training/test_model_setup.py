@@ -90,3 +90,23 @@ def test_a_preset_without_tokenizer_names_the_bundled_one_and_model_directories(
     named = parse_train_config(["--configs", "defaults", "tiny", "sample-tokenizer"])
     assert Path(named.tokenizer_path).read_bytes() == (REPO / "data" / "sample" / "tokenizer.json").read_bytes()
     assert load_run_tokenizer(named).token_to_id("<|assistant|>") is not None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "fp16"], "dtype='fp16': DeepSpeed does not train in fp16 on the cpu accelerator; use --dtype bf16 "
+                          "here (the defaults section's fp16 is for GPUs)"),
+    (["--warmup_steps", "0"], "ds_config scheduler.params.warmup_num_steps=0 (warmup_steps): DeepSpeed's "
+                              "WarmupDecayLR needs a positive integer (set warmup_steps 1 or more, or remove the "
+                              "scheduler section for a constant learning rate)"),
+])
+def test_what_deepspeed_would_refuse_after_loading_is_refused_before_reading_anything(tmp_path, capsys, flags,
+                                                                                       message):
+    """DeepSpeed refuses fp16 on a CPU, and a scheduler without warm-up steps, only inside initialize (a
+    traceback after the data and weights are read); here both are one line before anything is read."""
+    from gptneox.train import main as train_main
+
+    out = tmp_path / "run"
+    assert train_main(["--configs", "defaults", "tiny", "sample-mix", "--output_dir", str(out), *flags]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1 and message in captured.err, captured.err
+    assert "records read" not in captured.out and not out.exists()
