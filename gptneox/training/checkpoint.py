@@ -9,13 +9,16 @@ settings and the size of every file of the tag) and every rank flushes the tag t
 crash cannot leave a listed tag empty. Resume reads that pointer only; tags it does not list (a save that
 died half-way) are ignored and cleaned up by the next rotation. A listed tag that is missing or damaged
 (a file gone, shorter than recorded, or not a complete zip) is passed over for the previous complete one,
-with a warning naming the file; so is an unreadable pointer, by looking at the tags themselves.
+with a warning naming the file; so is an unreadable pointer, by looking at the tags themselves. A pointer
+entry that is not a tag name as tag_for writes it (`../../elsewhere`) makes the pointer unreadable: it is
+never followed, and rotation never deletes anything but tag directories of this folder.
 A save that fails (a full disk above all) removes its partial tag on every rank and says what is intact.
 """
 from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import sys
 import zipfile
@@ -38,8 +41,21 @@ class CheckpointStateError(UserError):
     """A checkpoint directory that cannot be resumed from: unreadable, or from an incompatible run."""
 
 
+TAG_NAME = re.compile(r"step[0-9]{8,}")
+
+
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
+
+
+def is_tag_name(name: object) -> bool:
+    """Whether `name` is a tag as tag_for writes it: a directory right in the checkpoints folder. Anything else
+    from checkpoints.json or --tag (a path outside it, say) is never loaded, exported or deleted."""
+    return isinstance(name, str) and TAG_NAME.fullmatch(name) is not None
+
+
+def _tag_order(tag: str) -> int:
+    return int(tag[len("step"):])
 
 
 def rng_states() -> dict:
@@ -165,7 +181,8 @@ class CheckpointManager:
                 listed = self.complete_tags()
             except CheckpointStateError as err:
                 broken = True
-                listed = sorted(p.name for p in self.directory.glob("step*") if (p / RUN_RECORD).is_file())
+                listed = sorted((p.name for p in self.directory.glob("step*")
+                                 if is_tag_name(p.name) and (p / RUN_RECORD).is_file()), key=_tag_order)
                 warn(f"warning: {err}; looking at the tags themselves ({', '.join(listed) or 'none found'})")
             usable = []
             for tag in listed:
@@ -179,15 +196,20 @@ class CheckpointManager:
                                            f"(damaged: {', '.join(listed)})")
             if usable and (usable != listed or broken):
                 warn(f"warning: resuming from {usable[-1]}, the newest complete checkpoint")
+            if usable != listed or broken:
                 self._relist = usable  # by resume(): a resume refused after this writes nothing
             return usable[-1] if usable else None
         return on_rank_zero(decide, share=True)
 
     def drop_passed_over(self) -> None:
         """Take the tags usable_tag passed over off the pointer (rank 0), once the resume goes ahead: a resume
-        refused after usable_tag writes nothing."""
-        if self._relist:
-            self._list(self._relist)
+        refused after usable_tag writes nothing. An unreadable pointer with no tag left to list is removed: the
+        run starts from scratch, and its first save must not trip over it."""
+        if self._relist is not None:
+            if self._relist:
+                self._list(self._relist)
+            else:
+                (self.directory / POINTER).unlink(missing_ok=True)
             self._relist = None
 
     def complete_tags(self) -> list[str]:
@@ -196,8 +218,11 @@ class CheckpointManager:
             return []
         try:
             tags = json.loads(path.read_text())["complete"]
-            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            if not isinstance(tags, list):
                 raise TypeError(f"'complete' is {tags!r}, not a list of tags")
+            for tag in tags:
+                if not is_tag_name(tag):
+                    raise TypeError(f"'complete' holds {tag!r}, not a tag name like {tag_for(0)}")
             return tags
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise CheckpointStateError(f"{path}: unreadable checkpoint pointer ({err})") from None
@@ -270,7 +295,7 @@ class CheckpointManager:
     def _remove_unlisted(self, kept: list[str]) -> None:
         """Delete rotated-out tags and leftovers of saves that never completed."""
         for entry in self.directory.iterdir():
-            if entry.is_dir() and entry.name.startswith("step") and entry.name not in kept:
+            if entry.is_dir() and is_tag_name(entry.name) and entry.name not in kept:
                 shutil.rmtree(entry, ignore_errors=True)
 
 

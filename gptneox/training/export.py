@@ -27,7 +27,7 @@ from gptneox.errors import MissingFileError, UserError
 from gptneox.adapter import save_adapter
 from gptneox.lora import LoraConfig, adapter_shapes, merged_weight
 from gptneox.model import copy_rows, state_dict_shapes
-from gptneox.training.checkpoint import CheckpointManager
+from gptneox.training.checkpoint import CheckpointManager, is_tag_name, tag_for
 from gptneox.training.output_dir import EXPORTED_ADAPTER, EXPORTED_WEIGHTS
 from gptneox.training.safe_checkpoint import check_no_code
 from gptneox.training.storage import DiskFullError, fsync_path, fsync_tree, out_of_space, remove_partial
@@ -54,12 +54,18 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     """Write the Hugging Face directory for `tag` (default: the newest complete checkpoint). Its .pt files
     are read weights-only first (gptneox.training.safe_checkpoint) unless `trust_checkpoint_code`. A LoRA
     checkpoint's adapters are merged into the base they were trained on (`base_model`: the directory it has
-    moved to), whose weights must be those recorded, unless `allow_other_base`."""
+    moved to), whose weights must be those recorded, unless `allow_other_base`. A `tag` that is not a tag
+    name (a path elsewhere) and an `output_dir` that is a file or in the checkpoint directory are refused
+    before anything is read or written."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     metadata = checkpoint_dir / MODEL_SUBDIR
     if not (metadata / "config.json").is_file():
         raise MissingFileError(f"{metadata / 'config.json'} not found: {checkpoint_dir} is not a checkpoint "
                                 "directory written by train.py")
+    if tag is not None and not is_tag_name(tag):
+        raise UserError(f"--tag {tag}: not a checkpoint tag name like {tag_for(40)} (one of the step* directories "
+                        f"in {checkpoint_dir})")
+    _check_output_dir(checkpoint_dir, output_dir)
     tag = tag or CheckpointManager(checkpoint_dir, keep=None, rank=0).latest_tag()
     if tag is None or not (checkpoint_dir / tag).is_dir():
         raise MissingFileError(f"{checkpoint_dir}: no complete checkpoint {tag or ''} to export")
@@ -116,6 +122,16 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     staging.rmdir()
     fsync_path(output_dir)
     return output_dir
+
+
+def _check_output_dir(checkpoint_dir: Path, output_dir: Path) -> None:
+    """The export moves files into `output_dir` and drops stale weights there: a file in its place cannot
+    take them, and the checkpoint directory (its model/ metadata, its tags) must not get or lose any."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"{output_dir}: the export's output directory is a file")
+    if output_dir.resolve().is_relative_to(checkpoint_dir.resolve()):
+        raise UserError(f"{output_dir}: the export's output directory is in the checkpoint directory "
+                        f"{checkpoint_dir}; write it elsewhere (train.py exports into the run's output_dir)")
 
 
 def _lora_config(lora: dict) -> LoraConfig:

@@ -81,14 +81,26 @@ def write_run_record(tag_dir: str | Path, record: dict) -> Path:
 
 
 def read_run_record(tag_dir: str | Path) -> dict | None:
-    """None for a checkpoint written before run.json existed."""
+    """None for a checkpoint written before run.json existed. A record that is not what write_run_record
+    writes (not JSON, not an object, or a model, lora or file list of another type: tampered with) is
+    unreadable, as one line naming the file: its callers read those fields as objects."""
     path = Path(tag_dir) / RUN_RECORD
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ResumeMismatch(f"{path}: unreadable ({err})") from None
+    if not isinstance(record, dict):
+        kind = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(record), "null")
+        raise ResumeMismatch(f"{path}: unreadable (a JSON {kind}, not an object)")
+    for key, types in (("model", (dict,)), ("lora", (dict, type(None))), ("files", (dict, type(None)))):
+        if key in record and not isinstance(record[key], types):
+            raise ResumeMismatch(f"{path}: unreadable ('{key}' is {record[key]!r})")
+    files = record.get("files") or {}
+    if not all(isinstance(size, int) and not isinstance(size, bool) for size in files.values()):
+        raise ResumeMismatch(f"{path}: unreadable ('files' is {files!r}, not file sizes)")
+    return record
 
 
 def check_resume(saved: dict, current: dict, where: str | Path, allowed: set[str] = frozenset(),

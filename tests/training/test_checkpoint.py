@@ -140,3 +140,57 @@ def test_no_complete_tag_left_is_refused_naming_the_damage(tmp_path):
     (tmp_path / tag_for(1) / "mp_rank_00_model_states.pt").unlink()
     with pytest.raises(CheckpointStateError, match="no complete checkpoint is left to resume from"):
         manager.usable_tag(warn=lambda message: None)
+
+
+@pytest.mark.parametrize("pointer", [
+    {"latest": "../../evil", "complete": ["../../evil"]},
+    {"latest": tag_for(3), "complete": [tag_for(1), "step00000002/../../../evil", tag_for(3)]},
+    {"latest": "evil", "complete": ["/tmp/evil"]},
+])
+def test_a_pointer_entry_that_is_not_a_tag_name_is_never_followed_nor_deleted(tmp_path, pointer):
+    """checkpoints.json names a directory outside the checkpoints: an unreadable pointer like any other, so
+    resume looks at the tags themselves, and rotation deletes only tags of this folder."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    manager = _three_tags(checkpoints)
+    evil = tmp_path / "evil"
+    __import__("shutil").copytree(checkpoints / tag_for(3), evil)  # loadable, if it were followed
+    (checkpoints / "step_notes").mkdir()  # not a tag name: not ours to rotate away
+    (checkpoints / POINTER).write_text(json.dumps(pointer))
+    with pytest.raises(CheckpointStateError, match=f"{checkpoints / POINTER}: unreadable checkpoint pointer "
+                                                   ".'complete' holds '.*', not a tag name like step00000000."):
+        manager.latest_tag()
+    warnings = []
+    assert manager.usable_tag(warn=warnings.append) == tag_for(3)
+    assert "unreadable checkpoint pointer" in warnings[0] and "evil" in warnings[0]
+    assert warnings[-1] == f"warning: resuming from {tag_for(3)}, the newest complete checkpoint"
+    manager.drop_passed_over()  # the resume goes ahead
+    assert manager.complete_tags() == [tag_for(1), tag_for(2), tag_for(3)]
+    manager.keep = 2
+    manager.write(_FakeEngine(), tag_for(4), {"step": 4})
+    assert manager.complete_tags() == [tag_for(3), tag_for(4)]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [POINTER, tag_for(3), tag_for(4), "step_notes"]
+    assert (evil / "run.json").is_file() and (evil / "mp_rank_00_model_states.pt").is_file()
+
+
+def test_an_unreadable_pointer_with_no_tag_left_is_removed_when_the_run_starts_over(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=2, rank=0)
+    (tmp_path / POINTER).write_text(json.dumps({"latest": "../evil", "complete": ["../evil"]}))
+    warnings = []
+    assert manager.usable_tag(warn=warnings.append) is None
+    assert warnings == [f"warning: {tmp_path / POINTER}: unreadable checkpoint pointer ('complete' holds "
+                        "'../evil', not a tag name like step00000000); looking at the tags themselves (none found)"]
+    manager.drop_passed_over()
+    assert not (tmp_path / POINTER).exists()
+    manager.write(_FakeEngine(), tag_for(1), {})  # the first save of the new start
+    assert manager.complete_tags() == [tag_for(1)]
+
+
+@pytest.mark.parametrize("record", ["[1]", '"text"', "null", '{"files": [1]}', '{"files": {"a.pt": "big"}}',
+                                    '{"model": [1]}', '{"lora": 1}', b"\xff\xfe"])
+def test_a_run_json_that_is_not_a_record_is_damage_not_a_crash(tmp_path, record):
+    manager = _three_tags(tmp_path)
+    run_json = tmp_path / tag_for(3) / "run.json"
+    run_json.write_bytes(record if isinstance(record, bytes) else record.encode())
+    warnings = []
+    assert manager.usable_tag(warn=warnings.append) == tag_for(2)
+    assert warnings[0].startswith(f"warning: checkpoint {tag_for(3)} is damaged ({run_json}: unreadable (")

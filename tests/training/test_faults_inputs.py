@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +205,53 @@ def test_a_checkpoint_carrying_code_is_refused_by_resume_and_export_unless_trust
     marker.unlink()
     assert run_train(workspace, out, *resume, "--trust_checkpoint_code", "true") == 0
     assert marker.read_text() == "ran" and [r["step"] for r in read_metrics(out) if "loss" in r][-1] == 3
+
+
+def test_a_tampered_pointer_and_run_json_are_passed_over_and_nothing_outside_is_loaded_or_deleted(
+        workspace, small_data, tmp_path, capsys):
+    """checkpoints.json pointing outside the checkpoints (a copy of a real tag there, loadable if followed) and
+    the newest tag's run.json turned into a JSON list: resume warns about both and goes on from the newest
+    whole tag; rotation deletes neither the outside copy nor anything but tags; export refuses a --tag path,
+    an output that is a file and one inside the checkpoints, each in one line, writing nothing."""
+    out = tmp_path / "run"
+    checkpoints = out / "checkpoints"
+    assert run_train(workspace, out, "--datasets", small_data, "--max_steps", "4", "--save_steps", "1") == 0
+    evil = tmp_path / "evil"
+    shutil.copytree(checkpoints / tag_for(3), evil)
+    (checkpoints / POINTER).write_text(json.dumps({"latest": "../../evil", "complete": ["../../evil"]}))
+    (checkpoints / tag_for(4) / RUN_RECORD).write_text("[1]")
+    outside = snapshot(evil)
+    capsys.readouterr()
+    assert run_train(workspace, out, "--datasets", small_data, "--max_steps", "6", "--save_steps", "1",
+                     "--save_total_limit", "2", "--resume", "--allow_changed", "total_steps") == 0
+    printed = capsys.readouterr()
+    assert (f"{checkpoints / POINTER}: unreadable checkpoint pointer ('complete' holds '../../evil', not a tag name "
+            f"like step00000000); looking at the tags themselves ({', '.join(map(tag_for, (3, 4)))})"
+            in printed.err)
+    assert (f"warning: checkpoint {tag_for(4)} is damaged ({checkpoints / tag_for(4) / RUN_RECORD}: unreadable "
+            "(a JSON list, not an object)); it is not used") in printed.err
+    assert f"resumed from {tag_for(3)} (epoch 1, step 3)" in printed.out
+    assert [r["step"] for r in read_metrics(out) if "loss" in r][-3:] == [4, 5, 6]
+    assert json.loads((checkpoints / POINTER).read_text())["complete"] == [tag_for(5), tag_for(6)]
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step")) == [tag_for(5), tag_for(6)]
+    assert snapshot(evil) == outside
+
+    inside = snapshot(checkpoints)
+    (tmp_path / "a-file").write_text("mine")
+    for target, argv, error in [
+        (tmp_path / "export", ["--tag", f"../../evil/{tag_for(5)}"],
+         f"--tag ../../evil/{tag_for(5)}: not a checkpoint tag name like step00000040 (one of the step* directories "
+         f"in {checkpoints})"),
+        (tmp_path / "a-file", [], f"{tmp_path / 'a-file'}: the export's output directory is a file"),
+        (checkpoints, [], f"{checkpoints}: the export's output directory is in the checkpoint directory "
+                          f"{checkpoints}; write it elsewhere (train.py exports into the run's output_dir)"),
+        (checkpoints / "model" / "hf", [], f"{checkpoints / 'model' / 'hf'}: the export's output directory is in"),
+    ]:
+        assert export_hf.main([str(checkpoints), str(target), *argv]) == 2
+        message = capsys.readouterr().err
+        assert f": error: {error}" in message and message.count("\n") == 1, message
+    assert snapshot(checkpoints) == inside and (tmp_path / "a-file").read_text() == "mine"
+    assert not (tmp_path / "export").exists()
 
 
 @pytest.mark.parametrize("change, message", [

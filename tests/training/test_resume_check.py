@@ -113,3 +113,6 @@ def test_run_record_round_trip(tmp_path):
     (tmp_path / "run.json").write_text("{broken")
     with pytest.raises(ResumeMismatch, match="run.json: unreadable"):
         read_run_record(tmp_path)
+    (tmp_path / "run.json").write_text("[1]")  # JSON, but not a record: callers would crash on .get
+    with pytest.raises(ResumeMismatch, match=r"run.json: unreadable \(a JSON list, not an object\)"):
+        read_run_record(tmp_path)
