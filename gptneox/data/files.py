@@ -76,8 +76,20 @@ def _expand(name: str, path: Path, default_used: bool) -> list[Path]:
         return matches
     if not path.is_file():
         hint = DEFAULT_HINT if default_used else ""
-        raise DataError(f"dataset {name!r}: file not found: {path}{hint}")
+        raise DataError(f"dataset {name!r}: file not found: {path}{hint}{_split_hint(path)}")
     return [path]
+
+
+def _split_hint(path: Path) -> str:
+    """For a path into a DatasetDict folder written by save_to_disk (``folder/split``), the splits it has."""
+    if not (path.parent / SAVED_SPLITS).is_file():
+        return ""
+    try:
+        splits = _json_field(path.parent / SAVED_SPLITS, "splits", list)
+    except DataError as error:
+        return f"; {path.parent} is a DatasetDict folder written by save_to_disk, but {error}"
+    return (f"; {path.parent} is a DatasetDict folder written by save_to_disk whose splits are "
+            f"{', '.join(map(str, splits)) or 'none'}")
 
 
 def saved_dataset_files(folder: Path) -> list[Path]:
@@ -106,7 +118,7 @@ def saved_dataset_files(folder: Path) -> list[Path]:
 def _json_field(path: Path, key: str, kind: type | tuple, required: bool = True) -> Any:
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # ValueError: bad JSON, not UTF-8, an integer of too many digits
         raise DataError(f"{path}: unreadable ({error})") from None
     if not isinstance(content, dict) or (required and key not in content):
         raise DataError(f"{path}: no {key!r} key")

@@ -1,8 +1,9 @@
 """Read records from local dataset files: JSON arrays, JSON Lines, parquet, csv and Arrow (each optionally .gz).
 
 Every record comes with a location (``line 12``, ``record 3 (line 40)``, ``row 7``) so that a bad record
-can be reported by file and place. Bad input stops with a ``DataError`` unless the caller skips bad
-records, in which case ``BadRecords`` counts them and keeps the first message for the log.
+can be reported by file and place; lines and the records of a JSON array count from 1, as a user counts.
+Bad input stops with a ``DataError`` unless the caller skips bad records, in which case ``BadRecords``
+counts them and keeps the first message for the log.
 
 Files are streamed: a JSON Lines file is read line by line as bytes and each line is decoded on its own
 (a bad byte spoils that record only), a JSON array is parsed one element at a time from a bounded
@@ -20,6 +21,7 @@ import csv
 import gzip
 import io
 import json
+import sys
 import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
@@ -31,6 +33,9 @@ FORMATS = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
 CHUNK_CHARS = 1 << 20  # a JSON array is parsed from a buffer of about this many characters
 PARQUET_BATCH_ROWS = 1024
 BOM = "\ufeff"
+# csv's default field limit (131,072 characters) would make a file unreadable from its first long field on.
+# The csv module has only a process-wide limit: it is raised while our reader reads a row, then restored.
+CSV_FIELD_LIMIT = 2**31 - 1  # the largest that a C long holds on every platform
 
 
 class DataError(UserError, ValueError):
@@ -103,7 +108,7 @@ def read_records(path: Path, bad: BadRecords) -> Iterator[tuple[str, Any]]:
             if kind == ".csv":  # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark
                 records = _read_csv(io.TextIOWrapper(stream, encoding="utf-8-sig", newline=""), position)
             elif kind == ".json" and _first_char(stream) == "[":
-                records = _read_json_array(path, stream, position)
+                records = _read_json_array(path, stream, bad, position)
             else:
                 hint = " (read as JSON Lines: the file does not start with '[')" if kind == ".json" else ""
                 records = _read_json_lines(path, stream, bad, hint, position)
@@ -146,12 +151,27 @@ def _read_json_lines(path: Path, stream: BinaryIO, bad: BadRecords, hint: str, p
         except RecursionError:
             bad.report(path, f"line {number}: JSON nested too deeply to read")
             continue
+        except ValueError as error:  # valid JSON that Python will not read: an integer of too many digits
+            bad.report(path, f"line {number}: {_unreadable_json(error)}")
+            continue
         yield f"line {number}", record
 
 
-def _read_json_array(path: Path, stream: BinaryIO, position: _Position) -> Iterator[tuple[str, Any]]:
-    """The elements of a top-level JSON array, parsed one at a time from a bounded text buffer."""
+def _unreadable_json(error: ValueError) -> str:
+    """Why json could not read valid JSON (json raises ValueError for an integer longer than Python's limit)."""
+    if "integer string conversion" in str(error):
+        return (f"a JSON integer longer than {sys.get_int_max_str_digits()} digits, the most Python reads "
+                f"(the environment variable PYTHONINTMAXSTRDIGITS raises the limit)")
+    return f"JSON that cannot be read ({error})"
+
+
+def _read_json_array(path: Path, stream: BinaryIO, bad: BadRecords, position: _Position
+                     ) -> Iterator[tuple[str, Any]]:
+    """The elements of a top-level JSON array, parsed one at a time from a bounded text buffer. Records are
+    numbered from 1. An element that is valid JSON but that Python will not read (an integer of too many
+    digits) is a bad record: it is parsed again with integers kept as text to find where it ends."""
     decoder = json.JSONDecoder()
+    integers_as_text = json.JSONDecoder(parse_int=str)
     text = codecs.getincrementaldecoder("utf-8")()
     buffer, pos, eof, read_bytes = "", 0, False, 0
     line, dropped_columns = 1, 0  # the line of buffer[pos]; characters of buffer[0]'s line already dropped
@@ -203,13 +223,14 @@ def _read_json_array(path: Path, stream: BinaryIO, position: _Position) -> Itera
     if buffer[pos:pos + 1] == "]":
         close()
         return
-    index = 0
+    index = 1
     while True:
         if pos == len(buffer):
             raise malformed("the array is not closed", pos)
+        unreadable: ValueError | None = None
         while True:  # a value that reaches the end of the buffer may go on in the next chunk
             try:
-                record, end = decoder.raw_decode(buffer, pos)
+                record, end = (integers_as_text if unreadable else decoder).raw_decode(buffer, pos)
                 if end < len(buffer) or eof:
                     break
             except json.JSONDecodeError as error:
@@ -217,10 +238,16 @@ def _read_json_array(path: Path, stream: BinaryIO, position: _Position) -> Itera
                     raise malformed(error.msg, error.pos) from None
             except RecursionError:
                 raise malformed(f"record {index} is nested too deeply to read", pos) from None
+            except ValueError as error:  # valid JSON so far; parse the element again to find its end
+                unreadable = error
+                continue
             want *= 2  # an element longer than the buffer: read more at once, so retries stay rare
             refill()
         want = CHUNK_CHARS
-        yield f"record {index} (line {line})", record
+        if unreadable:
+            bad.report(path, f"record {index} (line {line}): {_unreadable_json(unreadable)}")
+        else:
+            yield f"record {index} (line {line})", record
         line += buffer.count("\n", pos, end)
         pos = end
         index += 1
@@ -238,9 +265,18 @@ def _read_json_array(path: Path, stream: BinaryIO, position: _Position) -> Itera
 
 def _read_csv(stream: io.TextIOBase, position: _Position) -> Iterator[tuple[str, Any]]:
     reader = csv.DictReader(stream)
-    for index, row in enumerate(reader):
+    index = 0
+    while True:
+        limit = csv.field_size_limit(CSV_FIELD_LIMIT)  # not left raised for other code between rows
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        finally:
+            csv.field_size_limit(limit)
         position.next_line = reader.line_num + 1
         yield f"row {index} (ending on line {reader.line_num})", row
+        index += 1
 
 
 def _read_arrow_batches(path: Path, kind: str) -> Iterator[tuple[str, Any]]:

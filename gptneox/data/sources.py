@@ -139,9 +139,11 @@ def vicuna(record: Any, drops: Counter) -> list[Conversation]:
 
     ``human``/``user`` are the prompter, ``gpt``/``chatgpt``/``bing``/``bard``/``assistant``/``model`` the
     assistant. As in the reference, a conversation that is empty or does not start with a human turn
-    (``system``, ``gpt``, ...) is dropped, turns of one speaker join with a newline, the dump's markdown
-    escapes are undone and each message is cut to 2,048 characters. A top-level ``system`` string (files
-    written for FastChat and LLaMA-Factory) becomes the ``<|system|>`` turn, as in ``chat``.
+    (``gpt``, ...) is dropped, turns of one speaker join with a newline, the dump's markdown escapes are
+    undone and each message is cut to 2,048 characters. A top-level ``system`` string (files written for
+    FastChat and LLaMA-Factory) becomes the ``<|system|>`` turn, as in ``chat``; so does a leading ``system``
+    turn (axolotl, LLaMA-Factory, OpenHermes, SlimOrca). A record with both is a bad record: which one was
+    meant is not known. A ``system`` turn after the first is another speaker, so its conversation is dropped.
     """
     turns = _get(record, "conversations", list)
     system = _get(record, "system", default="") or None  # an empty one is no system prompt
@@ -150,7 +152,14 @@ def vicuna(record: Any, drops: Counter) -> list[Conversation]:
         speaker = _get(turn, "from", path=f"conversations[{index}].from")
         value = _get(turn, "value", path=f"conversations[{index}].value")
         text = value.replace("\\_", "_").replace("\\*", "*")  # undo the dump's markdown escaping
-        dialogue.append((SHAREGPT_ROLES.get(speaker.lower()), text))
+        role = "system" if speaker.lower() == "system" else SHAREGPT_ROLES.get(speaker.lower())
+        dialogue.append((role, text))
+    if dialogue and dialogue[0][0] == "system":
+        if system is not None:
+            raise RecordError("conversations[0].from", "a system turn, and the record also has a top-level "
+                                                       "'system' string; keep one of them")
+        system = dialogue.pop(0)[1] or None
+    dialogue = [(None if role == "system" else role, text) for role, text in dialogue]
     conversations = _with_system(system, _dialogue(dialogue, drops))
     return [[{"role": m["role"], "text": m["text"][:MAX_MESSAGE_CHARS]} for m in c] for c in conversations]
 
@@ -160,7 +169,9 @@ def chat(record: Any, drops: Counter) -> list[Conversation]:
 
     ``content`` is a string or a list of parts; text parts are joined (see ``_content``). A leading system
     message becomes the ``<|system|>`` turn; then the same rules as ShareGPT: it must start with a user
-    turn, turns of one role join with a newline, a trailing user turn is dropped.
+    turn, turns of one role join with a newline, a trailing user turn is dropped. OpenAI's per-message
+    ``weight`` may be 1; ``weight: 0`` asks to leave a turn out of training, which cannot be done for one
+    turn here, so such a record is a bad record rather than silently trained (see ``_check_weight``).
     """
     messages = _get(record, "messages", list)
     dialogue = []
@@ -168,10 +179,26 @@ def chat(record: Any, drops: Counter) -> list[Conversation]:
         role = _get(message, "role", path=f"messages[{index}].role")
         if role not in CHAT_ROLES:
             raise RecordError(f"messages[{index}].role", f"unknown role {role!r}; expected {', '.join(CHAT_ROLES)}")
+        _check_weight(message, role, f"messages[{index}].weight")
         dialogue.append((CHAT_ROLES[role], _content(message, f"messages[{index}].content")))
     system = dialogue.pop(0)[1] if dialogue and dialogue[0][0] == "system" else None
     conversations = _dialogue([(None if role == "system" else role, text) for role, text in dialogue], drops)
     return _with_system(system, conversations)
+
+
+def _check_weight(message: dict, role: str, where: str) -> None:
+    """OpenAI fine-tuning's ``weight`` (0 or 1, meant for assistant messages): absent, null or 1 is how every
+    reply is trained. 0 on an assistant message asks not to train that reply, which cannot be done for one
+    turn here, so the record is refused rather than trained against the file's wish; on a system or user
+    message, which is never trained, 0 changes nothing. Any other value is refused."""
+    weight = message.get("weight")
+    number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+    if weight is None or (number and weight == 1) or (number and weight == 0 and role != "assistant"):
+        return
+    if number and weight == 0:
+        raise RecordError(where, "0 asks not to train this assistant turn, but a single turn cannot be left out "
+                                 "of training here: the turn would be trained (remove the turn, or set weight 1)")
+    raise RecordError(where, f"{weight!r}; expected 1 (train the turn) or 0 (not supported here)")
 
 
 def _content(message: Any, where: str) -> str:
@@ -264,8 +291,8 @@ def _oa_dolly_context(record: dict) -> str:
     if isinstance(metadata, str):
         try:
             metadata = json.loads(metadata) if metadata.strip() else {}
-        except json.JSONDecodeError:
-            raise RecordError("METADATA", "a string that is not a JSON object") from None
+        except ValueError:  # bad JSON, or an integer of more digits than Python reads
+            raise RecordError("METADATA", "a string that cannot be read as a JSON object") from None
     if metadata is None:
         return ""
     return _get(metadata, "CONTEXT", path="METADATA.CONTEXT", default="")

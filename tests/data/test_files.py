@@ -94,3 +94,23 @@ def test_arrow_is_streamed_batch_by_batch_and_a_damaged_stream_names_the_row(tmp
     shard.write_bytes(b"PAR1 not an arrow stream")
     with pytest.raises(DataError, match="after row 0: .*expected the Arrow IPC stream format that datasets writes"):
         read_units("chat", shard)
+
+
+def test_an_unknown_split_of_a_saved_dataset_dict_names_its_splits(tmp_path):
+    root = tmp_path / "alpaca_dd"
+    for split in ("train", "test"):
+        save_to_disk(root / split, [chat_rows(1)], split=split)
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    with pytest.raises(DataError, match=r"dataset 'chat': file not found: .*alpaca_dd/nope; .*alpaca_dd is a "
+                                        r"DatasetDict folder written by save_to_disk whose splits are train, test$"):
+        dataset_files("chat", "alpaca_dd/nope", tmp_path)
+    (root / "dataset_dict.json").write_text('{"splits": [' + "1" * 5000 + "]}")  # unreadable: it is said so
+    with pytest.raises(DataError, match=r"file not found: .*alpaca_dd/nope; .*but .*dataset_dict.json: unreadable"):
+        dataset_files("chat", "alpaca_dd/nope", tmp_path)
+
+
+def test_a_state_json_with_an_integer_longer_than_python_reads_is_one_line(tmp_path):
+    folder = save_to_disk(tmp_path / "chats", [chat_rows(1)])
+    (folder / "state.json").write_text('{"_data_files": [], "_fingerprint": ' + "7" * 5000 + "}")
+    with pytest.raises(DataError, match=r"state.json: unreadable \(Exceeds the limit"):
+        dataset_files("chat", "chats", tmp_path)

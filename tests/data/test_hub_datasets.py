@@ -144,7 +144,7 @@ def test_every_source_of_the_seed_mix_is_found_in_its_reference_repo_and_named_i
     counts = {d.name: (d.records, d.conversations, dict(d.drops)) for d in datasets}
     assert counts == {
         "oasst_export": (22, 5, {"language": 1, "review state": 2, "thread with a deleted/synthetic message": 2}),
-        "vicuna": (9, 4, {"empty": 1, "no assistant reply": 1, "not starting with a human turn": 2,
+        "vicuna": (9, 5, {"empty": 1, "no assistant reply": 1, "not starting with a human turn": 1,
                           "system or unknown speaker after the first turn": 1}),
         "dolly15k": (3, 3, {}), "grade_school_math_instructions": (3, 3, {}), "code_alpaca": (3, 2, {"banned word": 1})}
     lines = [r.getMessage() for r in caplog.records]  # each dataset's start-up line names what it read

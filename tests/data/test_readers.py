@@ -284,7 +284,8 @@ def test_a_deeply_nested_json_line_is_one_bad_record(tmp_path, caplog):
     assert "skipped 1 bad record(s); first: " + f"{path}: line 2: JSON nested too deeply" in caplog.text
     array = tmp_path / "code.json"
     array.write_text(f"[{GOOD},\n{deep}]")
-    with pytest.raises(DataError, match=r"code.json: malformed JSON at line 2, column 1: record 1 is nested too deeply"):
+    with pytest.raises(DataError,
+                       match=r"code.json: malformed JSON at line 2, column 1: record 2 is nested too deeply"):
         read_units("code_alpaca", array, skip=True)
 
 
@@ -310,3 +311,65 @@ def test_a_csv_with_a_byte_order_mark_reads_like_one_without(tmp_path, suffix):
     conversations = flat(read_units("grade_school_math_instructions", path))
     assert [texts(c) for c in conversations] == [[("prompter", "What is 2+2?"), ("assistant", "4")],
                                                  [("prompter", 'Say "hi"'), ("assistant", "hi")]]
+
+
+def test_an_integer_longer_than_python_reads_is_one_bad_record_in_json_lines_and_arrays(tmp_path, caplog):
+    """json raises a bare ValueError for an integer of more than sys.get_int_max_str_digits() digits."""
+    huge = '{"instruction": "Do", "input": "", "output": "ok", "id": ' + "9" * 5000 + "}"
+    lines = write_lines(tmp_path / "code.jsonl", [GOOD, huge, GOOD])
+    limit = sys.get_int_max_str_digits()
+    with pytest.raises(DataError, match=rf"code.jsonl: line 2: a JSON integer longer than {limit} digits, the most "
+                                        r"Python reads .*\(set skip_bad_records"):
+        read_units("code_alpaca", lines)
+    with caplog.at_level(logging.WARNING):
+        result = read("code_alpaca", lines, skip=True)
+    assert len(result.units) == 2 and result.records == 3 and result.drops == {BAD_RECORD: 1}
+    assert f"{lines}: line 2: a JSON integer longer than" in caplog.text
+    array = tmp_path / "code.json"
+    array.write_text(f"[\n{GOOD},\n{huge},\n{GOOD}\n]\n")
+    with pytest.raises(DataError, match=r"code.json: record 2 \(line 3\): a JSON integer longer than"):
+        read_units("code_alpaca", array)
+    result = read("code_alpaca", array, skip=True)
+    assert len(result.units) == 2 and result.records == 3 and result.drops == {BAD_RECORD: 1}
+
+
+def test_an_integer_longer_than_python_reads_across_array_buffers_is_one_bad_record(tmp_path, monkeypatch):
+    """The integer reaches past the buffer: the element is read again, with more text, to find its end."""
+    monkeypatch.setattr("gptneox.data.readers.CHUNK_CHARS", 64)
+    huge = '{"id": ' + "9" * 5000 + ', "instruction": "Do", "input": "", "output": "ok"}'
+    array = tmp_path / "code.json"
+    array.write_text(f"[{GOOD}, {huge}, {GOOD}, {huge}]")
+    result = read("code_alpaca", array, skip=True)
+    assert len(result.units) == 2 and result.records == 4 and result.drops == {BAD_RECORD: 2}
+
+
+def test_json_array_records_count_from_one_like_lines(tmp_path):
+    array = tmp_path / "code.json"
+    array.write_text(f"[\n  {GOOD},\n  {GOOD}\n]\n")
+    assert [where for where, _ in read_records(array, BadRecords(skip=False))] == ["record 1 (line 2)",
+                                                                                  "record 2 (line 3)"]
+    array.write_text(f"[{GOOD}, {GOOD},\n" + json.dumps({"instruction": "Do", "input": ""}) + "]")
+    with pytest.raises(DataError, match=r"code.json: record 3 \(line 2\): field 'output': missing"):
+        read_units("code_alpaca", array)
+
+
+def test_a_csv_field_longer_than_the_csv_module_default_limit_is_read(tmp_path):
+    """csv's default field_size_limit (131,072) would make the rest of the file unreadable; it is raised while
+    our reader reads and set back after."""
+    before = csv.field_size_limit()
+    long_answer = "x" * 300_000
+    path = tmp_path / "gsm.csv"
+    with open(path, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerows([["INSTRUCTION", "RESPONSE"], ["q1", long_answer], ["q2", "a2"]])
+    conversations = flat(read_units("grade_school_math_instructions", path))
+    assert [texts(c) for c in conversations] == [[("prompter", "q1"), ("assistant", long_answer)],
+                                                 [("prompter", "q2"), ("assistant", "a2")]]
+    assert csv.field_size_limit() == before
+
+
+def test_dolly_metadata_string_with_an_integer_longer_than_python_reads_is_a_bad_record():
+    from gptneox.data.readers import RecordError
+    record = {"INSTRUCTION": "Who?", "RESPONSE": "Him.", "METADATA": '{"CONTEXT": "x", "n": ' + "1" * 5000 + "}"}
+    with pytest.raises(RecordError, match="field 'METADATA': a string that cannot be read as a JSON object"):
+        run(dolly15k, record)

@@ -110,11 +110,12 @@ def test_oasst_rows_with_float_ranks_as_pandas_writes_them(tmp_path):
 def test_sharegpt_odd_records_are_dropped_and_counted_never_an_error():
     read = read_units("vicuna", DATA / "ShareGPT_V3_unfiltered_cleaned_split.json")
     assert read.records == 9
-    assert read.drops == {"empty": 1, "not starting with a human turn": 2, "no assistant reply": 1,
+    assert read.drops == {"empty": 1, "not starting with a human turn": 1, "no assistant reply": 1,
                           "system or unknown speaker after the first turn": 1}
     assert texts(read.units) == [
         [("prompter", "Summarize this _text_ please."), ("assistant", "It says **bold** things."),
          ("prompter", "Shorter?"), ("assistant", "Bold things.")],
+        [("system", "You are ChatGPT."), ("prompter", "Hi"), ("assistant", "Hello!")],  # a leading system turn
         [("prompter", "Write a haiku."), ("assistant", "Autumn moonlight")],  # user / chatgpt
         [("prompter", "Weather?"), ("assistant", "Sunny."), ("prompter", "Tomorrow?"), ("assistant", "Rain.")],
         [("prompter", "Part one\npart two"), ("assistant", "Both parts read.")]]
@@ -129,7 +130,7 @@ def test_sharegpt_odd_records_are_dropped_and_counted_never_an_error():
 def test_unreadable_sharegpt_records_are_bad_records_naming_the_field(tmp_path, record, field):
     path = tmp_path / "share.json"
     path.write_text(json.dumps([{"conversations": []}, record]))
-    with pytest.raises(DataError, match=rf"share.json: record 1 \(line 1\): field '{field}'"):
+    with pytest.raises(DataError, match=rf"share.json: record 2 \(line 1\): field '{field}'"):
         read_units("vicuna", path)
     assert read_units("vicuna", path, skip=True).drops == {"empty": 1, "bad record": 1}
 
@@ -214,12 +215,61 @@ def test_fastchat_top_level_system_becomes_the_system_turn(tmp_path):
                {"id": "d", "system": ["not", "text"], "conversations": []}]
     path = tmp_path / "fastchat.json"
     path.write_text(json.dumps(records))
-    with pytest.raises(DataError, match=r"record 3 \(line 1\): field 'system': expected str, got list"):
+    with pytest.raises(DataError, match=r"record 4 \(line 1\): field 'system': expected str, got list"):
         read_units("vicuna", path)
     read = read_units("vicuna", path, skip=True)
     assert texts(read.units) == [[("system", "You are a pirate."), ("prompter", "Hi"), ("assistant", "Arr.")],
                                  [("prompter", "Hi"), ("assistant", "Hello.")]]
     assert read.drops == {"not starting with a human turn": 1, "bad record": 1}
+
+
+
+def sharegpt(*turns, **fields):
+    return {"conversations": [{"from": speaker, "value": value} for speaker, value in turns], **fields}
+
+
+def test_a_leading_sharegpt_system_turn_becomes_the_system_turn_like_a_top_level_system(tmp_path):
+    """axolotl, LLaMA-Factory, OpenHermes and SlimOrca write the system prompt as the first turn."""
+    records = [sharegpt(("system", "You are a pirate."), ("human", "Hi"), ("gpt", "Arr.")),
+               sharegpt(("human", "Hi"), ("gpt", "Arr."), system="You are a pirate."),  # FastChat's top-level one
+               sharegpt(("system", ""), ("human", "Hi"), ("gpt", "Hello.")),  # an empty one is no system turn
+               sharegpt(("human", "Hi"), ("system", "Be brief."), ("gpt", "Hi.")),  # later: another speaker
+               sharegpt(("system", "Be brief."), ("gpt", "Hi.")),  # no human turn after it
+               sharegpt(("system", "Be brief."), ("human", "Hi"), ("gpt", "Hi."), system="Be brief.")]
+    path = tmp_path / "openhermes.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"openhermes.json: record 6 \(line 1\): field 'conversations\[0\].from': a "
+                                        r"system turn, and the record also has a top-level 'system' string; keep one"):
+        read_units("vicuna", path)
+    read = read_units("vicuna", path, skip=True)
+    pirate = [("system", "You are a pirate."), ("prompter", "Hi"), ("assistant", "Arr.")]
+    assert texts(read.units) == [pirate, pirate, [("prompter", "Hi"), ("assistant", "Hello.")]]
+    assert read.drops == {"system or unknown speaker after the first turn": 1, "not starting with a human turn": 1,
+                          "bad record": 1}
+
+
+def test_openai_chat_weight_zero_is_a_bad_record_never_silently_trained(tmp_path):
+    def record(weight, role="assistant"):
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+        messages[0 if role == "user" else 1]["weight"] = weight
+        return {"messages": messages}
+
+    path = tmp_path / "openai.jsonl"
+    lines = [record(1), record(None), record(0, role="user"), record(0), record(0.5), record(True)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(DataError, match=r"openai.jsonl: line 4: field 'messages\[1\].weight': 0 asks not to train "
+                                        r"this assistant turn, .*the turn would be trained \(remove the turn, or "
+                                        r"set weight 1\) \(set skip_bad_records"):
+        read_units("chat", path)
+    read = read_units("chat", path, skip=True)
+    assert texts(read.units) == [[("prompter", "Hi"), ("assistant", "Hello.")]] * 3
+    assert read.drops == {"bad record": 3} and read.records == 6
+    path.write_text(json.dumps(record(0.5)) + "\n")
+    with pytest.raises(DataError, match=r"line 1: field 'messages\[1\].weight': 0.5; expected 1"):
+        read_units("chat", path)
+    path.write_text(json.dumps(record(True)) + "\n")
+    with pytest.raises(DataError, match=r"line 1: field 'messages\[1\].weight': True; expected 1"):
+        read_units("chat", path)
 
 
 def test_alpaca_source_reads_the_stanford_json_array():
@@ -248,8 +298,8 @@ def test_stock_oasst_mix_reads_these_layouts_and_logs_one_line_per_dataset(tmp_p
         datasets = load_datasets(mix, cache_dir=stock_cache(tmp_path), seed=0)
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert len(lines) == 5 and [d.name for d in datasets] == [line.split(":")[0] for line in lines]
-    assert lines[1].startswith("vicuna: 9 records read from ") and "4 conversations made" in lines[1]
-    assert ("dropped: empty 1, no assistant reply 1, not starting with a human turn 2, "
+    assert lines[1].startswith("vicuna: 9 records read from ") and "5 conversations made" in lines[1]
+    assert ("dropped: empty 1, no assistant reply 1, not starting with a human turn 1, "
             "system or unknown speaker after the first turn 1") in lines[1]
     assert "22 records read" in lines[0] and "review state 2" in lines[0]
 

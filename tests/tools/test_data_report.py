@@ -61,7 +61,7 @@ def test_data_report_on_the_stock_oasst_mix_in_real_layouts(tmp_path):
                        "--tokenizer_path", REPO / "data" / "sample" / "tokenizer.json",
                        "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "vicuna: dropped empty 1, no assistant reply 1, not starting with a human turn 2" in done.stdout
+    assert "vicuna: dropped empty 1, no assistant reply 1, not starting with a human turn 1" in done.stdout
 
 
 def test_data_report_bad_config_is_one_line(tmp_path):
