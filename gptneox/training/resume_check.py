@@ -115,7 +115,8 @@ def check_resume(saved: dict, current: dict, where: str | Path, allowed: set[str
         raise ResumeMismatch(f"--allow_changed {', '.join(unknown)}: " + (
             f"{', '.join(fixed)} cannot change across a resume" if fixed else
             f"not a resume check (those are {', '.join(WAIVABLE)})"))
-    differing = [name for name in FIXED + WAIVABLE if name in saved and saved[name] != current[name]]
+    differing = [name for name in FIXED + WAIVABLE if name in saved and saved[name] != current[name] and not
+                 (name == "base_weights" and None in (saved[name], current[name]))]  # not LoRA both: `lora` says it
     fixed = [name for name in differing if name in FIXED]
     waivable = [name for name in differing if name in WAIVABLE]
     if fixed or set(waivable) - set(allowed):
