@@ -279,6 +279,21 @@ FOREIGN_KEYS = {
     "group_by_length": "length grouping is not implemented (--sort_by_length accepts only false); --pack "
                        "removes the padding instead",
     "gradient_checkpointing_kwargs": "--gradient_checkpointing true takes no options (each block is recomputed)",
+    **dict.fromkeys(("train_on_inputs", "assistant_only_loss", "completion_only_loss", "dataset_text_field"),
+                    "only the assistant turns are trained, always: the collator masks every other token out of "
+                    "the loss, and each dataset's source (chat, vicuna, alpaca, ...) says which turns are which"),
+    "chat_template": "the chat format is fixed: <|system|>, <|prompter|> and <|assistant|> turns ended by "
+                     "<|endoftext|>, as the seed model was trained; the export writes the matching chat template",
+    "neftune_noise_alpha": "NEFTune (noise on the embeddings) is not implemented",
+    "run_name": "W&B names the run after the output directory; set WANDB_NAME to change it",
+    "push_to_hub": "nothing leaves the machine: upload the exported model yourself (hf upload ORG/NAME "
+                   "OUTPUT_DIR)",
+    **dict.fromkeys(("do_train", "do_eval"), "train.py always trains; evaluation is --eval_strategy "
+                                             "no|steps|epoch"),
+    "load_best_model_at_end": "the export is the last step's model; checkpoints are kept per "
+                              "--save_total_limit, and tools/export_hf.py exports any of them (its tag option)",
+    "save_safetensors": "exports are always safetensors (checkpoints are DeepSpeed's own files)",
+    "dataloader_num_workers": "batches are made in the training process: there are no loader workers to set",
 }
 SUGGESTION_CUTOFF = 0.75  # below it, the nearest key was more often wrong (logging_strategy -> logging_steps)
 

@@ -60,8 +60,13 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, tag: s
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     metadata = checkpoint_dir / MODEL_SUBDIR
     if not (metadata / "config.json").is_file():
+        hint = ""
+        if (checkpoint_dir / "checkpoints" / MODEL_SUBDIR / "config.json").is_file():
+            hint = f" (it is a run's output directory: pass {checkpoint_dir / 'checkpoints'})"
+        elif is_tag_name(checkpoint_dir.name) and (checkpoint_dir.parent / MODEL_SUBDIR / "config.json").is_file():
+            hint = f" (it is one checkpoint: pass {checkpoint_dir.parent} --tag {checkpoint_dir.name})"
         raise MissingFileError(f"{metadata / 'config.json'} not found: {checkpoint_dir} is not a checkpoint "
-                                "directory written by train.py")
+                               f"directory written by train.py{hint}")
     if tag is not None and not is_tag_name(tag):
         raise UserError(f"--tag {tag}: not a checkpoint tag name like {tag_for(40)} (one of the step* directories "
                         f"in {checkpoint_dir})")

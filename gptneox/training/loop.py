@@ -187,7 +187,8 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
     total_steps = cfg.max_steps or math.ceil(order.steps_per_epoch * cfg.num_train_epochs)  # as the Trainer
     say(f"{len(train_set)} training conversations, {order.steps_per_epoch} steps/epoch of "
         f"{order.global_batch_size}, {total_steps} steps; eval sets: "
-        + ", ".join(f"{k} ({len(v)})" for k, v in evaluator.eval_sets.items())
+        + (", ".join(f"{k} ({len(v)})" for k, v in evaluator.eval_sets.items())
+           or "none (every dataset's val_split is 0): never evaluated")
         + (" (eval_strategy no: never evaluated)" if cfg.eval_strategy == "no" else ""))
     ds_config, notes = resolve_ds_config(
         load_ds_config(cfg.deepspeed_config), cfg, world_size=world, hidden_size=model_config.hidden_size,

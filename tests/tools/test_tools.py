@@ -89,6 +89,15 @@ def test_padding_report_runs_from_another_directory(tmp_path):
 def test_export_hf_names_a_directory_that_is_not_a_checkpoint(tmp_path):
     done = run_main(export_main, "export_hf.py", tmp_path, tmp_path / "out")
     assert done.returncode == 2 and "is not a checkpoint directory written by train.py" in done.stderr
+    # a run's output directory, or one of its tags, given instead: the message says what to pass
+    (tmp_path / "run" / "checkpoints" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "model" / "config.json").write_text("{}")
+    done = run_main(export_main, "export_hf.py", tmp_path / "run", tmp_path / "out")
+    assert f"(it is a run's output directory: pass {tmp_path / 'run' / 'checkpoints'})" in done.stderr
+    (tmp_path / "run" / "checkpoints" / "step00000004").mkdir()
+    done = run_main(export_main, "export_hf.py", tmp_path / "run" / "checkpoints" / "step00000004", tmp_path / "out")
+    assert f"(it is one checkpoint: pass {tmp_path / 'run' / 'checkpoints'} --tag step00000004)" in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

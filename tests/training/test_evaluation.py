@@ -115,3 +115,16 @@ def test_eval_strategy_says_when_to_evaluate(strategy, due_steps, at_end):
     assert [step for step in range(1, 9) if evaluator.due(step, epoch_done=step % 4 == 0)] == due_steps
     assert evaluator.due_at_end(10, epoch_done=False) is (strategy != "no")
     assert evaluator.due_at_end(8, epoch_done=True) is at_end
+
+
+def test_a_run_without_eval_sets_says_it_never_evaluates(workspace, tmp_path, capsys):
+    """val_split 0 everywhere leaves no eval set: the start-up line says so (it ended in a bare "eval sets: ")."""
+    import json
+
+    from tests.training.runs import read_metrics, run_train
+
+    data = json.dumps([{"vicuna": {"input_file_path": str(REPO / "data" / "sample" / "vicuna_sample.json"),
+                                   "val_split": 0}}])
+    assert run_train(workspace, tmp_path / "run", "--datasets", data, "--max_steps", "1") == 0
+    assert "steps; eval sets: none (every dataset's val_split is 0): never evaluated" in capsys.readouterr().out
+    assert not any("eval_loss" in record for record in read_metrics(tmp_path / "run"))
