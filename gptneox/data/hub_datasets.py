@@ -15,12 +15,15 @@ files, as the reference read ``train+validation``; otherwise every data file, so
 from __future__ import annotations
 
 import glob
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from gptneox.data.readers import DataError, record_format
 from gptneox.hub import find_snapshot
+
+log = logging.getLogger(__name__)
 
 PREFIX = "hf://datasets/"
 GLOB_CHARACTERS = "*?["
@@ -115,4 +118,8 @@ def _snapshot(name: str, hub: HubPath, matches) -> Path:
         raise DataError(f"dataset {name!r}: {hub} is not in the Hugging Face cache (looked at: {'; '.join(looked)}). "
                         f"Nothing is downloaded at run time: fetch it beforehand with "
                         f"`hf download {hub.repo_id} --repo-type dataset{revision}`")
+    passed_over = [place for place in looked if place.startswith(str(snapshot.parent))]
+    if passed_over:  # refs/main's snapshot lacks the files (a partial download): an older one is read
+        log.warning("dataset %s: %s passed over; reading the older snapshot %s (hf download %s --repo-type "
+                    "dataset completes the newest)", name, "; ".join(passed_over), snapshot.name, hub.repo_id)
     return snapshot

@@ -65,12 +65,16 @@ def test_hf_paths_name_a_file_a_glob_or_a_whole_repo_in_the_refs_main_snapshot(h
     assert sorted(map(str, rows.units)) == sorted(map(str, trees.units)) and len(trees.units) == 3
 
 
-def test_a_snapshot_missing_a_blob_gives_way_to_the_newest_complete_one(hub, tmp_path):
+def test_a_snapshot_missing_a_blob_gives_way_to_the_newest_complete_one(hub, tmp_path, caplog):
     name = "data/train-00000-of-00001.parquet"
     good = add_snapshot(hub, "OpenAssistant/oasst2", "b" * 40, {name: b"PAR1 old"}, main=False)
     pruned = add_snapshot(hub, "OpenAssistant/oasst2", "c" * 40, {name: b"PAR1 new"})
     (pruned / name).resolve().unlink()  # `hf cache prune` / a deleted blob leaves a dangling link
     assert dataset_files("x", "hf://datasets/OpenAssistant/oasst2/" + name, tmp_path) == [good / name]
+    # said, not silent: the data read is older than refs/main's
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"dataset x: {pruned} ({name} links to a missing blob) passed over; reading the older snapshot {'b' * 40} "
+        f"(hf download OpenAssistant/oasst2 --repo-type dataset completes the newest)"]
     (good / name).resolve().unlink()
     with pytest.raises(DataError) as error:
         dataset_files("x", "hf://datasets/OpenAssistant/oasst2", tmp_path)
