@@ -204,6 +204,10 @@ class CheckpointReader:
                     continue
                 if isinstance(reader.dtypes[key], str):
                     problems.append(f"unsupported dtype {reader.dtypes[key]} for {key!r} in {reader.path.name}")
+                elif not reader.dtypes[key].is_floating_point:  # cast, its values would be silently wrong
+                    stored = str(reader.dtypes[key]).removeprefix("torch.")
+                    problems.append(f"{key!r} in {reader.path.name} is {stored}, not a floating-point weight "
+                                    "(quantized checkpoints are not read)")
                 if name in sources:
                     first, first_key = sources[name]
                     problems.append(f"{key!r} in {reader.path.name} duplicates {first_key!r} in {first.path.name}")

@@ -172,6 +172,18 @@ def test_unsupported_safetensors_dtype_is_named(tiny_checkpoint, tmp_path, check
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_an_integer_weight_is_refused_not_cast(tiny_checkpoint, tmp_path, checkpoint_writer, fmt):
+    """int32 of the right shape was cast to float without a word (its values truncated to whole numbers)."""
+    directory, model = tiny_checkpoint()
+    state = load_file(directory / "model.safetensors")
+    state["gpt_neox.layers.0.attention.dense.weight"] = state["gpt_neox.layers.0.attention.dense.weight"].int()
+    bad = checkpoint_writer(tmp_path / "bad", model.config.to_hf(), state, fmt=fmt)
+    with pytest.raises(CheckpointError, match=r"'gpt_neox.layers.0.attention.dense.weight' in \S+ is int32, not "
+                                              r"a floating-point weight \(quantized checkpoints are not read\)"):
+        GPTNeoX.from_pretrained(bad)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_auto_dtype_comes_from_the_header(tiny_checkpoint, monkeypatch, fmt):
     """dtype="auto" must not read the embedding an extra time just to learn its dtype."""
     directory, model = tiny_checkpoint(fmt=fmt)
