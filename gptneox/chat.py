@@ -49,6 +49,10 @@ def load_model_and_tokenizer(model_dir: str | Path, tokenizer_path: str | Path |
         raise MissingFileError(f"model directory {model_dir}: not found (looked at: {'; '.join(looked)}); "
                                "nothing is downloaded")
     model_dir = found
+    if adapter and Path(adapter).resolve().parent == model_dir.resolve():  # an export's OUT/adapter, beside OUT
+        raise ChatError(f"--adapter {adapter} is the adapter {model_dir} already holds merged into its weights: "
+                        f"chat with --model {model_dir} alone, or fold the adapter into its base model "
+                        f"(--model BASE --adapter {adapter})")
     adapter_tokenizer = Path(adapter) / "tokenizer.json" if adapter else None
     tokenizer_file = (Path(tokenizer_path) if tokenizer_path else adapter_tokenizer
                       if adapter_tokenizer and adapter_tokenizer.is_file() else model_dir / "tokenizer.json")

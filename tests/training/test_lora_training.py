@@ -135,6 +135,11 @@ def test_lora_trains_adapters_only_resumes_exactly_and_exports_both_ways(base, t
     assert len(err.strip().splitlines()) == 1
     assert ("trainable_tokens_delta has shape [5, 64], the base model's gpt_neox.embed_in.weight [1552, 32] needs "
             "[5, 32]: the adapter was trained on a base of another shape") in err
+    # the merged export with its own adapter: folding it in again would apply it twice
+    assert chat_main(["--model", str(straight), "--adapter", str(straight / "adapter"), *prompt]) == 2
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"is the adapter {straight} already holds merged into its " \
+        f"weights: chat with --model {straight} alone" in err, err
 
 
 @pytest.mark.slow
