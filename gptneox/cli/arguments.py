@@ -18,5 +18,4 @@ def positive(kind: type = int) -> Callable[[str], int | float]:
             raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
         return value
 
-    parse.__name__ = kind.__name__
     return parse

@@ -192,13 +192,11 @@ def _check_weight(message: dict, role: str, where: str) -> None:
     turn here, so the record is refused rather than trained against the file's wish; on a system or user
     message, which is never trained, 0 changes nothing. Any other value is refused."""
     weight = message.get("weight")
-    number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
-    if weight is None or (number and weight == 1) or (number and weight == 0 and role != "assistant"):
-        return
-    if number and weight == 0:
+    if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
+        raise RecordError(where, f"{weight!r}; expected 1 (train the turn) or 0 (not supported here)")
+    if weight == 0 and role == "assistant":
         raise RecordError(where, "0 asks not to train this assistant turn, but a single turn cannot be left out "
                                  "of training here: the turn would be trained (remove the turn, or set weight 1)")
-    raise RecordError(where, f"{weight!r}; expected 1 (train the turn) or 0 (not supported here)")
 
 
 def _content(message: Any, where: str) -> str:

@@ -117,11 +117,9 @@ def resolve_ds_config(template: dict, cfg: TrainConfig, *, world_size: int, hidd
 
 def check_scheduler(cfg: TrainConfig) -> None:
     """The scheduler checks before any data or weights are read (gptneox.train calls this first), on the
-    config's scheduler section with warmup_steps filled in as resolve_ds_config fills it."""
-    scheduler = copy.deepcopy(load_ds_config(cfg.deepspeed_config).get("scheduler"))
+    config file's scheduler section as resolve_ds_config will see it."""
+    scheduler = load_ds_config(cfg.deepspeed_config).get("scheduler")
     _drop_auto_params_not_taken(scheduler)
-    if scheduler is not None and "warmup_num_steps" in scheduler.get("params", {}):
-        scheduler["params"]["warmup_num_steps"] = cfg.warmup_steps
     _check_scheduler(scheduler, cfg)
 
 
@@ -163,6 +161,8 @@ def _check_scheduler(scheduler: dict | None, cfg: TrainConfig) -> None:
         raise DeepSpeedConfigError(f"ds_config scheduler.params {', '.join(unknown)}: not parameters of {kind} "
                                    f"(it takes {', '.join(sorted(accepted))})")
     warmup = params.get("warmup_num_steps", 1)
+    if warmup == "auto":  # as resolve_ds_config fills it (a number it would refuse if it differed)
+        warmup = cfg.warmup_steps
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
         raise DeepSpeedConfigError(f"ds_config scheduler.params.warmup_num_steps={warmup!r} (warmup_steps): "
                                    f"DeepSpeed's {kind} needs a positive integer (set warmup_steps 1 or more, "

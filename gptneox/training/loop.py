@@ -202,13 +202,15 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
                      total_memory_bytes("cpu" if offloaded else get_accelerator().device_name()))
     model, model_line = build_training_model(cfg, model_config, ds_config, token_ids)  # partitioned under ZeRO-3
     say(model_line)
+    base_dir = find_model_dir(cfg.model_name, cfg.cache_dir).resolve() if cfg.lora else None  # LoRA's frozen base
     settings = run_record(model=model.config.to_hf(), train_set=train_set,
                           tokenizer=tokenizer_fingerprint(tokenizer), dtype=cfg.dtype, world_size=world,
                           zero_stage=zero_stage(ds_config), learning_rate=cfg.learning_rate,
                           warmup_steps=cfg.warmup_steps, total_steps=total_steps,
                           num_train_epochs=cfg.num_train_epochs, max_length=cfg.max_length,
                           global_batch_size=order.global_batch_size, rng_seed=cfg.rng_seed,
-                          lora=lora_settings(cfg, token_ids), base_weights=_base_weights(cfg))
+                          lora=lora_settings(cfg, token_ids),
+                          base_weights=weights_fingerprint(base_dir) if base_dir else None)
     checkpoints = CheckpointManager(checkpoint_dir, cfg.save_total_limit, rank, strategy=cfg.save_strategy,
                                     every=cfg.save_steps, last_step=total_steps, run=settings)
     # a resume checks everything against the checkpoint before anything is loaded or written
@@ -216,9 +218,8 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
     if resume_tag is not None:
         tokenizers = (str(checkpoint_dir / MODEL_SUBDIR / "tokenizer.json"), str(run_tokenizer_source(cfg)))
         sources = {"tokenizer": tokenizers}
-        if cfg.lora is not None:
-            sources["base_weights"] = (_saved_base_directory(checkpoint_dir),
-                                       str(find_model_dir(cfg.model_name, cfg.cache_dir).resolve()))
+        if base_dir is not None:
+            sources["base_weights"] = (_saved_base_directory(checkpoint_dir), str(base_dir))
         for note in check_resume(_saved_settings(checkpoint_dir, resume_tag), settings, checkpoint_dir / resume_tag,
                                  allowed=cfg.allowed_changes, sources=sources):
             say(note)
@@ -229,7 +230,8 @@ def prepare(cfg: TrainConfig, rank: int, world: int) -> Run:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         (out / DS_CONFIG_FILE).write_text(json.dumps(ds_config, indent=2) + "\n")
         (out / TRAIN_CONFIG_FILE).write_text(cfg.to_yaml())
-        write_model_metadata(checkpoint_dir, model.config, tokenizer, cfg.dtype, lora=_export_lora(cfg, settings))
+        write_model_metadata(checkpoint_dir, model.config, tokenizer, cfg.dtype,
+                             lora=_export_lora(cfg, settings, base_dir))
 
     with deepspeed_log_dropped(SCHEDULER_NOT_STARTED):
         engine, *_ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.weight_decay),
@@ -257,19 +259,13 @@ def lora_settings(cfg: TrainConfig, token_ids: list[int]) -> dict | None:
     return None if cfg.lora is None else {**asdict(cfg.lora), "token_ids": list(token_ids)}
 
 
-def _base_weights(cfg: TrainConfig) -> str | None:
-    """The fingerprint of a LoRA run's frozen base weights; None for full fine-tuning."""
-    return None if cfg.lora is None else weights_fingerprint(find_model_dir(cfg.model_name, cfg.cache_dir))
-
-
-def _export_lora(cfg: TrainConfig, settings: dict) -> dict | None:
+def _export_lora(cfg: TrainConfig, settings: dict, base_dir: Path | None) -> dict | None:
     """What the export needs of a LoRA run: the adapters' settings and the base it merges them into (its
     directory and weights' fingerprint; for the adapter's config, a Hub id as given, else that directory)."""
     if settings["lora"] is None:
         return None
-    base_dir = str(find_model_dir(cfg.model_name, cfg.cache_dir).resolve())
-    return {**settings["lora"], "base_directory": base_dir, "base_weights": settings["base_weights"],
-            "base_model": cfg.model_name if is_repo_id(cfg.model_name) else base_dir}
+    return {**settings["lora"], "base_directory": str(base_dir), "base_weights": settings["base_weights"],
+            "base_model": cfg.model_name if is_repo_id(cfg.model_name) else str(base_dir)}
 
 
 def _saved_base_directory(checkpoint_dir: Path) -> str:

@@ -19,6 +19,7 @@ from gptneox.errors import UserError
 from gptneox.memory import peak_memory_record
 from gptneox.training.output_dir import METRICS_FILE
 from gptneox.training.reporting import open_writers
+from gptneox.training.storage import write_atomically
 
 if TYPE_CHECKING:
     from gptneox.training.step import StepResult
@@ -185,17 +186,15 @@ class MetricsLogger:
 
     def _cut_after(self, step: int) -> int:
         """Drop the records after `step` (a resume's checkpoint: the steps after it were trained by a run that
-        stopped before saving them, and are trained again), so the file reads as one uninterrupted run. The
-        kept lines are written aside and moved in: a crash meanwhile leaves the whole old file."""
+        stopped before saving them, and are trained again), so the file reads as one uninterrupted run; a
+        crash meanwhile leaves the whole old file."""
         if not self.path.is_file():
             return 0
         lines = self.path.read_text().splitlines(keepends=True)
         kept = [line for line in lines if _step_of(line) <= step and line.endswith("\n")]
         if len(kept) == len(lines):
             return 0
-        aside = self.path.with_name(self.path.name + ".partial")
-        aside.write_text("".join(kept))
-        aside.replace(self.path)
+        write_atomically(self.path, "".join(kept))
         return len(lines) - len(kept)
 
     def log(self, step: int, values: dict, advance: bool = False, show: bool = True) -> None:
