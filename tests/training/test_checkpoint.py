@@ -4,6 +4,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -97,7 +99,7 @@ def _three_tags(tmp_path):
 
 
 @pytest.mark.parametrize("damage, named", [
-    (lambda tag: __import__("shutil").rmtree(tag), "step00000003 is missing"),
+    (lambda tag: shutil.rmtree(tag), "step00000003 is missing"),
     (lambda tag: (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(
         (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").read_bytes()[:-40]),
      "zero_pp_rank_0_mp_rank_00_optim_states.pt has .* bytes, .* were written"),
@@ -108,7 +110,7 @@ def test_a_damaged_newest_tag_falls_back_to_the_previous_one_with_a_warning(tmp_
     damage(tmp_path / tag_for(3))
     warnings = []
     assert manager.usable_tag(warn=warnings.append) == tag_for(2)
-    assert any("checkpoint step00000003 is damaged" in w and __import__("re").search(named, w) for w in warnings)
+    assert any("checkpoint step00000003 is damaged" in w and re.search(named, w) for w in warnings)
     assert manager.complete_tags() == [tag_for(1), tag_for(2), tag_for(3)]  # a resume refused now writes nothing
     manager.drop_passed_over()  # the resume goes ahead
     assert manager.complete_tags() == [tag_for(1), tag_for(2)]  # the damaged one leaves the pointer
@@ -153,7 +155,7 @@ def test_a_pointer_entry_that_is_not_a_tag_name_is_never_followed_nor_deleted(tm
     checkpoints = tmp_path / "run" / "checkpoints"
     manager = _three_tags(checkpoints)
     evil = tmp_path / "evil"
-    __import__("shutil").copytree(checkpoints / tag_for(3), evil)  # loadable, if it were followed
+    shutil.copytree(checkpoints / tag_for(3), evil)  # loadable, if it were followed
     (checkpoints / "step_notes").mkdir()  # not a tag name: not ours to rotate away
     (checkpoints / POINTER).write_text(json.dumps(pointer))
     with pytest.raises(CheckpointStateError, match=f"{checkpoints / POINTER}: unreadable checkpoint pointer "
